@@ -1,0 +1,325 @@
+"""
+A Llama-style decoder whose feed-forward activation can be SILU, RELU or stochastic (StochA).
+
+References:
+1) Lomeli et al., "Stochastic activations", Meta FAIR, arXiv 2509.22358 (2025): StochA and Swi+FT.
+2) Touvron et al., "LLaMA" (2023): RMSNorm pre-norm, RoPE, the gated FFN w2(act(w1 x) * w3 x).
+3) Ainslie et al., "GQA" (2023): grouped-query attention.
+4) karpathy/nanoGPT and karpathy/llama2.c, whose shape this file follows.
+
+The FFN is h = act(W1 x) * (W3 x), y = W2 h. With act = relu, every negative W1 x zeroes its unit,
+so at inference only W1 must be read in full (see sparse_ffn.c / sparse_ffn.cu).
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTS = ("silu", "relu", "stoch")
+
+# -----------------------------------------------------------------------------
+# the activations
+
+
+def stoch_act(x, p, generator=None):
+    """StochA: x for x >= 0; for x < 0, silu(x) with probability p and 0 (relu) otherwise.
+    One independent draw per element at every call. Autograd gives the paper's gradient:
+    1 for x > 0, silu'(x) where silu was drawn, 0 where relu was drawn."""
+    # draws in fp32 even under bf16 autocast, so the rate is p and not p rounded to bf16's grid
+    use_silu = torch.rand(x.shape, device=x.device, generator=generator) < p
+    return torch.where(x >= 0, x, F.silu(x) * use_silu)
+
+
+def activation(x, act, p=0.0, generator=None):
+    if act == "silu":
+        return F.silu(x)
+    if act == "relu":
+        return F.relu(x)
+    if act == "stoch":
+        return stoch_act(x, p, generator)
+    raise ValueError(f"unknown act {act!r}, expected one of {ACTS}")
+
+# -----------------------------------------------------------------------------
+# the small parts
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # the mean of squares in fp32, also under bf16 autocast
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim, max_len, theta):
+    """cos and sin of shape (max_len, head_dim // 2): position m rotates pair i by m * theta^(-2i/hd)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(max_len).float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate (x1, x2) pairs, x1 = first half of head_dim, x2 = second half. x: (B, H, T, hd),
+    cos/sin: (T, hd/2). Real arithmetic, so it also runs where complex tensors do not."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention: n_head query heads share n_kv_head key/value heads."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.wq = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+        self.dropout = config.dropout
+        self.cache_k = self.cache_v = None  # (B, n_kv_head, max_len, head_dim) while generating
+
+    def forward(self, x, cos, sin, start_pos=None):
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if start_pos is None:  # a full causal pass over the T tokens
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:  # the T new tokens sit at positions start_pos.. and see the cached past
+            end = start_pos + T
+            self.cache_k[:B, :, start_pos:end] = k
+            self.cache_v[:B, :, start_pos:end] = v
+            k, v = self.cache_k[:B, :, :end], self.cache_v[:B, :, :end]
+            # new token i may see cached position j when j <= start_pos + i; None when T == 1
+            mask = None if T == 1 else (torch.arange(end, device=x.device)[None, :]
+                                        <= start_pos + torch.arange(T, device=x.device)[:, None])
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return F.dropout(self.wo(y), self.dropout, self.training)
+
+
+class FeedForward(nn.Module):
+    """The gated FFN w2(act(w1 x) * w3 x), act in {silu, relu, stoch}. The plain PyTorch reference
+    that the C and CUDA kernels are tested against."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.w1 = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(config.ffn_hidden, config.n_embd, bias=False)
+        self.dropout = config.dropout
+        self.act, self.p = config.act, config.p
+        self.generator = None  # torch.Generator for StochA's draws; None = the global RNG
+        self.kernel = None  # set by sparse_ffn.attach(): a sparse callable used for relu inference
+        self.stats = None  # a dict while GPT.ffn_stats() counts zeros
+
+    def forward(self, x):
+        if self.kernel is not None and self.act == "relu" and not self.training:
+            return self.kernel(x.reshape(-1, x.shape[-1])).view_as(x)
+        a = activation(self.w1(x), self.act, self.p, self.generator)
+        if self.stats is not None:
+            zero = (a == 0).reshape(-1, a.shape[-1])
+            self.stats["zeros"] += zero.sum().item()
+            self.stats["count"] += zero.numel()
+            self.stats["fired"] |= ~zero.all(0)
+        return F.dropout(self.w2(a * self.w3(x)), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.ffn = FeedForward(config)
+
+    def forward(self, x, cos, sin, start_pos=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, start_pos)
+        return x + self.ffn(self.ffn_norm(x))
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257  # GPT-2's BPE; the embedding is padded up to a multiple of 64
+    block_size: int = 256  # the longest context, in tokens
+    n_layer: int = 4
+    n_head: int = 4  # query heads
+    n_kv_head: int = 2  # key/value heads (grouped-query attention); n_head = n_kv_head is plain MHA
+    n_embd: int = 256
+    ffn_hidden: int = 0  # FFN hidden size; 0 = Llama's rule, 2/3 * 4 * n_embd rounded up to 64
+    act: str = "stoch"  # the FFN activation: "silu", "relu" or "stoch" (StochA)
+    p: float = 0.5  # StochA: probability of silu (rather than 0) for a negative input
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_act(self.act, self.p)
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd={self.n_embd} must be n_head={self.n_head} times an even head size")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ValueError("rope_theta and norm_eps must be positive")
+
+
+def check_act(act, p):
+    if act not in ACTS:
+        raise ValueError(f"unknown act {act!r}, expected one of {ACTS}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be a number in [0, 1], got {p!r}")
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        padded_vocab = 64 * math.ceil(config.vocab_size / 64)  # faster matmuls
+        self.tok_emb = nn.Embedding(padded_vocab, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, padded_vocab, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied embeddings
+        cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # the tied embedding counts once
+
+    def set_act(self, act, p=None, generator=None):
+        """Switch every FFN's activation in place (the Swi+FT switch to relu, or StochA sampling)."""
+        p = self.config.p if p is None else p
+        check_act(act, p)
+        self.config.act, self.config.p = act, p
+        for block in self.blocks:
+            block.ffn.act, block.ffn.p, block.ffn.generator = act, p, generator
+
+    def forward(self, idx, targets=None, start_pos=None):
+        """idx: (B, T) token ids. Returns (logits, loss); logits (B, T, vocab_size), or only the
+        last position's when there are no targets. start_pos: None for a full pass; an int to run
+        the T tokens at positions start_pos.. against the KV cache (see setup_cache)."""
+        B, T = idx.shape
+        start = 0 if start_pos is None else start_pos
+        if start + T > self.config.block_size:
+            raise ValueError(f"{start + T} positions exceed block_size={self.config.block_size}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.drop(self.tok_emb(idx))
+        for block in self.blocks:
+            x = block(x, cos, sin, start_pos)
+        x = self.norm(x)
+        if targets is None:  # inference: only the last position's logits are needed
+            return self.lm_head(x[:, [-1], :])[..., :self.config.vocab_size], None
+        logits = self.lm_head(x)[..., :self.config.vocab_size]
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def ffn_stats(self, batches):
+        """Per layer, over the token batches given: the fraction of exactly-zero FFN units
+        act(W1 x) (sparsity) and the fraction of units zero on every token (dead units)."""
+        ffns = [block.ffn for block in self.blocks]
+        for ffn in ffns:
+            ffn.stats = dict(zeros=0, count=0, fired=torch.zeros(ffn.w1.out_features, dtype=torch.bool,
+                                                                  device=ffn.w1.weight.device))
+        try:
+            for idx in batches:
+                self(idx)
+            return [dict(sparsity=f.stats["zeros"] / max(f.stats["count"], 1),
+                         dead=1.0 - f.stats["fired"].float().mean().item()) for f in ffns]
+        finally:
+            for ffn in ffns:
+                ffn.stats = None
+
+    # -------------------------------------------------------------------------
+    # generation with a KV cache
+
+    def setup_cache(self, batch_size, max_len=None):
+        max_len = max_len or self.config.block_size
+        param = self.tok_emb.weight
+        for block in self.blocks:
+            attn = block.attn
+            shape = (batch_size, attn.n_kv_head, max_len, attn.head_dim)
+            attn.cache_k = torch.zeros(shape, dtype=param.dtype, device=param.device)
+            attn.cache_v = torch.zeros(shape, dtype=param.dtype, device=param.device)
+
+    def clear_cache(self):
+        for block in self.blocks:
+            block.attn.cache_k = block.attn.cache_v = None
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Continue the (B, T) prompt by max_new_tokens tokens, one forward per new token after the
+        prompt. temperature 0 is greedy. `generator` drives the sampling (StochA has its own, see
+        set_act). Returns (B, T + max_new_tokens)."""
+        B, T = idx.shape
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed block_size={self.config.block_size}")
+        self.setup_cache(B, T + max_new_tokens)
+        try:
+            logits, _ = self(idx, start_pos=0)  # the prompt in one pass
+            for pos in range(T, T + max_new_tokens):
+                next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+                idx = torch.cat((idx, next_id), dim=1)
+                if pos + 1 < T + max_new_tokens:
+                    logits, _ = self(next_id, start_pos=pos)
+            return idx
+        finally:
+            self.clear_cache()
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, device="cpu"):
+        """Build the model from train.py's checkpoint (a path or the loaded dict)."""
+        if not isinstance(ckpt, dict):
+            ckpt = torch.load(ckpt, map_location=device, weights_only=True)
+        model = cls(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+        return model.to(device)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row of (B, V) logits: greedy at temperature 0, else top-k / top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
