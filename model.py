@@ -12,6 +12,8 @@ so at inference only W1 must be read in full (see sparse_ffn.c / sparse_ffn.cu).
 """
 
 import math
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -240,23 +242,26 @@ class GPT(nn.Module):
         x = self.norm(x)
         if targets is None:  # inference: only the last position's logits are needed
             return self.lm_head(x[:, [-1], :])[..., :self.config.vocab_size], None
-        logits = self.lm_head(x)[..., :self.config.vocab_size]
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        logits = self.lm_head(x)
+        # mask the padding in place rather than crop: a crop would copy the (B, T, V) logits
+        logits[..., self.config.vocab_size:] = float("-inf")
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits[..., :self.config.vocab_size], loss
 
-    @torch.no_grad()
-    def ffn_stats(self, batches):
-        """Per layer, over the token batches given: the fraction of exactly-zero FFN units
-        act(W1 x) (sparsity) and the fraction of units zero on every token (dead units)."""
+    @contextmanager
+    def ffn_stats(self):
+        """Counts, over the forwards run inside the with-block, per layer: the fraction of exactly-zero
+        FFN units act(W1 x) (sparsity) and the fraction of units zero on every token (dead units).
+        Yields a list that holds one dict per layer once the block ends."""
         ffns = [block.ffn for block in self.blocks]
         for ffn in ffns:
             ffn.stats = dict(zeros=0, count=0, fired=torch.zeros(ffn.w1.out_features, dtype=torch.bool,
                                                                   device=ffn.w1.weight.device))
+        layers = []
         try:
-            for idx in batches:
-                self(idx)
-            return [dict(sparsity=f.stats["zeros"] / max(f.stats["count"], 1),
-                         dead=1.0 - f.stats["fired"].float().mean().item()) for f in ffns]
+            yield layers
+            layers.extend(dict(sparsity=f.stats["zeros"] / max(f.stats["count"], 1),
+                               dead=1.0 - f.stats["fired"].float().mean().item()) for f in ffns)
         finally:
             for ffn in ffns:
                 ffn.stats = None
@@ -301,10 +306,25 @@ class GPT(nn.Module):
     def from_checkpoint(cls, ckpt, device="cpu"):
         """Build the model from train.py's checkpoint (a path or the loaded dict)."""
         if not isinstance(ckpt, dict):
-            ckpt = torch.load(ckpt, map_location=device, weights_only=True)
+            ckpt = load_checkpoint(ckpt)
         model = cls(GPTConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
         return model.to(device)
+
+
+def load_checkpoint(path):
+    """train.py's checkpoint as a dict (on the CPU), or a clear error for a missing or bad file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is unreadable: corrupt, truncated or not a checkpoint "
+                         f"({type(e).__name__})") from None
+    missing = {"model", "model_args", "config", "iter_num"} - set(ckpt if isinstance(ckpt, dict) else ())
+    if missing:
+        raise ValueError(f"checkpoint {path} is not one of train.py's: it lacks {sorted(missing)}")
+    return ckpt
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -1,0 +1,153 @@
+"""
+Sample from a trained model with any FFN activation, and measure the samples' quality and diversity.
+
+    python sample.py                                            # the checkpoint's inference act (relu)
+    python sample.py --act=stoch --p=0.7 --temperature=0        # StochA sampling: greedy, yet diverse
+    python sample.py --temperature=0.8 --top_p=0.9 --prompt="ROMEO:"
+    python sample.py --prompt=FILE:prompt.txt --num_samples=10 --json=report.json
+
+Quality: each sample's mean log-likelihood per generated token under the deterministic model (the
+checkpoint's inference activation, --score_act), and the best of N by it, as the paper selects.
+Diversity over the N samples, on tokens: distinct-1/2/3 (unique n-grams / all n-grams, higher is
+more diverse) and self-BLEU-4 (each sample scored against the others, lower is more diverse).
+"""
+
+import json as jsonlib
+import math
+import sys
+from collections import Counter
+
+import torch
+
+from configurator import configure, is_setting
+from data import EOT, gpt2_tokenizer
+from model import GPT, check_act, load_checkpoint
+
+# -----------------------------------------------------------------------------
+ckpt = "out/ckpt.pt"
+prompt = ""  # text, or FILE:path; empty = start a new document (<|endoftext|>)
+act = "auto"  # auto = the checkpoint's inference activation; or silu, relu, stoch
+p = 0.7  # StochA's probability of silu for negative inputs, with --act=stoch
+score_act = "auto"  # the deterministic activation that scores the samples; auto = as act=auto
+num_samples = 5
+max_new_tokens = 100
+temperature = 0.0  # 0 = greedy
+top_k = None
+top_p = None
+seed = 1337
+device = "cpu"
+json = ""  # write the report (samples, scores, diversity) to this path
+quiet = False  # print the report only, not the samples
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if is_setting(k, v)}
+
+
+def ngrams(seq, n):
+    return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+
+
+def distinct_n(samples, n):
+    grams = [g for s in samples for g in ngrams(s, n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def bleu(hyp, refs, max_n=4):
+    """Sentence BLEU of hyp against refs with clipped counts, the brevity penalty of the closest
+    reference length, and add-one smoothing of the n > 1 precisions (Lin and Och, 2004)."""
+    if not hyp or not refs:
+        return 0.0
+    log_p = 0.0
+    for n in range(1, max_n + 1):
+        counts = Counter(ngrams(hyp, n))
+        max_ref = Counter()
+        for r in refs:
+            for g, c in Counter(ngrams(r, n)).items():
+                max_ref[g] = max(max_ref[g], c)
+        clipped = sum(min(c, max_ref[g]) for g, c in counts.items())
+        total = max(len(hyp) - n + 1, 0)
+        if n == 1 and clipped == 0:
+            return 0.0
+        log_p += math.log((clipped + (n > 1)) / (total + (n > 1))) / max_n if total else 0.0
+    ref_len = min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+    bp = 1.0 if len(hyp) > ref_len else math.exp(1 - ref_len / len(hyp))
+    return bp * math.exp(log_p)
+
+
+def self_bleu(samples):
+    if len(samples) < 2:
+        return float("nan")
+    return sum(bleu(s, samples[:i] + samples[i + 1:]) for i, s in enumerate(samples)) / len(samples)
+
+
+@torch.no_grad()
+def mean_log_likelihood(model, seqs, n_prompt):
+    """Per row of (N, T) token ids: the mean log-probability of the tokens after the prompt."""
+    logits, _ = model(seqs[:, :-1], seqs[:, 1:])
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, seqs[:, 1:, None])[..., 0]
+    return logp[:, n_prompt - 1:].mean(dim=1).tolist()
+
+
+def main(argv):
+    cfg = dict(DEFAULTS)
+    configure(cfg, argv)
+    C = type("Config", (), cfg)
+    if C.num_samples < 1 or C.max_new_tokens < 1 or C.temperature < 0:
+        raise ValueError("need num_samples >= 1, max_new_tokens >= 1, temperature >= 0")
+    if C.top_p is not None and not 0 < C.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {C.top_p}")
+    state = load_checkpoint(C.ckpt)
+    model = GPT.from_checkpoint(state, C.device).eval()
+    cfg_t = state.get("config", {})
+    alpha, train_act = cfg_t.get("alpha", 0.0), cfg_t.get("act", model.config.act)
+    inference_act = cfg_t.get("eval_act", "auto")
+    if inference_act == "auto":
+        inference_act = "silu" if train_act == "silu" and alpha == 0 else "relu"
+    gen_act = inference_act if C.act == "auto" else C.act
+    score = inference_act if C.score_act == "auto" else C.score_act
+    check_act(gen_act, C.p)
+    check_act(score, C.p)
+    if score == "stoch":
+        raise ValueError("score_act must be deterministic: silu or relu")
+
+    enc = gpt2_tokenizer()
+    text = open(C.prompt[5:]).read() if C.prompt.startswith("FILE:") else C.prompt
+    ids = enc.encode_ordinary(text) or [EOT]
+    x = torch.tensor([ids] * C.num_samples, dtype=torch.long, device=C.device)
+    torch.manual_seed(C.seed)
+    act_gen = torch.Generator(device=C.device).manual_seed(C.seed)  # StochA's draws
+    sample_gen = torch.Generator(device=C.device).manual_seed(C.seed + 1)  # the token sampling
+    model.set_act(gen_act, C.p, generator=act_gen)
+    out = model.generate(x, C.max_new_tokens, C.temperature, C.top_k, C.top_p, generator=sample_gen)
+    model.set_act(score, C.p)
+    lls = mean_log_likelihood(model, out, len(ids))
+    samples = [row[len(ids):] for row in out.tolist()]
+    best = max(range(len(samples)), key=lambda i: lls[i])
+    report = dict(ckpt=C.ckpt, act=gen_act, p=C.p if gen_act == "stoch" else None, score_act=score,
+                  temperature=C.temperature, top_k=C.top_k, top_p=C.top_p, num_samples=C.num_samples,
+                  max_new_tokens=C.max_new_tokens, seed=C.seed, prompt=text,
+                  mean_log_likelihood=lls, best_of_n=best, best_log_likelihood=lls[best],
+                  avg_log_likelihood=sum(lls) / len(lls),
+                  distinct_1=distinct_n(samples, 1), distinct_2=distinct_n(samples, 2),
+                  distinct_3=distinct_n(samples, 3), self_bleu=self_bleu(samples),
+                  unique_samples=len(set(map(tuple, samples))), samples=[enc.decode(s) for s in samples])
+    if not C.quiet:
+        for i, s in enumerate(report["samples"]):
+            print(f"--- sample {i} (mean log-likelihood {lls[i]:.3f}{', best' if i == best else ''})\n{text}{s}")
+    desc = f"act={gen_act}" + (f" p={C.p}" if gen_act == "stoch" else "") + f", temperature={C.temperature}" \
+        + (f", top_k={C.top_k}" if C.top_k else "") + (f", top_p={C.top_p}" if C.top_p else "")
+    print(f"=== {C.num_samples} samples of {C.max_new_tokens} tokens, {desc}; scored with {score}")
+    print(f"mean log-likelihood: avg {report['avg_log_likelihood']:.3f}, best-of-{C.num_samples} "
+          f"{lls[best]:.3f} (sample {best}); unique samples {report['unique_samples']}/{C.num_samples}")
+    print(f"diversity: distinct-1 {report['distinct_1']:.3f}, distinct-2 {report['distinct_2']:.3f}, "
+          f"distinct-3 {report['distinct_3']:.3f}, self-BLEU-4 {report['self_bleu']:.3f}")
+    if C.json:
+        with open(C.json, "w") as f:
+            jsonlib.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,421 @@
+"""
+The test suite: python -m pytest -q test_all.py
+
+CPU only, no network (the tokenizer comes from an installed package, the corpora are written here).
+Behaviour only: no timing is asserted anywhere; bench.py prints the numbers.
+"""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import sample
+import train
+from configurator import ConfigError, configure
+from model import GPT, Attention, FeedForward, GPTConfig, apply_rope, rope_tables, sample_next, stoch_act
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+        "--eval_iters=2", "--final_eval_iters=4", "--lr=3e-3", "--min_lr=3e-4", "--warmup_iters=5"]
+
+
+def tiny_config(**kw):
+    return GPTConfig(**dict(dict(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_kv_head=2, n_embd=32), **kw))
+
+
+def write_corpus(folder, n_docs=12, seed=0):
+    """Small documents with learnable structure, so a tiny model's loss drops fast."""
+    rng = random.Random(seed)
+    names = ["Romeo", "Juliet", "Hamlet", "Ophelia", "Lear", "Cordelia"]
+    verbs = ["loves", "greets", "follows", "answers", "leaves"]
+    os.makedirs(folder, exist_ok=True)
+    for d in range(n_docs):
+        lines = [f"{rng.choice(names)} {rng.choice(verbs)} {rng.choice(names)} in act {rng.randint(1, 5)}."
+                 for _ in range(60)]
+        with open(os.path.join(folder, f"doc{d:02d}.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return folder
+
+# -----------------------------------------------------------------------------
+# the stochastic activation
+
+
+def test_stoch_p0_is_relu_and_p1_is_silu_on_the_negative_side():
+    x = torch.randn(4096, dtype=torch.float64, requires_grad=True)
+    y0 = stoch_act(x, 0.0)
+    assert torch.equal(y0, F.relu(x))
+    (g0,) = torch.autograd.grad(y0.sum(), x)
+    assert torch.equal(g0, (x > 0).double())
+    y1 = stoch_act(x, 1.0)
+    assert torch.allclose(y1, torch.where(x >= 0, x, F.silu(x)))
+    (g1,) = torch.autograd.grad(y1.sum(), x)
+    s = torch.sigmoid(x)
+    assert torch.allclose(g1, torch.where(x > 0, torch.ones_like(x), s * (1 + x * (1 - s))))
+
+
+@pytest.mark.parametrize("p", [0.3, 0.7])
+def test_stoch_draw_rate_and_gradient_follow_the_draw(p):
+    n = 200_000
+    x = -torch.rand(n, dtype=torch.float64).add(0.01).requires_grad_()  # all negative
+    y = stoch_act(x, p)
+    drawn_silu = y != 0
+    rate = drawn_silu.double().mean().item()
+    assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n), rate  # binomial, 5 sigma
+    assert torch.allclose(y[drawn_silu], F.silu(x[drawn_silu]))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    s = torch.sigmoid(x)
+    assert torch.allclose(g, torch.where(drawn_silu, s * (1 + x * (1 - s)), torch.zeros_like(x)))
+    # fresh draws at every call, reproducible with a seeded generator
+    assert not torch.equal(stoch_act(x, p) != 0, drawn_silu)
+    a = stoch_act(x, p, torch.Generator().manual_seed(3))
+    b = stoch_act(x, p, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_stoch_draws_are_independent_per_element():
+    # element pairs: the joint rate of both silu should be p^2 if the draws are independent
+    p, n = 0.5, 100_000
+    y = stoch_act(-torch.ones(n, 2), p) != 0
+    both = (y[:, 0] & y[:, 1]).float().mean().item()
+    assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / n)
+
+# -----------------------------------------------------------------------------
+# attention, RoPE, causality, KV cache
+
+
+def test_gqa_equals_multi_head_attention_with_repeated_kv():
+    torch.manual_seed(0)
+    cfg = tiny_config(n_head=6, n_kv_head=2, n_embd=48)
+    attn = Attention(cfg).eval()
+    B, T, hd = 3, 11, 8
+    x = torch.randn(B, T, 48)
+    cos, sin = rope_tables(hd, T, cfg.rope_theta)
+    got = attn(x, cos, sin)
+    q = apply_rope(attn.wq(x).view(B, T, 6, hd).transpose(1, 2), cos, sin)
+    k = apply_rope(attn.wk(x).view(B, T, 2, hd).transpose(1, 2), cos, sin)
+    v = attn.wv(x).view(B, T, 2, hd).transpose(1, 2)
+    k, v = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)  # query head i uses kv head i // 3
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    want = attn.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, 48))
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    hd = 16
+    cos, sin = rope_tables(hd, 64, 10000.0)
+    q, k = torch.randn(1, 1, 1, hd), torch.randn(1, 1, 1, hd)
+    def score(m, n):
+        return (apply_rope(q, cos[m:m + 1], sin[m:m + 1]) * apply_rope(k, cos[n:n + 1], sin[n:n + 1])).sum().item()
+    for m, n, shift in [(5, 2, 7), (0, 9, 30), (20, 20, 13)]:
+        assert score(m, n) == pytest.approx(score(m + shift, n + shift), abs=1e-4)
+    assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-3)  # and it does depend on it
+
+
+@pytest.mark.parametrize("act", ["silu", "relu"])
+def test_causality(act):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(act=act)).eval()
+    idx = torch.randint(0, 97, (2, 20))
+    logits, _ = model(idx, idx)
+    changed = idx.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % 97
+    logits2, _ = model(changed, changed)
+    assert torch.equal(logits[:, :12], logits2[:, :12])
+    assert not torch.allclose(logits[:, 12:], logits2[:, 12:])
+
+
+@pytest.mark.parametrize("act", ["silu", "relu"])
+def test_kv_cache_decoding_equals_full_forward(act):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(act=act, n_head=4, n_kv_head=1)).eval()
+    idx = torch.randint(0, 97, (3, 30))
+    full, _ = model(idx, idx)
+    model.setup_cache(3, 48)
+    out = [model(idx[:, :9], start_pos=0)[0][:, -1]]  # prompt
+    out.append(model(idx[:, 9:16], start_pos=9)[0][:, -1])  # a chunk after it
+    for t in range(16, 30):  # then one token at a time
+        out.append(model(idx[:, t:t + 1], start_pos=t)[0][:, -1])
+    model.clear_cache()
+    want = torch.stack([full[:, 8], full[:, 15]] + [full[:, t] for t in range(16, 30)], 1)
+    assert torch.allclose(torch.stack(out, 1), want, atol=1e-5)
+
+
+def test_generate_greedy_matches_recomputing_without_cache():
+    torch.manual_seed(1)
+    model = GPT(tiny_config(act="relu")).eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    out = model.generate(prompt, 12, temperature=0.0)
+    seq = prompt
+    for _ in range(12):
+        logits, _ = model(seq)  # no cache: the whole sequence each time
+        seq = torch.cat((seq, logits[:, -1].argmax(-1, keepdim=True)), 1)
+    assert torch.equal(out, seq)
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate(prompt, 100)
+
+
+def test_top_k_and_top_p_keep_only_the_allowed_tokens():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, 1.0, top_k=2, generator=gen).item() for _ in range(200)} == {0, 1}
+    probs = logits.softmax(-1)[0]  # 0.64, 0.24, ...: top_p=0.7 keeps the first two
+    assert probs[0] < 0.7 < probs[0] + probs[1]
+    assert {sample_next(logits, 1.0, top_p=0.7, generator=gen).item() for _ in range(200)} == {0, 1}
+    assert sample_next(logits, 0.0).item() == 0
+
+# -----------------------------------------------------------------------------
+# switching the activation, sparsity and dead units
+
+
+def test_set_act_switches_a_built_model_in_place():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(act="silu")).eval()
+    idx = torch.randint(0, 97, (2, 16))
+    silu_logits, _ = model(idx, idx)
+    model.set_act("relu")
+    relu_logits, _ = model(idx, idx)
+    assert all(b.ffn.act == "relu" for b in model.blocks) and model.config.act == "relu"
+    assert not torch.allclose(silu_logits, relu_logits)
+    model.set_act("stoch", 0.0)  # p = 0 is exactly relu
+    assert torch.equal(model(idx, idx)[0], relu_logits)
+    with pytest.raises(ValueError):
+        model.set_act("gelu")
+    with pytest.raises(ValueError):
+        model.set_act("stoch", 1.5)
+
+
+def test_ffn_stats_counts_zeros_and_dead_units():
+    torch.manual_seed(0)
+    cfg = tiny_config(act="relu", n_layer=1)
+    model = GPT(cfg).eval()
+    w1 = model.blocks[0].ffn.w1.weight
+    with torch.no_grad():
+        w1[:10].zero_()  # 10 units are always exactly 0: dead
+    idx = torch.randint(0, 97, (2, 16))
+    with model.ffn_stats() as layers:
+        model(idx, idx)
+    h = F.relu(model.blocks[0].ffn.w1(model.blocks[0].ffn_norm(
+        model.tok_emb(idx) + model.blocks[0].attn(model.blocks[0].attn_norm(model.tok_emb(idx)),
+                                                  model.rope_cos[:16], model.rope_sin[:16]))))
+    assert layers[0]["sparsity"] == pytest.approx((h == 0).float().mean().item())
+    assert layers[0]["dead"] == pytest.approx((h == 0).all(0).all(0).float().mean().item())
+    assert layers[0]["dead"] >= 10 / cfg.ffn_hidden
+    assert all(b.ffn.stats is None for b in model.blocks)
+
+# -----------------------------------------------------------------------------
+# configuration and command-line errors
+
+
+def test_config_errors():
+    for bad in [dict(p=2.0), dict(p=-0.1), dict(act="gelu"), dict(n_head=4, n_kv_head=3),
+                dict(n_embd=30, n_head=4), dict(n_layer=0), dict(dropout=1.0)]:
+        with pytest.raises(ValueError):
+            tiny_config(**bad)
+    assert tiny_config(n_embd=64, ffn_hidden=0).ffn_hidden == 192  # 8/3 * 64 rounded up to 64
+
+
+def test_configurator(tmp_path):
+    cfg = dict(p=0.5, act="stoch", max_iters=10, compile=None)
+    assert configure(cfg, ["--p=1", "--act=relu"]) == dict(p=1.0, act="relu")
+    assert isinstance(cfg["p"], float)  # an int is accepted where a float is expected
+    for bad in (["--q=1"], ["--max_iters=1.5"], ["--p=high"], ["--p"]):
+        with pytest.raises(ConfigError):
+            configure(dict(cfg), bad)
+    path = tmp_path / "c.py"
+    path.write_text("max_iters = 20\ncompile = True\n")
+    configure(cfg, [str(path), "--max_iters=30"])
+    assert cfg["max_iters"] == 30 and cfg["compile"] is True
+    path.write_text("import os\n")
+    with pytest.raises(ConfigError):
+        configure(cfg, [str(path)])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--p=2"], "p must be"), (["--bogus=1"], "unknown key"), (["--act=gelu"], "unknown act"),
+    (["--alpha=1.5"], "alpha"), (["--init_from=resume", "--out_dir=/nonexistent/x"], "no checkpoint"),
+])
+def test_train_cli_errors_are_clear(args, message):
+    r = subprocess.run([sys.executable, "train.py"] + args, cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="unreadable"):
+        train.main(["--init_from=resume", f"--out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="unreadable"):
+        sample.main([f"--ckpt={tmp_path / 'ckpt.pt'}"])
+
+# -----------------------------------------------------------------------------
+# tokenizer and data
+
+
+def test_tokenizer_known_ids():
+    enc = data.gpt2_tokenizer()
+    assert enc.encode("hello world") == [31373, 995]
+    assert enc.n_vocab == 50257 and enc.eot_token == data.EOT
+    text = "O Romeo, Romeo! wherefore art thou Romeo?"
+    assert enc.decode(enc.encode(text)) == text
+
+
+def test_prepare_local_corpus_splits_by_document_and_caches(tmp_path):
+    folder = write_corpus(tmp_path / "texts", n_docs=12)
+    out = data.prepare(str(folder), str(tmp_path / "data"))
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["val_docs"] == ["doc05.txt"]  # every 10th document from the 6th, in name order
+    enc = data.gpt2_tokenizer()
+    val = np.fromfile(os.path.join(out, "val.bin"), dtype=np.uint16)
+    want = enc.encode_ordinary(open(folder / "doc05.txt").read()) + [data.EOT]
+    assert val.tolist() == want
+    train_ids = np.fromfile(os.path.join(out, "train.bin"), dtype=np.uint16)
+    assert len(train_ids) == meta["train_tokens"] and (train_ids == data.EOT).sum() == 11
+    stamp = os.path.getmtime(os.path.join(out, "train.bin"))
+    assert data.prepare(str(folder), str(tmp_path / "data")) == out  # cached: not tokenized again
+    assert os.path.getmtime(os.path.join(out, "train.bin")) == stamp
+    (folder / "doc00.txt").write_text("Changed text.\n")
+    data.prepare(str(folder), str(tmp_path / "data"))  # the source changed: tokenized again
+    assert json.load(open(os.path.join(out, "meta.json")))["source_sha256"] != meta["source_sha256"]
+
+
+def test_prepare_single_file_and_bad_paths(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("".join(f"line {i} of the play\n" for i in range(100)))
+    out = data.prepare(str(path), str(tmp_path / "data"))
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert 0 < meta["val_tokens"] < meta["train_tokens"]  # the last 10% of the lines
+    with pytest.raises(FileNotFoundError):
+        data.prepare(str(tmp_path / "missing"), str(tmp_path / "data"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError):
+        data.prepare(str(tmp_path / "empty"), str(tmp_path / "data"))
+
+# -----------------------------------------------------------------------------
+# training, resuming, sampling
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One short StochA + Swi+FT run on a tiny local corpus, shared by the tests below."""
+    root = tmp_path_factory.mktemp("run")
+    corpus = write_corpus(root / "texts", n_docs=12)
+    out = root / "out"
+    args = [f"--data={corpus}", f"--data_root={root / 'data'}", f"--out_dir={out}", "--max_iters=150",
+            "--eval_interval=50", "--log_interval=10", "--p=0.5", "--alpha=0.2"] + TINY
+    summary = train.main(args)
+    return dict(out=out, corpus=corpus, root=root, summary=summary, args=args)
+
+
+def test_training_lowers_the_loss_and_ends_sparse(tiny_run):
+    s = tiny_run["summary"]
+    assert s == json.load(open(tiny_run["out"] / "summary.json"))
+    for key in ("val_loss", "sparsity", "dead_fraction", "act", "p", "alpha", "iters", "tokens", "seconds", "device"):
+        assert key in s
+    assert s["act"] == "stoch" and s["eval_act"] == "relu" and s["switch_iter"] == 120
+    assert s["val_loss"] < 3.0  # from ln(50257) = 10.8 at the start
+    assert s["sparsity"] > 0.3  # PROVISIONAL
+    rows = [json.loads(line) for line in open(tiny_run["out"] / "log.jsonl")]
+    acts = [r["act"] for r in rows if r["kind"] == "train"]
+    assert acts[:12] == ["stoch"] * 12 and acts[12:] == ["relu"] * 3  # the switch at 120
+    first = next(r for r in rows if r["kind"] == "eval")
+    assert first["iter"] == 0 and first["val_loss"] > 10.0
+
+
+def test_resume_after_interrupt_gives_the_same_losses(tiny_run, tmp_path):
+    """Ctrl-C mid-run checkpoints; --init_from=resume then continues exactly as if never stopped."""
+    common = [f"--data={tiny_run['corpus']}", f"--data_root={tiny_run['root'] / 'data'}", "--max_iters=60",
+              "--eval_interval=25", "--log_interval=1", "--alpha=0.3"] + TINY
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    run = lambda out, *extra: subprocess.run([sys.executable, "train.py", f"--out_dir={out}", *common, *extra],
+                                             cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
+    full = run(tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "train.py", f"--out_dir={out}", *common], cwd=HERE, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and '"iter": 10,' in log.read_text()):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped at iter" in stdout, stderr
+    stopped = json.loads(log.read_text().splitlines()[-1])["iter"]
+    assert 10 <= stopped < 60  # interrupted somewhere in the middle, also away from a checkpoint
+    resumed = run(out, "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    losses = lambda path: [(r["iter"], r["act"], r["loss"]) for r in map(json.loads, open(path / "log.jsonl"))
+                           if r["kind"] == "train"]
+    assert losses(out) == losses(tmp_path / "full")
+    assert [r[0] for r in losses(out)] == list(range(1, 61))
+    a, b = (json.load(open(d / "summary.json")) for d in (tmp_path / "full", out))
+    assert a["val_loss"] == b["val_loss"] and a["sparsity"] == b["sparsity"]
+
+
+def test_continued_pretraining_from_a_checkpoint(tiny_run, tmp_path):
+    args = [f"--data={tiny_run['corpus']}", f"--data_root={tiny_run['root'] / 'data'}", f"--out_dir={tmp_path}",
+            f"--init_from={tiny_run['out'] / 'ckpt.pt'}", "--act=silu", "--alpha=0.5", "--max_iters=20",
+            "--eval_interval=20"] + TINY
+    s = train.main(args)
+    assert s["act"] == "silu" and s["switch_iter"] == 10
+    assert s["val_loss"] < 3.5  # it started from the trained weights, not from scratch
+
+
+def test_sample_stoch_is_diverse_and_relu_greedy_is_deterministic(tmp_path):
+    # an untrained model with a strong FFN: StochA's draws flip its greedy choices (on the tiny trained
+    # model they move all the top logits together and rarely do)
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=64, act="relu")
+    ckpt = tmp_path / "ckpt.pt"
+    model = GPT(cfg)
+    for name, w in model.named_parameters():
+        if ".ffn.w" in name:  # large FFN weights, so that the activation's draws move the logits
+            torch.nn.init.normal_(w, std=0.5)
+    torch.save(dict(model=model.state_dict(), model_args=asdict(cfg), config=dict(act="relu", alpha=0.0),
+                    iter_num=0), ckpt)
+    common = [f"--ckpt={ckpt}", "--num_samples=6", "--max_new_tokens=24", "--temperature=0", "--quiet=True",
+              "--prompt=Romeo"]
+    relu = sample.main(common + ["--act=relu"])
+    assert relu["act"] == "relu" and relu["unique_samples"] == 1 and relu["self_bleu"] == pytest.approx(1.0)
+    assert sample.main(common + ["--act=relu", "--seed=7"])["samples"] == relu["samples"]
+    stoch = sample.main(common + ["--act=stoch", "--p=0.5", f"--json={tmp_path / 'r.json'}"])
+    assert stoch["unique_samples"] > 1 and stoch["distinct_2"] > relu["distinct_2"]
+    assert stoch["self_bleu"] < 1.0
+    assert json.load(open(tmp_path / "r.json"))["samples"] == stoch["samples"]
+    assert sample.main(common + ["--act=stoch", "--p=0.5"])["samples"] == stoch["samples"]  # seeded
+    assert max(stoch["mean_log_likelihood"]) == stoch["best_log_likelihood"]
+    assert sample.main(common)["act"] == "relu"  # auto: the checkpoint's inference activation
+
+
+def test_diversity_metrics():
+    same = [[1, 2, 3, 4, 5]] * 3
+    assert sample.distinct_n(same, 1) == pytest.approx(5 / 15)
+    assert sample.self_bleu(same) == pytest.approx(1.0)
+    apart = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]
+    assert sample.distinct_n(apart, 2) == 1.0 and sample.self_bleu(apart) == 0.0
+    assert 0 < sample.bleu([1, 2, 3, 4, 9], [[1, 2, 3, 4, 5]]) < 1
+
+
+def test_torchrun_ddp_on_cpu(tiny_run, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           f"--data={tiny_run['corpus']}", f"--data_root={tiny_run['root'] / 'data'}", f"--out_dir={tmp_path}",
+           "--max_iters=20", "--eval_interval=10"] + TINY
+    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.load(open(tmp_path / "summary.json"))
+    assert s["processes"] == 2 and s["tokens"] == 20 * 4 * 32 * 2
+    assert "processes 2" in r.stdout

@@ -1,0 +1,389 @@
+"""
+Pre-train with stochastic activations (StochA), then switch to RELU for the final fraction alpha of
+the steps (Swi+FT), so that the model comes out with a sparse FFN. Baselines are flags:
+
+    python train.py --p=0.5                      # StochA for 90% of the steps, then RELU (the default)
+    python train.py --act=silu --alpha=0         # SILU, no switch
+    python train.py --act=relu                   # RELU from scratch
+    python train.py --act=silu --alpha=0.1       # Swi+FT from SILU
+    python train.py --init_from=out-silu/ckpt.pt --out_dir=out-cpt --max_iters=200   # continued pre-training
+    python train.py --init_from=resume           # continue out_dir/ckpt.pt exactly (also after Ctrl-C)
+    python train.py config/gpu.py                # a config file of `key = value` lines, then flags
+    torchrun --standalone --nproc_per_node=2 train.py   # DDP (gloo on CPU, nccl on CUDA)
+
+Writes out_dir/ckpt.pt (atomically, at every eval, on Ctrl-C / SIGTERM and at the end),
+out_dir/log.jsonl (every logged row) and out_dir/summary.json.
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import ConfigError, configure, is_setting
+from data import prepare
+from model import ACTS, GPT, GPTConfig, check_act, load_checkpoint
+
+# -----------------------------------------------------------------------------
+# defaults: a run that finishes in about ten minutes on a 2-core laptop CPU
+out_dir = "out"
+data = "shakespeare"  # or a .txt file / a folder of .txt files
+data_root = "data"  # where tokenized corpora are cached
+init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or a checkpoint path (continued pre-training)
+# the method
+act = "stoch"  # the activation before the switch: "stoch", "silu" or "relu"
+p = 0.5  # StochA: probability of silu for a negative input
+alpha = 0.1  # the final fraction of the steps trained with relu (Swi+FT); 0 = no switch
+eval_act = "auto"  # the inference activation; auto = relu, or silu for a SILU run with alpha=0
+# model
+n_layer = 4
+n_head = 4
+n_kv_head = 2
+n_embd = 256
+ffn_hidden = 0  # 0 = 8/3 * n_embd rounded up to 64
+block_size = 128
+dropout = 0.0
+# optimizer: AdamW, linear warmup then cosine decay to min_lr
+batch_size = 8  # sequences per micro-step, per process
+grad_accum = 1
+max_iters = 600
+lr = 2e-3
+min_lr = 2e-4
+warmup_iters = 30
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+# evaluation and logging
+eval_interval = 100  # evaluate and checkpoint every eval_interval steps
+eval_iters = 12  # validation batches per evaluation (always the same ones)
+final_eval_iters = 40  # validation batches for summary.json
+log_interval = 10
+# system
+device = "auto"  # auto = cuda > mps > cpu
+dtype = "auto"  # auto = bfloat16 on CUDA when supported, else float32
+compile = None  # None = torch.compile on CUDA only
+seed = 1337
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if is_setting(k, v)}
+
+# bf16 dense tensor-core peaks (FLOP/s) for MFU; an unknown GPU gets no MFU rather than a wrong one
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def check_config(C):
+    check_act(C.act, C.p)
+    if not 0.0 <= C.alpha <= 1.0:
+        raise ConfigError(f"alpha must be in [0, 1], got {C.alpha}")
+    if C.eval_act not in ("auto",) + ACTS:
+        raise ConfigError(f"eval_act must be auto or one of {ACTS}, got {C.eval_act!r}")
+    for key in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "final_eval_iters",
+                "log_interval", "block_size"):
+        if getattr(C, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(C, key)}")
+    if C.lr <= 0 or C.min_lr < 0 or C.min_lr > C.lr or C.warmup_iters < 0:
+        raise ConfigError("need lr > 0, 0 <= min_lr <= lr, warmup_iters >= 0")
+    if C.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {C.dtype!r}")
+    if C.compile not in (None, True, False):
+        raise ConfigError(f"compile must be True, False or None, got {C.compile!r}")
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={name}, but this torch sees no CUDA device")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device=mps, but MPS is not available")
+    return name
+
+
+def get_batch(path, gen, batch_size, block_size, device):
+    data = np.memmap(path, dtype=np.uint16, mode="r")  # re-opened per batch, as nanoGPT, to avoid a leak
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen)
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+    if device.startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def get_lr(it, C):
+    if it < C.warmup_iters:
+        return C.lr * (it + 1) / (C.warmup_iters + 1)
+    progress = (it - C.warmup_iters) / max(1, C.max_iters - C.warmup_iters)
+    return C.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (C.lr - C.min_lr)
+
+
+@torch.no_grad()
+def evaluate(model, act, p, val_path, C, device, ctx, n_batches):
+    """Mean validation loss and per-layer FFN stats with the given activation, on fixed batches.
+    The RNG is forked so that evaluating never changes what training draws (exact resume)."""
+    devices = [torch.cuda.current_device()] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        was_act, was_p = model.config.act, model.config.p
+        model.eval()
+        model.set_act(act, p)
+        gen = torch.Generator().manual_seed(1234)
+        losses = []
+        with model.ffn_stats() as layers:
+            for _ in range(n_batches):
+                x, y = get_batch(val_path, gen, C.batch_size, C.block_size, device)
+                with ctx:
+                    losses.append(model(x, y)[1].item())
+        model.set_act(was_act, was_p)
+        model.train()
+    return dict(loss=sum(losses) / len(losses), sparsity=sum(l["sparsity"] for l in layers) / len(layers),
+                dead=sum(l["dead"] for l in layers) / len(layers), layers=layers)
+
+
+def save_checkpoint(path, raw_model, optimizer, C, it, data_gen, rank, world):
+    """Every rank's RNG states go into rank 0's file, so a DDP run resumes exactly too."""
+    rng = dict(torch=torch.get_rng_state(), data=data_gen.get_state(),
+               cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() and C.device.startswith("cuda") else None)
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if rank == 0:
+        ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(raw_model.config),
+                    config=vars(C), iter_num=it, rng=rngs)
+        tmp = path + ".tmp"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+
+
+def log_row(C, master, **row):
+    if master:
+        with open(os.path.join(C.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def main(argv):
+    cfg = dict(DEFAULTS)
+    overrides = configure(cfg, argv)
+    ckpt = None
+    if cfg["init_from"] == "resume":  # the saved config, then whatever the command line changes
+        ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
+        cfg.update({k: v for k, v in ckpt["config"].items() if k in DEFAULTS})
+        cfg.update(overrides, init_from="resume")
+    C = type("Config", (), {})()
+    vars(C).update(cfg)
+    check_config(C)
+
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    C.device = pick_device(C.device)
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group(backend="nccl" if C.device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if C.device.startswith("cuda"):
+            C.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(C.device)
+    master = rank == 0
+    device_type = C.device.split(":")[0]
+    if C.dtype == "auto":
+        C.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    ptdtype = getattr(torch, C.dtype)
+    ctx = torch.autocast(device_type, dtype=ptdtype) if device_type == "cuda" and C.dtype != "float32" else nullcontext()
+    use_compile = device_type == "cuda" if C.compile is None else C.compile
+    eval_act = C.eval_act if C.eval_act != "auto" else ("silu" if C.act == "silu" and C.alpha == 0 else "relu")
+    switch_iter = C.max_iters - round(C.alpha * C.max_iters)  # act before it, relu from it on
+
+    data_dir = prepare(C.data, C.data_root) if master else None
+    if ddp:  # rank 0 prepares the data once, the others wait for it
+        box = [data_dir]
+        dist.broadcast_object_list(box, src=0)
+        data_dir = box[0]
+    train_path, val_path = os.path.join(data_dir, "train.bin"), os.path.join(data_dir, "val.bin")
+    for path in (train_path, val_path):
+        n = os.path.getsize(path) // 2
+        if n <= C.block_size:
+            raise ConfigError(f"{path} holds {n} tokens, not more than block_size={C.block_size}: "
+                             "use more text or a smaller --block_size")
+
+    torch.manual_seed(C.seed + rank)
+    data_gen = torch.Generator().manual_seed(C.seed + 1000 + rank)
+    if ckpt is None and C.init_from != "scratch":  # continued pre-training from another run's weights
+        source = load_checkpoint(C.init_from)
+        model_args = dict(source["model_args"], act=C.act, p=C.p, dropout=C.dropout)
+        model = GPT(GPTConfig(**model_args))
+        model.load_state_dict(source["model"])
+    else:
+        model_args = dict(vocab_size=50257, block_size=C.block_size, n_layer=C.n_layer, n_head=C.n_head,
+                          n_kv_head=C.n_kv_head, n_embd=C.n_embd, ffn_hidden=C.ffn_hidden, act=C.act, p=C.p,
+                          dropout=C.dropout)
+        if ckpt is not None:
+            model_args = ckpt["model_args"]
+        model = GPT(GPTConfig(**model_args))
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+    if model.config.block_size < C.block_size:
+        raise ConfigError(f"block_size={C.block_size} exceeds the model's {model.config.block_size}")
+    model.to(C.device)
+    raw = model
+
+    decay = [q for q in model.parameters() if q.dim() >= 2]
+    no_decay = [q for q in model.parameters() if q.dim() < 2]
+    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=C.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                                  lr=C.lr, betas=(C.beta1, C.beta2), fused=device_type == "cuda")
+    start_iter = 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_iter = ckpt["iter_num"]
+        if len(ckpt["rng"]) == world:
+            rng = ckpt["rng"][rank]
+            torch.set_rng_state(rng["torch"])
+            data_gen.set_state(rng["data"])
+            if rng["cuda"] is not None and device_type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"])
+        elif master:
+            print(f"warning: checkpoint written by {len(ckpt['rng'])} processes, resuming with {world}: "
+                  "the data order and StochA draws will differ from an uninterrupted run")
+        del ckpt
+    scaler = torch.amp.GradScaler(device_type, enabled=C.dtype == "float16")
+    if use_compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
+
+    if master:
+        os.makedirs(C.out_dir, exist_ok=True)
+        log_path = os.path.join(C.out_dir, "log.jsonl")
+        if start_iter == 0:
+            open(log_path, "w").close()
+        elif os.path.exists(log_path):  # drop rows from after the checkpoint: they are about to be redone
+            rows = [json.loads(line) for line in open(log_path)]
+            with open(log_path, "w") as f:
+                # a train row's iter counts the steps done (kept up to start_iter); evals at start_iter rerun
+                f.writelines(json.dumps(r) + "\n" for r in rows if r["iter"] < start_iter
+                             or (r["iter"] == start_iter and r["kind"] == "train"))
+        tokens_per_iter = C.batch_size * C.block_size * C.grad_accum * world
+        name = torch.cuda.get_device_name() if device_type == "cuda" else device_type
+        print(f"device {C.device} ({name}), dtype {C.dtype}, compile {use_compile}, processes {world}, "
+              f"threads {torch.get_num_threads()}")
+        print(f"model: {raw.num_params() / 1e6:.2f}M parameters, {raw.config.n_layer} layers, d={raw.config.n_embd}, "
+              f"ffn_hidden={raw.config.ffn_hidden}; data {data_dir}; {tokens_per_iter:,} tokens per step")
+        print(f"schedule: {C.act}" + (f" (p={C.p})" if C.act == "stoch" else "") + f" for steps [0, {switch_iter})"
+              + (f", relu for [{switch_iter}, {C.max_iters}) (alpha={C.alpha})" if switch_iter < C.max_iters else "")
+              + f"; evaluated with {eval_act}")
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None) \
+        if device_type == "cuda" and C.dtype != "float32" else None
+    flops_per_token = 6 * raw.num_params() + 12 * raw.config.n_layer * raw.config.n_embd * C.block_size
+
+    stop = []  # set by Ctrl-C / SIGTERM: checkpoint at the next step boundary, then exit
+    def request_stop(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        if master:
+            print(f"\nsignal {signum}: checkpointing at the next step (again to abort)", flush=True)
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    ckpt_path = os.path.join(C.out_dir, "ckpt.pt")
+    run_start = time.time()
+    t0, tokens = time.time(), 0
+    it = start_iter
+    while True:
+        cur_act = C.act if it < switch_iter else "relu"
+        if raw.config.act != cur_act:
+            raw.set_act(cur_act, C.p)
+            if master and it > start_iter:
+                print(f"iter {it}: switching the FFN activation to {cur_act} (Swi+FT)")
+        lr = get_lr(it, C)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        halt = bool(stop)
+        if ddp:  # every process must stop at the same step
+            flag = torch.tensor([float(halt)], device=C.device)
+            dist.all_reduce(flag)
+            halt = flag.item() > 0
+        if (it % C.eval_interval == 0 or it == C.max_iters) and master and not halt:
+            t_eval = time.time()
+            res = evaluate(raw, cur_act, C.p, val_path, C, C.device, ctx, C.eval_iters)
+            row = dict(kind="eval", iter=it, act=cur_act, val_loss=res["loss"])
+            if eval_act != cur_act:
+                res = evaluate(raw, eval_act, C.p, val_path, C, C.device, ctx, C.eval_iters)
+            row.update(eval_act=eval_act, val_loss_infer=res["loss"], sparsity=res["sparsity"], dead=res["dead"])
+            log_row(C, master, **row)
+            print(f"iter {it}: val loss {row['val_loss']:.4f} ({cur_act}), {res['loss']:.4f} ({eval_act}), "
+                  f"{eval_act} sparsity {100 * res['sparsity']:.1f}%, dead units {100 * res['dead']:.1f}%")
+            t0 += time.time() - t_eval  # tokens/s counts training time only
+        if (it % C.eval_interval == 0 and it > start_iter) or it == C.max_iters or halt:
+            save_checkpoint(ckpt_path, raw, optimizer, C, it, data_gen, rank, world)
+        if it == C.max_iters or halt:
+            break
+
+        loss_sum = 0.0
+        for micro in range(C.grad_accum):
+            x, y = get_batch(train_path, data_gen, C.batch_size, C.block_size, C.device)
+            sync = nullcontext() if not ddp or micro == C.grad_accum - 1 else model.no_sync()
+            with sync, ctx:
+                loss = model(x, y)[1] / C.grad_accum
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if C.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), C.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += C.batch_size * C.block_size * C.grad_accum * world
+        it += 1
+
+        if it % C.log_interval == 0 and master:
+            dt = time.time() - t0
+            tok_s = tokens / dt
+            loss_val = loss_sum.item()
+            mfu = f", MFU {100 * flops_per_token * tok_s / (peak * world):.1f}%" if peak else ""
+            print(f"iter {it}: loss {loss_val:.4f}, lr {lr:.2e}, act {cur_act}, {tok_s:,.0f} tok/s{mfu}", flush=True)
+            log_row(C, master, kind="train", iter=it, loss=loss_val, lr=lr, act=cur_act, tok_per_s=tok_s)
+            t0, tokens = time.time(), 0
+
+    seconds = time.time() - run_start
+    summary = None
+    if master and it == C.max_iters and not halt:
+        res = evaluate(raw, eval_act, C.p, val_path, C, C.device, ctx, C.final_eval_iters)
+        summary = dict(val_loss=res["loss"], sparsity=res["sparsity"], dead_fraction=res["dead"], act=C.act, p=C.p,
+                       alpha=C.alpha, eval_act=eval_act, switch_iter=switch_iter, iters=C.max_iters,
+                       tokens=C.max_iters * C.batch_size * C.block_size * C.grad_accum * world,
+                       seconds=round(seconds, 1), resumed_from=start_iter, device=C.device,
+                       device_name=torch.cuda.get_device_name() if device_type == "cuda" else device_type,
+                       threads=torch.get_num_threads(), processes=world, dtype=C.dtype, params=raw.num_params(),
+                       val_tokens=C.final_eval_iters * C.batch_size * C.block_size, data=data_dir,
+                       sparsity_per_layer=[l["sparsity"] for l in res["layers"]],
+                       dead_per_layer=[l["dead"] for l in res["layers"]])
+        with open(os.path.join(C.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"done in {seconds:.0f} s: val loss {summary['val_loss']:.4f} with {eval_act}, FFN sparsity "
+              f"{100 * summary['sparsity']:.1f}%, dead units {100 * summary['dead_fraction']:.1f}% "
+              f"-> {os.path.join(C.out_dir, 'summary.json')}")
+    elif master and halt:
+        print(f"stopped at iter {it}; continue with: python train.py --init_from=resume --out_dir={C.out_dir}")
+    for s, handler in old_handlers.items():
+        signal.signal(s, handler)
+    if ddp:
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:  # the user's input, not a bug: no traceback
+        sys.exit(f"error: {e}")
