@@ -1,0 +1,402 @@
+/*
+sparse_ffn.c: the RELU-sparse gated FFN of "Stochastic activations" on the CPU, for decoding.
+
+    y[b] = W2 (relu(W1 x[b]) * (W3 x[b]))     x, y: [B, d] fp32;  W1, W3: [h, d];  W2: [d, h]
+
+A hidden unit j with W1_j . x <= 0 is zero under relu, so only W1 is read in full; row j of W3 and
+column j of W2 are read only for the active units (for B > 1: active for any row of the batch).
+They are packed once, at load time, into one buffer W32 [h, 2d] with row j = [W3_j | W2^T_j], so an
+active unit costs one contiguous read of 2d weights.
+
+How: the hidden units are cut into chunks (about 16 per thread) dealt round-robin to T OpenMP
+threads. For each of its chunks a thread
+  1. streams the chunk's W1 rows (software-prefetching ahead, into its next chunk at the end),
+     computes u = W1_j . x for every row of the batch and lists the active units;
+  2. for each active unit reads its W32 row, prefetching the next active unit's row while it works
+     on this one (a data-dependent jump that the hardware prefetcher cannot guess), and adds
+     relu(u) (W3_j . x) W2^T_j into its private partial y, for the batch rows where u > 0 only.
+After the one join, the T partial y's are summed into y. One join and no other barrier: a thread
+that the OS descheduled delays the others only once. The work each thread does, and the order of
+every sum, depend only on (B, d, h, T), so results are the same from call to call.
+Weights are fp32, fp16 (F16C) or bf16 (a shift), converted to fp32 as they are loaded: the half
+types move half the bytes. x, y and all sums are fp32. AVX2+FMA intrinsics where the compiler targets
+them, a portable loop everywhere else; without OpenMP it runs on one thread. All scratch memory is
+passed in by the caller (sparse_ffn.py allocates it once), so a call allocates nothing.
+
+Build:  python build.py      (cffi API mode -> _sparse_ffn_c; -O3 -march=native -fopenmp, with
+                              fallbacks that it reports)
+Run:    python bench.py      (timings);  python -m pytest -q test_all.py  (vs model.FeedForward)
+*/
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define SFFN_AVX2 1
+#else
+#define SFFN_AVX2 0
+#endif
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#define SFFN_MAX_B 16       // rows per call; sparse_ffn.py splits larger batches
+#define SFFN_MAX_CHUNK 256  // hidden units a thread takes at a time
+#ifndef PF_BYTES
+#define PF_BYTES 16384  // how far ahead to prefetch W1 (tuned on the 2-core EPYC, flat from 16 to 64 KB)
+#endif
+enum { F32 = 0, F16 = 1, BF16 = 2 };
+#define INLINE static inline __attribute__((always_inline))
+
+// ----------------------------------------------------------------------------
+// loading weights as fp32
+
+static float f16_to_f32(uint16_t v) {  // portable IEEE half -> float, subnormals, inf and nan too
+    uint32_t s = (uint32_t)(v & 0x8000) << 16, e = (v >> 10) & 0x1f, m = v & 0x3ff, f;
+    if (e == 0x1f) f = s | 0x7f800000u | (m << 13);
+    else if (e) f = s | ((e + 112) << 23) | (m << 13);
+    else if (m) {  // subnormal: shift the mantissa up until it is normal
+        e = 113;
+        while (!(m & 0x400)) { m <<= 1; e--; }
+        f = s | (e << 23) | ((m & 0x3ff) << 13);
+    } else f = s;
+    float r; memcpy(&r, &f, 4); return r;
+}
+
+INLINE float ld1(const void* w, size_t i, int dt) {
+    if (dt == F32) return ((const float*)w)[i];
+    uint16_t v = ((const uint16_t*)w)[i];
+    if (dt == F16) return f16_to_f32(v);
+    uint32_t f = (uint32_t)v << 16; float r; memcpy(&r, &f, 4); return r;  // bf16: top half of fp32
+}
+
+#if SFFN_AVX2
+INLINE __m256 ld8(const void* w, size_t i, int dt) {
+    if (dt == F32) return _mm256_loadu_ps((const float*)w + i);
+    __m128i v = _mm_loadu_si128((const __m128i*)((const uint16_t*)w + i));
+    if (dt == F16) return _mm256_cvtph_ps(v);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+// at offset i of NR rows being read, prefetch NR lines of the NR rows at pf: keeps pace with the reads
+INLINE void prefetch_lines(const char* pf, size_t i, int es, const int NR) {
+    if (!pf || ((i * es) & 63) != 0) return;
+    for (int r = 0; r < NR; r++) {
+#if SFFN_AVX2
+        _mm_prefetch(pf + NR * i * es + 64 * r, _MM_HINT_T0);
+#elif defined(__GNUC__)
+        __builtin_prefetch(pf + NR * i * es + 64 * r, 0, 3);
+#endif
+    }
+}
+
+// ----------------------------------------------------------------------------
+// micro-kernels: NR weight rows against NB inputs (NR * NB <= 8), and one row into NB outputs
+
+// out[r * NB + b] = w[r] . x[b] over d elements
+INLINE void dot_k(const void* const* w, const float* const* x, int d, int dt, const char* pf,
+                  float* out, const int NR, const int NB) {
+    const int es = dt == F32 ? 4 : 2;
+    int i = 0;
+#if SFFN_AVX2
+    enum { U = 4 };  // up to 4 accumulators per (row, input) pair, to hide the FMA latency
+    const int u_n = NR * NB <= 2 ? 4 : NR * NB <= 4 ? 2 : 1;
+    __m256 acc[U][2][4];
+    for (int u = 0; u < u_n; u++)
+        for (int r = 0; r < NR; r++)
+            for (int b = 0; b < NB; b++) acc[u][r][b] = _mm256_setzero_ps();
+    for (; i + 8 * u_n <= d; i += 8 * u_n) {
+        for (int u = 0; u < u_n; u++) {  // each weight and each x vector loaded once: NR + NB loads
+            prefetch_lines(pf, i + 8 * u, es, NR);
+            __m256 wv[2];
+            for (int r = 0; r < NR; r++) wv[r] = ld8(w[r], i + 8 * u, dt);
+            for (int b = 0; b < NB; b++) {
+                __m256 xv = _mm256_loadu_ps(x[b] + i + 8 * u);
+                for (int r = 0; r < NR; r++) acc[u][r][b] = _mm256_fmadd_ps(wv[r], xv, acc[u][r][b]);
+            }
+        }
+    }
+    for (; i + 8 <= d; i += 8) {
+        __m256 wv[2];
+        for (int r = 0; r < NR; r++) wv[r] = ld8(w[r], i, dt);
+        for (int b = 0; b < NB; b++) {
+            __m256 xv = _mm256_loadu_ps(x[b] + i);
+            for (int r = 0; r < NR; r++) acc[0][r][b] = _mm256_fmadd_ps(wv[r], xv, acc[0][r][b]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int b = 0; b < NB; b++) {
+            __m256 s = acc[0][r][b];
+            for (int u = 1; u < u_n; u++) s = _mm256_add_ps(s, acc[u][r][b]);
+            out[r * NB + b] = hsum8(s);
+        }
+#else
+    float acc[2][4][8] = {{{0}}};  // 8 lanes the compiler can vectorize
+    for (; i + 8 <= d; i += 8) {
+        prefetch_lines(pf, i, es, NR);
+        for (int r = 0; r < NR; r++)
+            for (int b = 0; b < NB; b++)
+                for (int l = 0; l < 8; l++) acc[r][b][l] += ld1(w[r], i + l, dt) * x[b][i + l];
+    }
+    for (int r = 0; r < NR; r++)
+        for (int b = 0; b < NB; b++) {
+            float s = 0.0f;
+            for (int l = 0; l < 8; l++) s += acc[r][b][l];
+            out[r * NB + b] = s;
+        }
+#endif
+    for (; i < d; i++)  // the tail when d is not a multiple of 8
+        for (int r = 0; r < NR; r++) {
+            float wv = ld1(w[r], i, dt);
+            for (int b = 0; b < NB; b++) out[r * NB + b] += wv * x[b][i];
+        }
+}
+
+// y[b] += g[b] * w over d elements, for NB outputs
+INLINE void axpy_k(const void* w, const float* g, float* const* y, int d, int dt, const char* pf,
+                   const int NB) {
+    const int es = dt == F32 ? 4 : 2;
+    int i = 0;
+#if SFFN_AVX2
+    __m256 gv[4];
+    for (int b = 0; b < NB; b++) gv[b] = _mm256_set1_ps(g[b]);
+    for (; i + 8 <= d; i += 8) {
+        prefetch_lines(pf, i, es, 1);
+        __m256 wv = ld8(w, i, dt);
+        for (int b = 0; b < NB; b++)
+            _mm256_storeu_ps(y[b] + i, _mm256_fmadd_ps(gv[b], wv, _mm256_loadu_ps(y[b] + i)));
+    }
+#endif
+    for (; i < d; i++) {
+        prefetch_lines(pf, i, es, 1);
+        float wv = ld1(w, i, dt);
+        for (int b = 0; b < NB; b++) y[b][i] += g[b] * wv;
+    }
+}
+
+// calls K(NR, NB) with constants for nr in 1..2, nb in 1..4, so the micro-kernels unroll fully
+#define SWITCH_NR_NB(nr, nb, K) switch ((nr) * 4 + (nb)) { \
+    case 5: K(1, 1); break; case 6: K(1, 2); break; case 7: K(1, 3); break; case 8: K(1, 4); break; \
+    case 9: K(2, 1); break; case 10: K(2, 2); break; case 11: K(2, 3); break; case 12: K(2, 4); break; }
+
+INLINE void dot(const void* const* w, int nr, const float* const* x, int nb, int d, int dt,
+                const char* pf, float* out) {
+#define DOT_K(NR, NB) dot_k(w, x, d, dt, pf, out, NR, NB)
+    SWITCH_NR_NB(nr, nb, DOT_K)
+#undef DOT_K
+}
+INLINE void axpy(const void* w, const float* g, float* const* y, int nb, int d, int dt, const char* pf) {
+    switch (nb) {
+    case 1: axpy_k(w, g, y, d, dt, pf, 1); break;
+    case 2: axpy_k(w, g, y, d, dt, pf, 2); break;
+    case 3: axpy_k(w, g, y, d, dt, pf, 3); break;
+    case 4: axpy_k(w, g, y, d, dt, pf, 4); break;
+    }
+}
+
+#if SFFN_AVX2
+// acc[r * SFFN_MAX_B + b] += w[r] . x[b] over elements [i0, i1), a multiple of 8 long
+INLINE void dot_acc_k(const void* const* w, const float* const* x, int i0, int i1, int dt,
+                      const char* pf, __m256* acc, const int NR, const int NB) {
+    const int es = dt == F32 ? 4 : 2;
+    __m256 a[2][4];
+    for (int r = 0; r < NR; r++)
+        for (int b = 0; b < NB; b++) a[r][b] = acc[r * SFFN_MAX_B + b];
+    for (int i = i0; i < i1; i += 8) {
+        prefetch_lines(pf, i, es, NR);
+        __m256 wv[2];
+        for (int r = 0; r < NR; r++) wv[r] = ld8(w[r], i, dt);
+        for (int b = 0; b < NB; b++) {
+            __m256 xv = _mm256_loadu_ps(x[b] + i);
+            for (int r = 0; r < NR; r++) a[r][b] = _mm256_fmadd_ps(wv[r], xv, a[r][b]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int b = 0; b < NB; b++) acc[r * SFFN_MAX_B + b] = a[r][b];
+}
+#endif
+
+// out[r * nb + b] = w[r] . x[b] for nr <= 2 rows and any nb <= SFFN_MAX_B inputs. Past 4 inputs
+// the 8 accumulators cannot hold them all: the inputs go in blocks of 4 over slices of IB
+// elements, so that the slice of every x row stays in L1 while the blocks reread it
+#define IB 256
+INLINE void dot_batch(const void* const* w, int nr, const float* const* x, int nb, int d, int dt,
+                      const char* pf, float* out) {
+#if SFFN_AVX2
+    if (nb > 4) {
+        __m256 acc[2 * SFFN_MAX_B];
+        for (int k = 0; k < 2 * SFFN_MAX_B; k++) acc[k] = _mm256_setzero_ps();
+        const int dv = d & ~7;
+        for (int i0 = 0; i0 < dv; i0 += IB) {
+            const int i1 = i0 + IB < dv ? i0 + IB : dv;
+            for (int b0 = 0; b0 < nb; b0 += 4) {
+                const char* p = b0 ? NULL : pf;
+#define DOT_ACC_K(NR, NB) dot_acc_k(w, x + b0, i0, i1, dt, p, acc + b0, NR, NB)
+                SWITCH_NR_NB(nr, nb - b0 < 4 ? nb - b0 : 4, DOT_ACC_K)
+#undef DOT_ACC_K
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            for (int b = 0; b < nb; b++) {
+                float s = hsum8(acc[r * SFFN_MAX_B + b]);
+                for (int i = dv; i < d; i++) s += ld1(w[r], i, dt) * x[b][i];
+                out[r * nb + b] = s;
+            }
+        return;
+    }
+#endif
+    for (int b0 = 0; b0 < nb; b0 += 4) {  // portable: blocks of 4 over the whole row
+        const int n = nb - b0 < 4 ? nb - b0 : 4;
+        float o[8];
+        dot(w, nr, x + b0, n, d, dt, b0 ? NULL : pf, o);
+        for (int r = 0; r < nr; r++)
+            for (int b = 0; b < n; b++) out[r * nb + b0 + b] = o[r * n + b];
+    }
+}
+
+// ----------------------------------------------------------------------------
+// the work of one thread: its chunks of hidden units, into its own partial y
+
+typedef struct {
+    const float* x; int B, d, ld, h, chunk; const char* w1; const char* w32;  // x: [B, ld]
+    float* part;  // [T, B, ld] partial y per thread
+} Args;
+
+INLINE int work(const Args* a, int t, int T, const int dt) {
+    const int B = a->B, d = a->d, h = a->h, chunk = a->chunk, nchunks = (h + chunk - 1) / chunk;
+    const int es = dt == F32 ? 4 : 2;
+    const size_t rowb = (size_t)d * es;  // bytes of one weight row
+    const int PF = (int)((PF_BYTES + rowb - 1) / rowb + 1) & ~1;  // W1 rows ahead, even
+    const float* xb[SFFN_MAX_B];
+    for (int b = 0; b < B; b++) xb[b] = a->x + (size_t)b * a->ld;
+    float* part = a->part + (size_t)t * B * a->ld;
+    memset(part, 0, (size_t)B * a->ld * sizeof(float));
+    float u[SFFN_MAX_CHUNK * SFFN_MAX_B];  // W1 x for this chunk's units, unit-major
+    int list[SFFN_MAX_CHUNK], total = 0;
+
+    // chunks round-robin over the threads: balanced even where active units cluster, and the same
+    // sums in the same order on every call with the same thread count (deterministic)
+    for (int c = t; c < nchunks; c += T) {
+        const int j0 = c * chunk, j1 = j0 + chunk < h ? j0 + chunk : h;
+        const char* next_chunk = c + T < nchunks ? a->w1 + (size_t)(c + T) * chunk * rowb : NULL;
+        int n = 0;
+        // u = W1 x over the chunk, two rows at a time;
+        // prefetching PF rows ahead, into the thread's next chunk near the end of this one
+        for (int j = j0; j < j1; j += 2) {
+            const int nr = j1 - j < 2 ? 1 : 2;
+            const void* w[2] = {a->w1 + j * rowb, a->w1 + (j + nr - 1) * rowb};
+            const char* pf = j + PF + 2 <= j1 ? a->w1 + (j + PF) * rowb
+                           : next_chunk && j + PF - j1 + 2 <= chunk ? next_chunk + (j + PF - j1) * rowb : NULL;
+            dot_batch(w, nr, xb, B, d, dt, pf, u + (j - j0) * B);  // rows j, j+1 are adjacent in u
+            for (int r = 0; r < nr; r++) {
+                int on = 0;
+                for (int b = 0; b < B; b++) on |= !(u[(j - j0 + r) * B + b] <= 0.0f);  // nan is active: it must propagate
+                if (on) list[n++] = j + r;
+            }
+        }
+        total += n;
+        // the active units: part += relu(u) (W3_j . x) W2^T_j, prefetching the next active row
+        for (int k = 0; k < n; k++) {
+            const int j = list[k];
+            const char* row = a->w32 + 2 * j * rowb;
+            const char* next = k + 1 < n ? a->w32 + 2 * list[k + 1] * rowb : NULL;
+            const float* uj = u + (j - j0) * B;
+            const float* xs[SFFN_MAX_B]; float* ys[SFFN_MAX_B]; float ub[SFFN_MAX_B], g[SFFN_MAX_B];
+            int m = 0;  // the batch rows where unit j is active: the others add exactly 0
+            for (int b = 0; b < B; b++)
+                if (!(uj[b] <= 0.0f)) { xs[m] = xb[b]; ys[m] = part + (size_t)b * a->ld; ub[m++] = uj[b]; }
+            const void* w[1] = {row};
+            dot_batch(w, 1, xs, m, d, dt, next, g);
+            for (int b = 0; b < m; b++) g[b] *= ub[b];  // relu(u) = u here (or nan, as in torch)
+            for (int b0 = 0; b0 < m; b0 += 4) {
+                const int nb = m - b0 < 4 ? m - b0 : 4;
+                axpy(row + rowb, g + b0, ys + b0, nb, d, dt, b0 || !next ? NULL : next + rowb);
+            }
+        }
+    }
+    return total;
+}
+
+static int work_f32(const Args* a, int t, int T) { return work(a, t, T, F32); }
+static int work_f16(const Args* a, int t, int T) { return work(a, t, T, F16); }
+static int work_bf16(const Args* a, int t, int T) { return work(a, t, T, BF16); }
+
+// ----------------------------------------------------------------------------
+// the API (declared in build.py's cdef)
+
+int sffn_max_batch(void) { return SFFN_MAX_B; }
+int sffn_simd(void) { return SFFN_AVX2; }  // 1: AVX2+FMA+F16C intrinsics, 0: portable loops
+int sffn_openmp(void) {  // 0 without OpenMP, else the most threads it would give
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 0;
+#endif
+}
+
+// Rows of x and of the partial y's are ld floats apart, not d: at d = 2048 (8 KB) the same element
+// of every row would fall in the same L1 set, and 16 rows thrash its 8 ways
+static size_t row_stride(int d) { return ((size_t)d + 15) / 16 * 16 + 16; }
+
+// floats of scratch a call needs: a padded copy of x and one partial y per thread
+size_t sffn_scratch_floats(int B, int d, int nthreads) { return (size_t)(1 + nthreads) * B * row_stride(d); }
+
+// ask for transparent huge pages on a buffer not yet touched: fewer TLB misses on random rows
+void sffn_advise_hugepages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    uintptr_t lo = ((uintptr_t)p + (1u << 21) - 1) & ~(uintptr_t)((1u << 21) - 1);
+    uintptr_t hi = ((uintptr_t)p + bytes) & ~(uintptr_t)((1u << 21) - 1);
+    if (hi > lo) madvise((void*)lo, hi - lo, MADV_HUGEPAGE);
+#else
+    (void)p; (void)bytes;
+#endif
+}
+
+// y = W2 (relu(W1 x) * (W3 x)) for B <= SFFN_MAX_B rows. Returns the number of active units (the
+// union over the batch), or -1 for arguments it cannot take (sparse_ffn.py checks them first).
+// scratch: sffn_scratch_floats(B, d, nthreads) floats.
+int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void* w32, int dtype,
+                 float* y, float* scratch, int nthreads) {
+    if (B < 1 || B > SFFN_MAX_B || d < 1 || h < 1 || nthreads < 1 || dtype < F32 || dtype > BF16)
+        return -1;
+#ifndef _OPENMP
+    nthreads = 1;
+#endif
+    // a thread per 256 KB of W1 at most: waking a thread for less costs more than it saves
+    size_t w1_bytes = (size_t)h * d * (dtype == F32 ? 4 : 2);
+    if ((size_t)nthreads > 1 + w1_bytes / (256 << 10)) nthreads = (int)(1 + w1_bytes / (256 << 10));
+    // about 16 chunks per thread, so that round-robin chunks balance the threads
+    int chunk = (h + 16 * nthreads - 1) / (16 * nthreads);
+    chunk = chunk < 2 ? 2 : chunk > SFFN_MAX_CHUNK ? SFFN_MAX_CHUNK : (chunk + 1) & ~1;
+    const size_t ld = row_stride(d), N = (size_t)B * ld;
+    float* xpad = scratch + (size_t)nthreads * N;
+    for (int b = 0; b < B; b++) memcpy(xpad + b * ld, x + (size_t)b * d, (size_t)d * sizeof(float));
+    Args a = {xpad, B, d, (int)ld, h, chunk, (const char*)w1, (const char*)w32, scratch};
+    int total = 0, T = 1;
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+    {
+        int t = 0, Tn = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num(), Tn = omp_get_num_threads();  // Tn may be fewer than asked
+#endif
+        if (t == 0) T = Tn;
+        total += dtype == F32 ? work_f32(&a, t, Tn) : dtype == F16 ? work_f16(&a, t, Tn) : work_bf16(&a, t, Tn);
+    }
+    // y = the sum of the partials: B*d floats per thread, small next to the weights
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < d; i++) {
+            float s = scratch[b * ld + i];
+            for (int p = 1; p < T; p++) s += scratch[p * N + b * ld + i];
+            y[(size_t)b * d + i] = s;
+        }
+    return total;
+}

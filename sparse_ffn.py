@@ -1,0 +1,263 @@
+"""
+The sparse RELU FFN for inference: y = W2 (relu(W1 x) * (W3 x)), reading W3 rows and W2 columns
+only for the active hidden units (see sparse_ffn.c, sparse_ffn.cu and PAPER.md).
+
+    import sparse_ffn
+    sparse_ffn.backends()            # {"c": True or why not, "cuda": ..., "torch": True}
+    ffn = sparse_ffn.SparseFFN(model.blocks[0].ffn)   # packs the weights once (a copy)
+    y = ffn(x)                       # x: (B, d) fp32 on CPU, or the weight dtype on CUDA
+    sparse_ffn.attach(model)         # every relu FFN of an eval-mode model uses its kernel
+    sparse_ffn.detach(model)
+
+Packed weights are a snapshot: after training or editing the weights, attach again.
+Backends: the C kernel (_sparse_ffn_c, built by `python build.py`) on CPU, the CUDA extension
+(_sparse_ffn_cuda) on GPU, and a pure-torch gather (index_select of the active rows) wherever no
+compiled kernel is present. Importing this file compiles nothing and needs no network.
+"""
+
+import threading
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_c_lock = threading.Lock()
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # as in sparse_ffn.c
+CUDA_MAX_BATCH = 16  # rows per launch of sparse_ffn.cu (its kMaxBatch); larger batches are split
+
+# -----------------------------------------------------------------------------
+# loading the compiled kernels (lazily, so that build.py can build them first in the same process)
+
+_mods, _why = {}, {}
+
+
+def _load():
+    if _mods or _why:
+        return
+    try:
+        import _sparse_ffn_c
+        _mods["c"] = _sparse_ffn_c
+    except ImportError as e:
+        _why["c"] = f"_sparse_ffn_c not built ({e}); run `python build.py`"
+    try:
+        import build
+        if "c" in _mods and build.c_is_stale():
+            warnings.warn("_sparse_ffn_c is older than sparse_ffn.c or build.py: run `python build.py`")
+    except ImportError:
+        pass
+    try:
+        import _sparse_ffn_cuda  # a torch extension: needs torch imported first, done above
+        _mods["cuda"] = _sparse_ffn_cuda
+    except ImportError as e:
+        _why["cuda"] = f"_sparse_ffn_cuda not built ({e}); `python build.py` on a machine with CUDA torch and nvcc"
+    except OSError as e:  # built against another torch / CUDA
+        _why["cuda"] = f"_sparse_ffn_cuda failed to load: {e}"
+
+
+def backends():
+    """name -> True if usable here, else the reason why not."""
+    _load()
+    out = {"c": "c" in _mods or _why["c"], "cuda": "cuda" in _mods or _why["cuda"], "torch": True}
+    if out["cuda"] is True and not torch.cuda.is_available():
+        out["cuda"] = "built, but torch.cuda.is_available() is False"
+    return out
+
+
+def c_info():
+    """How the C kernel was compiled: simd path, OpenMP threads (0 = none), largest batch per call."""
+    _load()
+    if "c" not in _mods:
+        return None
+    lib = _mods["c"].lib
+    return dict(simd="avx2+fma+f16c" if lib.sffn_simd() else "portable",
+                openmp=lib.sffn_openmp(), max_batch=lib.sffn_max_batch())
+
+# -----------------------------------------------------------------------------
+# the packed weights
+
+
+def _as_tensor(a, name):
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(a)  # shares memory, so `out` works for arrays too
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(a).__name__}")
+    return a
+
+
+class SparseFFN:
+    """The weights of one gated relu FFN, packed once for the sparse kernels (a copy: a snapshot).
+
+    SparseFFN(ffn) takes a model.FeedForward; SparseFFN(w1, w3, w2) takes nn.Linear-layout weights
+    w1, w3: (h, d), w2: (d, h). dtype: how the weights are stored (default: theirs); fp16 / bf16
+    halve the bytes read. device: where (default: theirs). backend: "c", "cuda" or "torch"
+    (default: the compiled kernel for the device if there is one, else "torch").
+    Inputs: x (B, d), contiguous, on `device`; fp32 on CPU (any weight dtype), the weight dtype on CUDA.
+    """
+
+    def __init__(self, w1, w3=None, w2=None, dtype=None, device=None, backend=None):
+        if w3 is None and w2 is None and hasattr(w1, "w1"):
+            w1, w3, w2 = w1.w1.weight, w1.w3.weight, w1.w2.weight
+        w1, w3, w2 = (_as_tensor(w, n) for w, n in ((w1, "w1"), (w3, "w3"), (w2, "w2")))
+        if w1.dim() != 2 or w3.shape != w1.shape or w2.shape != w1.shape[::-1]:
+            raise ValueError(f"expected w1, w3 (h, d) and w2 (d, h), got {tuple(w1.shape)}, "
+                             f"{tuple(w3.shape)}, {tuple(w2.shape)}")
+        self.h, self.d = w1.shape
+        if self.h == 0 or self.d == 0:
+            raise ValueError(f"empty weights: h={self.h}, d={self.d}")
+        self.dtype = w1.dtype if dtype is None else dtype
+        if self.dtype not in DTYPE_CODES:
+            raise TypeError(f"weight dtype must be one of {list(DTYPE_CODES)}, got {self.dtype}")
+        self.device = torch.device(device) if device is not None else w1.device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.in_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        avail = backends()
+        native = {"cpu": "c", "cuda": "cuda"}.get(self.device.type)
+        if backend is None:
+            backend = native if native and avail[native] is True else "torch"
+        if backend not in ("c", "cuda", "torch") or (backend != "torch" and backend != native):
+            raise ValueError(f"backend {backend!r} does not run on device {self.device}")
+        if avail[backend] is not True:
+            raise ValueError(f"backend {backend!r} is not available: {avail[backend]}")
+        self.backend = backend
+        self.last_active = None  # active units (union over the batch) of the last call, when known
+
+        def packed(shape):  # huge pages first (before the memory is touched): fewer TLB misses
+            t = torch.empty(shape, dtype=self.dtype, device=self.device)
+            if "c" in _mods and self.device.type == "cpu":
+                _mods["c"].lib.sffn_advise_hugepages(_mods["c"].ffi.cast("void *", t.data_ptr()),
+                                                     t.numel() * t.element_size())
+            return t
+
+        h, d = self.h, self.d
+        with torch.no_grad():
+            self.w1 = packed((h, d))
+            self.w1.copy_(w1)
+            if self.device.type == "cpu":  # row j = [W3_j | W2^T_j]: one contiguous read per active unit
+                self.w32 = packed((h, 2 * d))
+                self.w32[:, :d].copy_(w3)
+                self.w32[:, d:].copy_(w2.t())
+                self.w3, self.w2t = self.w32[:, :d], self.w32[:, d:]  # views, for the torch path
+            else:
+                self.w3 = packed((h, d))
+                self.w3.copy_(w3)
+                self.w2t = packed((h, d))
+                self.w2t.copy_(w2.t())
+        self._scratch = torch.empty(0)  # the C kernel's per-thread partial y's, grown on first use
+
+    def __repr__(self):
+        return f"SparseFFN(d={self.d}, h={self.h}, dtype={self.dtype}, device={self.device}, backend={self.backend})"
+
+    def _check(self, t, name, B=None):
+        if t.device != self.device:
+            raise ValueError(f"{name} is on {t.device}, the weights on {self.device}")
+        if t.dtype != self.in_dtype:
+            raise TypeError(f"{name} must be {self.in_dtype} for {self}, got {t.dtype}")
+        if t.dim() != 2 or t.shape[1] != self.d or (B is not None and t.shape[0] != B):
+            want = f"({'B' if B is None else B}, {self.d})"
+            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (call .contiguous())")
+
+    def __call__(self, x, out=None):
+        """y = W2 (relu(W1 x) * (W3 x)) for x (B, d). out: an optional (B, d) buffer, overwritten."""
+        x = _as_tensor(x, "x")
+        self._check(x, "x")
+        if x.requires_grad and torch.is_grad_enabled():
+            raise ValueError("the sparse kernels compute no gradients: call under torch.no_grad() "
+                             "(attach() falls back to the module's own ops when autograd is on)")
+        B = x.shape[0]
+        if out is None:
+            out = torch.empty_like(x)
+        else:
+            out = _as_tensor(out, "out")
+            self._check(out, "out", B)
+            n = B * self.d * x.element_size()
+            if B and out.data_ptr() < x.data_ptr() + n and x.data_ptr() < out.data_ptr() + n:
+                raise ValueError("out must not overlap x")
+        if B == 0:
+            return out
+        if self.backend == "c":
+            self._c(x, out)
+        elif self.backend == "cuda":
+            for b0 in range(0, B, CUDA_MAX_BATCH):  # no host sync: the launches queue on the stream
+                _mods["cuda"].forward(x[b0:b0 + CUDA_MAX_BATCH], self.w1, self.w3, self.w2t,
+                                      out[b0:b0 + CUDA_MAX_BATCH])
+        else:
+            self._torch(x, out)
+        return out
+
+    def _c(self, x, out):
+        ffi, lib = _mods["c"].ffi, _mods["c"].lib
+        T = torch.get_num_threads()  # torch's thread count, so the kernel shares torch's cores
+        max_b = lib.sffn_max_batch()
+        ptr = lambda t, type_="float *": ffi.cast(type_, t.data_ptr())
+        with _c_lock:  # cffi releases the GIL during the call, and the scratch is per instance
+            need = lib.sffn_scratch_floats(max_b, self.d, T)
+            if self._scratch.numel() < need:  # sized for the largest batch per call: grown rarely
+                self._scratch = torch.empty(need)
+            px, py, w1, w32, scratch = ptr(x), ptr(out), ptr(self.w1, "void *"), ptr(self.w32, "void *"), ptr(self._scratch)
+            active = 0
+            for b0 in range(0, x.shape[0], max_b):  # the batch in chunks the kernel takes
+                nb = min(max_b, x.shape[0] - b0)
+                n = lib.sffn_forward(px + b0 * self.d, nb, self.d, self.h, w1, w32, DTYPE_CODES[self.dtype],
+                                     py + b0 * self.d, scratch, T)
+                if n < 0:  # the checks in __call__ should make this unreachable
+                    raise RuntimeError("sffn_forward rejected its arguments")
+                active = max(active, n)
+            self.last_active = active  # for B > max_b: the largest union of one call
+
+    def _torch(self, x, out):
+        """The same sparse computation with torch ops: gather the active rows, then two matmuls."""
+        w1 = self.w1 if self.w1.dtype == x.dtype else self.w1.to(x.dtype)
+        u = F.linear(x, w1)  # (B, h)
+        idx = (~(u <= 0)).any(0).nonzero().squeeze(1)  # the union of active units; nan counts as active
+        self.last_active = idx.numel()
+        w3, w2t = self.w3.index_select(0, idx), self.w2t.index_select(0, idx)  # (n, d) each
+        g = F.relu(u.index_select(1, idx)) * F.linear(x, w3.to(x.dtype))
+        torch.matmul(g, w2t.to(x.dtype), out=out)
+
+    def apply(self, x):
+        """Any (N, d) x: converts dtype and layout as needed and returns y in x's dtype."""
+        y = self(x.to(self.in_dtype).contiguous())
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+# -----------------------------------------------------------------------------
+# attaching to a model
+
+
+class Attached:
+    """What attach() puts in FeedForward.kernel: the packed sparse FFN, or, when autograd is on
+    for the input, the module's own ops (the kernels have no backward; silently dropping the
+    FFN's gradients would be wrong)."""
+
+    def __init__(self, ffn, packed):
+        self.ffn, self.packed = ffn, packed
+
+    def __call__(self, x):
+        if x.requires_grad and torch.is_grad_enabled():
+            f = self.ffn
+            return f.w2(F.relu(f.w1(x)) * f.w3(x))
+        return self.packed.apply(x)
+
+    def __repr__(self):
+        return f"Attached({self.packed})"
+
+
+def attach(model, enable=True, dtype=None, backend=None):
+    """Pack every FeedForward of `model` and set its .kernel, which the module uses in eval mode
+    with act == "relu". dtype: how the weights are stored (default: the model's); backend: as in
+    SparseFFN. The packed weights are a snapshot: after training or loading new weights, attach
+    again. attach(model, False) clears the kernels. Returns the number of FFNs touched."""
+    from model import FeedForward
+    n = 0
+    for m in model.modules():
+        if isinstance(m, FeedForward):
+            m.kernel = Attached(m, SparseFFN(m, dtype=dtype, backend=backend)) if enable else None
+            n += 1
+    return n
+
+
+def detach(model):
+    return attach(model, False)
