@@ -1,0 +1,364 @@
+"""
+Times the sparse RELU FFN y = W2 (relu(W1 x) * (W3 x)) against PyTorch's dense gated FFN, with the
+napkin math beside every number: batch-1 decoding is memory bound, so the bytes that must move are
+d*h*b*(1 + 2(1-s)) (W1 in full, W3 rows and W2 columns of the active units; b = bytes per weight).
+
+    python bench.py                                   # both sizes, batches 1/4/16, 0..99% sparsity, end to end (~2 min)
+    python bench.py --quick                           # batch 1, fewer rows, shorter timings (~1 min)
+    python bench.py --sizes=2048x8192 --batches=1 --sparsities=90 --e2e=False
+    python bench.py --ckpt=out/ckpt.pt --data_dir=data/shakespeare   # a trained model's real sparsity
+    python bench.py --json=bench.json                 # every row as JSON too
+
+Weights are random; W1 is built so that exactly a fraction s of the hidden units is zero for x
+(for B > 1: zero for every row of the batch, the union, each active unit firing on each row with
+the rate an independent per-token sparsity gives). Each implementation rotates over copies of its
+weights (--rotate_mb in all) so that, as in a many-layer model, they come from memory, not cache.
+Times are medians of many calls after a warm-up; speedups are ratios of medians of this one run.
+The roof of each row is the read bandwidth measured just before it (a shared host drifts by 20-30%);
+the last line says how much CPU other processes used meanwhile. Needs `python build.py` first for
+the C / CUDA rows (without them it times the torch gather fallback only, and says so).
+"""
+
+import json as jsonlib
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import sparse_ffn
+from configurator import configure
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+devices = ""  # "cpu", "cuda" or "cpu,cuda"; empty: cpu, and cuda when there is one
+sizes = ""  # d x h pairs; empty: the default model's FFN and 2048x8192
+batches = "1,4,16"
+sparsities = "0,50,80,90,95,99"  # percent of the hidden units that are zero (the union over a batch)
+dtypes = "float32,bfloat16"  # weight dtypes of the sparse kernels (x and y stay fp32 on the CPU)
+gather = True  # also time the pure-torch gather fallback
+min_time = 0.25  # seconds of timed calls per row (at least min_reps calls)
+min_reps = 10
+rotate_mb = 256  # weight copies per implementation, up to this many MB: out of the 32 MB-ish caches
+threads = 0  # torch threads; 0 = torch's default
+e2e = True  # decoding tokens/s through model.generate, dense vs sparse
+e2e_tokens = 32
+ckpt = ""  # a train.py checkpoint: its per-layer sparsity on real text, and kernel times on its inputs
+data_dir = "data/shakespeare"
+quick = False  # batch 1, sparsities 0,50,90,99, shorter timings
+json = ""  # write the rows here
+seed = 0
+# -----------------------------------------------------------------------------
+
+
+def _arg(a):  # --quick means --quick=True; list-valued settings stay strings: --batches=1, --sparsities=90
+    key, eq, val = a[2:].partition("=")
+    if not a.startswith("--"):
+        return a
+    if not eq:
+        return a + "=True"
+    return f"--{key}={val!r}" if isinstance(globals().get(key), str) and not val[:1] in "'\"" else a
+
+
+configure(globals(), [_arg(a) for a in sys.argv[1:]])
+if quick:
+    batches, sparsities, min_time, min_reps = "1", "0,50,90,99", 0.1, 5
+if threads:
+    torch.set_num_threads(threads)
+torch.manual_seed(seed)
+ints = lambda s: [int(v) for v in str(s).split(",") if v != ""]
+default = GPTConfig()
+size_list = [tuple(int(v) for v in s.split("x")) for s in (sizes or f"{default.n_embd}x{default.ffn_hidden},2048x8192").split(",")]
+device_list = devices.split(",") if devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+dtype_list = [getattr(torch, n) for n in dtypes.split(",")]
+rows = []
+
+# -----------------------------------------------------------------------------
+# conditions, roofs, timing
+
+
+def cpu_name():
+    try:
+        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def cpu_busy():
+    """(busy, total) jiffies of all CPUs, for the load others put on the machine during the run."""
+    try:
+        v = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+        return sum(v) - v[3] - v[4], sum(v)
+    except OSError:
+        return None
+
+
+def sync(dev):
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(fns, dev):
+    """Median seconds of one call, rotating over fns (one per weight copy)."""
+    for f in fns[:3] * 2:
+        f()
+    times, start, i = [], time.perf_counter(), 0
+    while len(times) < min_reps or time.perf_counter() - start < min_time:
+        f = fns[i % len(fns)]
+        i += 1
+        if dev == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record(); f(); e1.record(); e1.synchronize()
+            times.append(e0.elapsed_time(e1) / 1e3)
+        else:
+            t0 = time.perf_counter(); f(); times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def read_bandwidth(dev):
+    """GB/s of a 1 GiB sum (a pure read, like the kernels) and of a 1 GiB copy (read + write)."""
+    a = torch.randn(1 << 28, device=dev)
+    b = torch.empty_like(a)
+    t_sum, t_copy = bench([lambda: a.sum()], dev), bench([lambda: b.copy_(a)], dev)
+    return a.nbytes / t_sum / 1e9, 2 * a.nbytes / t_copy / 1e9
+
+
+_roof_buf = {}
+
+
+def roof_now(dev):
+    """Read GB/s right now (a 256 MiB sum, median of 5): on a shared host the memory bandwidth drifts
+    by 20-30% over seconds, so each row is compared with the roof measured just before it."""
+    a = _roof_buf.setdefault(dev, torch.ones(1 << 26, device=dev))
+    a.sum()
+    ts = []
+    for _ in range(5):
+        sync(dev); t0 = time.perf_counter(); a.sum(); sync(dev); ts.append(time.perf_counter() - t0)
+    return a.nbytes / float(np.median(ts)) / 1e9
+
+
+def copies(make, nbytes):
+    return [make() for _ in range(max(1, min(256, math.ceil(rotate_mb * 2**20 / nbytes))))]
+
+
+def show(row):
+    rows.append(row)
+    fmt = lambda v, f, w: format(v, f).rjust(w) if v is not None else "-".rjust(w)
+    print(f"{row['impl']:13s} {row['dtype']:8s} {row['d']:5d} {row['h']:5d} {row['B']:3d} {fmt(row['s'], '.1f', 5)} "
+          f"{fmt(row.get('s_token'), '.1f', 5)} {row['time_ms']:8.3f} {row['GBps']:6.1f} {row['roof_GBps']:6.1f} {row['roof_pct']:5.0f}% "
+          f"{fmt(row.get('speedup'), '.2f', 6)}x {fmt(row.get('ideal'), '.2f', 5)}x", flush=True)
+
+# -----------------------------------------------------------------------------
+# inputs with a chosen union sparsity
+
+
+def make_case(d, h, B, s, gen):
+    """x (B, d) and weights with exactly round(s*h) units zero for all B rows: W1 x hits targets
+    (least squares), kept 0.2+ away from 0. Active units fire per row with the independent rate
+    r = 1 - s^(1/B), at least once. Returns x, w1, w3, w2, the active count and per-token sparsity."""
+    x = torch.randn(B, d, generator=gen)
+    w1, w3 = torch.randn(h, d, generator=gen) / d**0.5, torch.randn(h, d, generator=gen) / d**0.5
+    w2 = torch.randn(d, h, generator=gen) / h**0.5
+    n_on = h - round(s * h)
+    q = 1.0 if s == 0 else (1 - s ** (1 / B)) / (1 - s)  # P(fires on a row | active for the batch)
+    fire = torch.rand(n_on, B, generator=gen) < q
+    fire[torch.arange(n_on), torch.randint(B, (n_on,), generator=gen)] = True
+    sign = -torch.ones(h, B, dtype=torch.float64)
+    on = torch.randperm(h, generator=gen)[:n_on]
+    sign[on] = fire.double() * 2 - 1
+    X, W = x.double(), w1.double()
+    target = sign * (W @ X.T).abs().mean() * (0.2 + torch.rand(h, B, generator=gen, dtype=torch.float64))
+    w1 = (W - (W @ X.T - target) @ torch.linalg.solve(X @ X.T, X)).float()
+    return x, w1, w3, w2, n_on, 100 * (1 - fire.sum().item() / (h * B))
+
+
+def kernel_table(dev):
+    native = "c" if dev == "cpu" else "cuda"
+    if sparse_ffn.backends()[native] is not True:
+        print(f"(no {native.upper()} sparse rows: {sparse_ffn.backends()[native]})")
+    print(f"\n{'impl':13s} {'dtype':8s} {'d':>5s} {'h':>5s} {'B':>3s} {'s%':>5s} {'tok%':>5s} {'ms':>8s} {'GB/s':>6s} "
+          f"{'roof':>6s} {'%roof':>6s} {'speedup':>7s} {'ideal':>6s}")
+    gen = torch.Generator().manual_seed(seed)
+    for d, h in size_list:
+        for B in ints(batches):
+            dense_ms = {}
+            for s in ints(sparsities):
+                x, w1, w3, w2, n_on, s_tok = make_case(d, h, B, s / 100, gen)
+                x = x.to(dev)
+                if not dense_ms:  # dense does not depend on s: once per (size, batch), per dtype on GPU
+                    for dt in ([torch.float32] if dev == "cpu" else dtype_list):
+                        ws = copies(lambda: [w.to(dev, dt, copy=True) for w in (w1, w3, w2)], 3 * d * h * dt.itemsize)
+                        xd = x.to(dt)
+                        roof = roof_now(dev)
+                        t = bench([lambda w=w: F.linear(F.relu(F.linear(xd, w[0])) * F.linear(xd, w[1]), w[2])
+                                   for w in ws], dev)
+                        by = 3 * d * h * dt.itemsize
+                        dense_ms[dt] = t
+                        show(dict(device=dev, impl="torch dense", dtype=str(dt)[6:], d=d, h=h, B=B, s=None, roof_GBps=roof,
+                                  time_ms=t * 1e3, GBps=by / t / 1e9, roof_pct=100 * by / t / 1e9 / roof, speedup=1.0))
+                    del ws
+                impls = [("c" if dev == "cpu" else "cuda", dt) for dt in dtype_list]
+                if gather:
+                    impls.append(("torch", torch.float32 if dev == "cpu" else dtype_list[0]))
+                for backend, dt in impls:
+                    if backend != "torch" and sparse_ffn.backends()[backend] is not True:
+                        continue
+                    base = torch.float32 if dev == "cpu" else dt
+                    ks = copies(lambda: sparse_ffn.SparseFFN(w1, w3, w2, dtype=dt, device=dev, backend=backend),
+                                3 * d * h * dt.itemsize)
+                    xk = x.to(ks[0].in_dtype)
+                    out = torch.empty_like(xk)
+                    roof = roof_now(dev)
+                    t = bench([lambda k=k: k(xk, out=out) for k in ks], dev)
+                    by = d * h * dt.itemsize * (1 + 2 * n_on / h)
+                    assert ks[0].last_active in (None, n_on), (ks[0].last_active, n_on)
+                    name = {"c": "C sparse", "cuda": "CUDA sparse", "torch": "torch gather"}[backend]
+                    show(dict(device=dev, impl=name, dtype=str(dt)[6:], d=d, h=h, B=B, s=float(s), s_token=s_tok, roof_GBps=roof,
+                              active=n_on, time_ms=t * 1e3, GBps=by / t / 1e9, roof_pct=100 * by / t / 1e9 / roof,
+                              speedup=dense_ms[base] / t, ideal=3 * d * h * base.itemsize / by))
+                    del ks
+
+# -----------------------------------------------------------------------------
+# a trained checkpoint: real sparsity per layer, and the kernels on its real FFN inputs
+
+
+def ckpt_table(dev):
+    model = GPT.from_checkpoint(ckpt, dev).eval()
+    model.set_act("relu")
+    path = os.path.join(data_dir, "val.bin")
+    val = np.memmap(path, dtype=np.uint16, mode="r")
+    T = model.config.block_size
+    starts = np.linspace(0, len(val) - T - 1, 8).astype(int)
+    idx = torch.from_numpy(np.stack([val[i:i + T].astype(np.int64) for i in starts])).to(dev)
+    inputs = []
+    hooks = [b.ffn.register_forward_hook(lambda m, a, y: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
+             for b in model.blocks]
+    with torch.no_grad(), model.ffn_stats() as stats:
+        model(idx, targets=idx)
+    for hk in hooks:
+        hk.remove()
+    print(f"\n{ckpt}: {model.config.n_layer} layers, d={model.config.n_embd}, h={model.config.ffn_hidden}; "
+          f"{idx.numel()} tokens of {path}, act=relu")
+    print("s% = zero units per token, dead% = zero on every token, B=4 / B=16 s% = zero for all of 4 / 16\n"
+          "consecutive tokens (the union a batch would see); times: batch 1, 64 of the real tokens in turn")
+    print(f"{'layer':>5s} {'s%':>6s} {'dead%':>6s} {'B=4 s%':>8s} {'B=16 s%':>9s} {'dense ms':>9s} "
+          + " ".join(f"{'sparse ' + str(dt)[6:]:>16s}" for dt in dtype_list))
+    for l, (block, st, xs) in enumerate(zip(model.blocks, stats, inputs)):
+        u = (xs @ block.ffn.w1.weight.T) > 0  # (tokens, h) active
+        union = lambda B: 100 * (1 - u[: len(u) // B * B].view(-1, B, u.shape[1]).any(1).float().mean().item())
+        rows_ = [xs[i:i + 1].contiguous() for i in range(0, len(xs), max(1, len(xs) // 64))]  # 64 real tokens
+        w = (block.ffn.w1.weight, block.ffn.w3.weight, block.ffn.w2.weight)
+        td = bench([lambda r=r: F.linear(F.relu(F.linear(r, w[0])) * F.linear(r, w[1]), w[2]) for r in rows_], dev)
+        row = dict(device=dev, impl="ckpt layer", layer=l, s=100 * st["sparsity"], dead=100 * st["dead"],
+                   union4=union(4), union16=union(16), dense_ms=td * 1e3)
+        cells = []
+        for dt in dtype_list:
+            k = sparse_ffn.SparseFFN(block.ffn, dtype=dt)
+            t = bench([lambda r=r.to(k.in_dtype): k(r) for r in rows_], dev)
+            row[f"sparse_{str(dt)[6:]}_ms"] = t * 1e3
+            cells.append(f"{t * 1e3:7.3f} ms {td / t:4.2f}x")
+        rows.append(row)
+        print(f"{l:5d} {row['s']:6.1f} {row['dead']:6.1f} {row['union4']:8.1f} {row['union16']:9.1f} {td * 1e3:9.3f} "
+              + " ".join(f"{c:>16s}" for c in cells))
+    return model
+
+# -----------------------------------------------------------------------------
+# end to end: decoding tokens/s with the dense FFN and with the sparse kernel attached
+
+
+def sparse_model(dev, prompt, n_new, d=2048, h=8192, n_layer=2, target=0.9):
+    """Random weights, FFN-heavy (small vocab, few layers). Every token embedding shares a direction
+    e, and each W1 row gets a negative component along e, sized so that the unit fires on 10% of
+    the calibration tokens (RELU sparsity ~90%): first random tokens, then twice the greedy
+    continuation of `prompt` that e2e_table decodes. Tied logits shift equally: argmax intact."""
+    config = GPTConfig(vocab_size=512, block_size=64, n_layer=n_layer, n_head=16, n_kv_head=4, n_embd=d,
+                       ffn_hidden=h, act="relu")
+    model = GPT(config).to(dev).eval()
+    e = torch.randn(d, device=dev)
+    e /= e.norm()
+    with torch.no_grad():
+        model.tok_emb.weight += 2.0 * e
+        calib = torch.randint(config.vocab_size, (8, 48), device=dev)
+        for _ in range(3):
+            for block in model.blocks:  # layer by layer: each one's inputs depend on the ones before
+                xs = []
+                hk = block.ffn.register_forward_hook(lambda m, a, y: xs.append(a[0].reshape(-1, d)))
+                model(calib)
+                hk.remove()
+                u, ue = xs[0] @ block.ffn.w1.weight.T, xs[0] @ e  # (tokens, h), (tokens,) with ue > 0
+                # unit j fires when u_j - delta_j ue > 0, i.e. u_j / ue > delta_j: on 1 - target of the tokens
+                block.ffn.w1.weight -= torch.quantile(u / ue[:, None], target, dim=0)[:, None] * e
+            calib = model.generate(prompt, n_new, temperature=0.0)
+    return model
+
+
+def e2e_table(dev, model, label, prompt):
+    n = min(e2e_tokens, model.config.block_size - prompt.shape[1])
+    with torch.no_grad(), model.ffn_stats() as stats:
+        model(model.generate(prompt, n, temperature=0.0))
+    s = 100 * sum(st["sparsity"] for st in stats) / len(stats)
+    print(f"\nend to end, {label}: batch 1, {prompt.shape[1]}-token prompt + {n} new tokens, greedy, KV cache; "
+          f"tokens/s over the whole generate() call; relu sparsity {s:.1f}% (mean over layers, on those tokens)")
+    ref = None
+    for name, dt in [("dense", None)] + [(str(dt)[6:], dt) for dt in dtype_list]:
+        if dt is not None:
+            sparse_ffn.attach(model, dtype=dt)
+            name = f"sparse {model.blocks[0].ffn.kernel.packed.backend} {name}"
+        for _ in range(2):  # warm-up, then the timed run
+            sync(dev); t0 = time.perf_counter()
+            out = model.generate(prompt, n, temperature=0.0)
+            sync(dev); t = time.perf_counter() - t0
+        sparse_ffn.detach(model)
+        ref = out if ref is None else ref
+        same = "same tokens as dense" if torch.equal(out, ref) else "tokens differ from dense (rounding)"
+        tps = n / t
+        rows.append(dict(device=dev, impl=f"e2e {name}", model=label, tokens_per_s=tps, sparsity=s))
+        print(f"  {name:16s} {tps:8.1f} tokens/s  {1e3 / tps:7.2f} ms/token  ({same})", flush=True)
+
+# -----------------------------------------------------------------------------
+
+busy0, t_self0 = cpu_busy(), time.process_time()
+meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=cpu_name(), argv=sys.argv[1:])
+print(f"bench.py: torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu_name()} "
+      f"({os.cpu_count()} logical CPUs), Python {platform.python_version()}")
+print(f"backends: {sparse_ffn.backends()}; C kernel: {sparse_ffn.c_info()}")
+for dev in device_list:
+    if dev == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("--devices=cuda but torch.cuda.is_available() is False")
+        meta["gpu"] = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
+        print(f"\nGPU: {meta['gpu']}")
+    rd, cp = read_bandwidth(dev)
+    meta[f"roof_{dev}"] = dict(read_GBps=rd, copy_GBps=cp)
+    print(f"\n[{dev}] memory: read {rd:.1f} GB/s (1 GiB sum), copy {cp:.1f} GB/s (1 GiB copy, read + write "
+          f"counted). The kernels only\nread: 'roof' below is the read GB/s of a 256 MiB sum measured just before "
+          f"each row (it drifts on a shared host)")
+    print("s% = hidden units zero for the whole batch (the union), tok% = zero per token; GB/s = bytes that\n"
+          "must move / median time (W1 + the active W3 rows and W2 columns); speedup over torch dense "
+          f"({'fp32' if dev == 'cpu' else 'same dtype'});\nideal = dense bytes / these bytes (the speedup at equal "
+          "GB/s). Rows whose weights fit in cache (small d, h) can beat the roof.")
+    kernel_table(dev)
+    if ckpt:
+        e2e_model = ckpt_table(dev)
+        if e2e:
+            val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+            e2e_table(dev, e2e_model, f"checkpoint {ckpt}", torch.from_numpy(val[:16].astype(np.int64))[None].to(dev))
+    if e2e:
+        prompt = torch.randint(512, (1, 16), device=dev)
+        e2e_table(dev, sparse_model(dev, prompt, e2e_tokens), "random d=2048 h=8192, 2 layers, vocab 512, "
+                  "W1 biased to ~90% sparsity", prompt)
+if busy0:
+    busy1, ncpu = cpu_busy(), os.cpu_count()
+    ours = (time.process_time() - t_self0) * os.sysconf("SC_CLK_TCK")
+    others = 100 * max(0.0, (busy1[0] - busy0[0] - ours) / max(1, busy1[1] - busy0[1]))
+    meta["others_cpu_pct"] = others
+    print(f"\nother processes used {others:.0f}% of the {ncpu} CPUs during this run"
+          + (": the machine was shared, timings are noisy" if others > 10 else ""))
+if json:
+    with open(json, "w") as f:
+        jsonlib.dump(dict(meta, rows=rows), f, indent=1)
+    print(f"wrote {len(rows)} rows to {json}")
