@@ -16,6 +16,7 @@ import json as jsonlib
 import math
 import sys
 from collections import Counter
+from types import SimpleNamespace
 
 import torch
 
@@ -90,18 +91,15 @@ def mean_log_likelihood(model, seqs, n_prompt):
 def main(argv):
     cfg = dict(DEFAULTS)
     configure(cfg, argv)
-    C = type("Config", (), cfg)
+    C = SimpleNamespace(**cfg)
     if C.num_samples < 1 or C.max_new_tokens < 1 or C.temperature < 0:
         raise ValueError("need num_samples >= 1, max_new_tokens >= 1, temperature >= 0")
     if C.top_p is not None and not 0 < C.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {C.top_p}")
     state = load_checkpoint(C.ckpt)
     model = GPT.from_checkpoint(state, C.device).eval()
-    cfg_t = state.get("config", {})
-    alpha, train_act = cfg_t.get("alpha", 0.0), cfg_t.get("act", model.config.act)
-    inference_act = cfg_t.get("eval_act", "auto")
-    if inference_act == "auto":
-        inference_act = "silu" if train_act == "silu" and alpha == 0 else "relu"
+    # train.py stores the inference activation it resolved; otherwise the model's own
+    inference_act = state.get("config", {}).get("eval_act", model.config.act)
     gen_act = inference_act if C.act == "auto" else C.act
     score = inference_act if C.score_act == "auto" else C.score_act
     check_act(gen_act, C.p)

@@ -387,7 +387,7 @@ def test_sample_stoch_is_diverse_and_relu_greedy_is_deterministic(tmp_path):
     for name, w in model.named_parameters():
         if ".ffn.w" in name:  # large FFN weights, so that the activation's draws move the logits
             torch.nn.init.normal_(w, std=0.5)
-    torch.save(dict(model=model.state_dict(), model_args=asdict(cfg), config=dict(act="relu", alpha=0.0),
+    torch.save(dict(model=model.state_dict(), model_args=asdict(cfg), config=dict(act="relu", alpha=0.0, eval_act="relu"),
                     iter_num=0), ckpt)
     common = [f"--ckpt={ckpt}", "--num_samples=6", "--max_new_tokens=24", "--temperature=0", "--quiet=True",
               "--prompt=Romeo"]

@@ -23,6 +23,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -181,8 +182,7 @@ def main(argv):
         ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
         cfg.update({k: v for k, v in ckpt["config"].items() if k in DEFAULTS})
         cfg.update(overrides, init_from="resume")
-    C = type("Config", (), {})()
-    vars(C).update(cfg)
+    C = SimpleNamespace(**cfg)
     check_config(C)
 
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -201,7 +201,9 @@ def main(argv):
     ptdtype = getattr(torch, C.dtype)
     ctx = torch.autocast(device_type, dtype=ptdtype) if device_type == "cuda" and C.dtype != "float32" else nullcontext()
     use_compile = device_type == "cuda" if C.compile is None else C.compile
-    eval_act = C.eval_act if C.eval_act != "auto" else ("silu" if C.act == "silu" and C.alpha == 0 else "relu")
+    if C.eval_act == "auto":  # resolved here, so that checkpoints carry it for sample.py and bench.py
+        C.eval_act = "silu" if C.act == "silu" and C.alpha == 0 else "relu"
+    eval_act = C.eval_act
     switch_iter = C.max_iters - round(C.alpha * C.max_iters)  # act before it, relu from it on
 
     data_dir = prepare(C.data, C.data_root) if master else None
