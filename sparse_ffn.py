@@ -228,17 +228,13 @@ class SparseFFN:
 
 
 class Attached:
-    """What attach() puts in FeedForward.kernel: the packed sparse FFN, or, when autograd is on
-    for the input, the module's own ops (the kernels have no backward; silently dropping the
-    FFN's gradients would be wrong)."""
+    """What attach() puts in FeedForward.kernel: the packed sparse FFN. FeedForward itself decides
+    when to call it (relu, eval mode, no autograd, no stats) and otherwise runs its own ops."""
 
-    def __init__(self, ffn, packed):
-        self.ffn, self.packed = ffn, packed
+    def __init__(self, packed):
+        self.packed = packed
 
     def __call__(self, x):
-        if x.requires_grad and torch.is_grad_enabled():
-            f = self.ffn
-            return f.w2(F.relu(f.w1(x)) * f.w3(x))
         return self.packed.apply(x)
 
     def __repr__(self):
@@ -254,7 +250,7 @@ def attach(model, enable=True, dtype=None, backend=None):
     n = 0
     for m in model.modules():
         if isinstance(m, FeedForward):
-            m.kernel = Attached(m, SparseFFN(m, dtype=dtype, backend=backend)) if enable else None
+            m.kernel = Attached(SparseFFN(m, dtype=dtype, backend=backend)) if enable else None
             n += 1
     return n
 

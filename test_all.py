@@ -604,7 +604,12 @@ def test_attach_matches_model():
         model.setup_cache(2, 21)
         model(idx, start_pos=0)
         want_step, _ = model(idx[:, :1], start_pos=20)  # one decode step through the KV cache
+        with model.ffn_stats() as want_stats:
+            model(idx)
         assert sparse_ffn.attach(model) == 2
+        with model.ffn_stats() as stats:  # counting zeros takes the plain path, kernel or not
+            model(idx)
+        assert stats == want_stats
         assert all(b.ffn.kernel is not None for b in model.blocks)
         got, _ = model(idx, targets=idx)  # 40 tokens per FFN call: the kernel splits them
         model.setup_cache(2, 21)

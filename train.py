@@ -225,12 +225,10 @@ def main(argv):
         model_args = dict(source["model_args"], act=C.act, p=C.p, dropout=C.dropout)
         model = GPT(GPTConfig(**model_args))
         model.load_state_dict(source["model"])
-    else:
-        model_args = dict(vocab_size=50257, block_size=C.block_size, n_layer=C.n_layer, n_head=C.n_head,
-                          n_kv_head=C.n_kv_head, n_embd=C.n_embd, ffn_hidden=C.ffn_hidden, act=C.act, p=C.p,
-                          dropout=C.dropout)
-        if ckpt is not None:
-            model_args = ckpt["model_args"]
+    else:  # from scratch, or resuming this run's own checkpoint
+        model_args = ckpt["model_args"] if ckpt is not None else dict(
+            vocab_size=50257, block_size=C.block_size, n_layer=C.n_layer, n_head=C.n_head, n_kv_head=C.n_kv_head,
+            n_embd=C.n_embd, ffn_hidden=C.ffn_hidden, act=C.act, p=C.p, dropout=C.dropout)
         model = GPT(GPTConfig(**model_args))
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
