@@ -38,6 +38,8 @@ num_samples = 8
 new_tokens = 48
 # -----------------------------------------------------------------------------
 
+SEEDS = [int(s) for s in seeds.split(",")]
+
 # (name, flags) of the matched-compute rows: same model, data, steps and seeds (config/sweep.py)
 SCRATCH = [
     ("SILU", "--act=silu --alpha=0"),
@@ -157,10 +159,108 @@ def diversity():
 
 def speed():
     subprocess.run([sys.executable, "build.py"], check=True)
-    for name, extra in (("bench.json", []), ("bench_ckpt.json", [f"--ckpt={ckpt}", f"--data_dir={data_dir}", "--e2e=False",
-                                                                 "--sizes=2048x8192", "--batches=1"])):
-        path = os.path.join(out, name)
-        subprocess.run([sys.executable, "bench.py", f"--json={path}", *extra], check=True)
+    subprocess.run([sys.executable, "bench.py", f"--ckpt={ckpt}", f"--data_dir={data_dir}",
+                    f"--json={os.path.join(out, 'bench.json')}"], check=True)
+
+
+# -----------------------------------------------------------------------------
+# the README's tables
+
+
+def pm(values, f=".3f", scale=1.0):
+    """mean ± half the range over seeds (with 2 seeds: the two values are mean ± that)"""
+    v = [scale * x for x in values]
+    return f"{np.mean(v):{f}} ± {(max(v) - min(v)) / 2:{f}}" if len(v) > 1 else f"{v[0]:{f}}"
+
+
+def quality_rows():
+    """Per (group, name): flags, and each seed's summary plus the last eval row of its log."""
+    table = {}
+    for group, name, seed, argv, d in quality_runs():
+        path = os.path.join(d, "summary.json")
+        if not os.path.exists(path):
+            continue
+        evals = [r for r in map(json.loads, open(os.path.join(d, "log.jsonl"))) if r["kind"] == "eval"]
+        flags = " ".join(a for a in argv[1:] if not a.startswith(("--seed=", "--out_dir=", "--init_from=")))
+        entry = table.setdefault((group, name), dict(flags=flags, runs=[]))
+        entry["runs"].append(dict(json.load(open(path)), last_eval=evals[-1]))
+    return table
+
+
+def tables():
+    table = quality_rows()
+    if table:
+        cfg = "`python train.py config/sweep.py <flags> --seed=S`, S in " + ", ".join(map(str, SEEDS))
+        print(f"### Quality at matched compute\n\nEach row: {cfg}. Mean ± half the range over the seeds.\n")
+        head = "| row | flags | val loss (inference act) | inference act | FFN sparsity | dead units | wall s | tokens |"
+        for group, title in (("scratch", None), ("alpha", "alpha"), ("cpt", "continued pre-training")):
+            rows = [(name, e) for (g, name), e in table.items() if g == group]
+            if not rows:
+                continue
+            if group == "alpha":  # the whole alpha axis: 0 (no switch) ... 1 (RELU from scratch)
+                rows = [(n, e) for (g, n), e in table.items() if g != "cpt" and "--act=stoch --p=0.5" in e["flags"]
+                        or n.startswith("RELU")]
+                rows.sort(key=lambda r: float(r[1]["runs"][0]["alpha"]) if r[1]["runs"][0]["act"] == "stoch" else 1.0)
+            if title:
+                print(f"\n{title}:\n")
+            print(head + "\n" + "|---" * 8 + "|")
+            for name, e in rows:
+                runs = e["runs"]
+                print(f"| {name} | `{e['flags']}` | {pm([r['val_loss'] for r in runs])} | {runs[0]['eval_act']} | "
+                      f"{pm([r['sparsity'] for r in runs], '.1f', 100)}% | {pm([r['dead_fraction'] for r in runs], '.1f', 100)}% | "
+                      f"{pm([r['seconds'] for r in runs], '.0f')} | {runs[0]['tokens']:,} |")
+        r0 = next(iter(table.values()))["runs"][0]
+        print(f"\n{r0['params'] / 1e6:.1f}M parameters; {r0['device_name']}, {r0['threads']} thread(s) per run, "
+              f"{r0['val_tokens']:,} validation tokens per loss.")
+    path = os.path.join(out, "diversity.json")
+    if os.path.exists(path):
+        rep = json.load(open(path))
+        print(f"\n### Diversity\n\n{rep['ckpt']}: {rep['n_prompts']} prompts of {rep['prompt_tokens']} validation "
+              f"tokens, {rep['num_samples']} samples of {rep['new_tokens']} tokens each; log-likelihood per token "
+              f"under {rep['score_act']}; metrics averaged over prompts.\n")
+        print("| sampling | mean log-lik | best-of-N log-lik | distinct-1 | distinct-2 | self-BLEU-4 | unique |\n" + "|---" * 7 + "|")
+        for r in rep["rows"]:
+            print(f"| {r['label']} | {r['avg_ll']:.3f} | {r['best_ll']:.3f} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} | "
+                  f"{r['self_bleu']:.3f} | {r['unique']:.2f} |")
+        print("\nAt equal quality (the temperature and top-p curves, each ending in greedy, interpolated at each StochA row's "
+              "mean log-lik):\n")
+        print("| StochA | mean log-lik | its distinct-2 / self-BLEU | temperature curve there | top-p curve there |\n" + "|---" * 5 + "|")
+        for r in rep["rows"]:
+            if r["act"] == "stoch":
+                cells = []
+                for fam in ("temperature", "top-p"):
+                    curve = sorted((c["avg_ll"], c["distinct_2"], c["self_bleu"]) for c in rep["rows"]
+                                   if c["label"].startswith(fam) or c["label"] == "greedy")  # both end in greedy
+                    ll = [c[0] for c in curve]
+                    if curve and ll[0] <= r["avg_ll"] <= ll[-1]:
+                        cells.append(f"{np.interp(r['avg_ll'], ll, [c[1] for c in curve]):.3f} / "
+                                     f"{np.interp(r['avg_ll'], ll, [c[2] for c in curve]):.3f}")
+                    else:
+                        cells.append(f"outside its range ({ll[0]:.2f} .. {ll[-1]:.2f})")
+                print(f"| p={r['p']} | {r['avg_ll']:.3f} | {r['distinct_2']:.3f} / {r['self_bleu']:.3f} | {cells[0]} | {cells[1]} |")
+    path = os.path.join(out, "bench.json")
+    if os.path.exists(path):
+        b = json.load(open(path))
+        rows = b["rows"]
+        print(f"\n### Speed\n\nbench.py {' '.join(b['argv'])}: torch {b['torch']}, {b['threads']} threads, {b['cpu']}; "
+              f"1 GiB read {b['roof_cpu']['read_GBps']:.1f} GB/s, copy {b['roof_cpu']['copy_GBps']:.1f} GB/s; "
+              f"other processes {b.get('others_cpu_pct', float('nan')):.0f}% CPU.\n")
+        print("| d x h | batch | sparsity | dense ms | C fp32 ms | GB/s (roof) | speedup | ideal | C bf16 ms | speedup |\n" + "|---" * 10 + "|")
+        for r in rows:
+            if r.get("impl") == "C sparse" and r["dtype"] == "float32":
+                dense = next(x for x in rows if x.get("impl") == "torch dense" and (x["d"], x["h"], x["B"]) == (r["d"], r["h"], r["B"]))
+                bf = next((x for x in rows if x.get("impl") == "C sparse" and x["dtype"] == "bfloat16"
+                           and (x["d"], x["h"], x["B"], x["s"]) == (r["d"], r["h"], r["B"], r["s"])), None)
+                print(f"| {r['d']}x{r['h']} | {r['B']} | {r['s']:.0f}% | {dense['time_ms']:.3f} | {r['time_ms']:.3f} | "
+                      f"{r['GBps']:.1f} ({r['roof_GBps']:.1f}) | {r['speedup']:.2f}x | {r['ideal']:.2f}x | "
+                      + (f"{bf['time_ms']:.3f} | {bf['speedup']:.2f}x |" if bf else "- | - |"))
+        layers = [r for r in rows if r.get("impl") == "ckpt layer"]
+        if layers:
+            print("\nThe checkpoint's real activations (per layer; batch 1 times on 64 real FFN inputs):\n")
+            print("| layer | sparsity | dead | union of 4 tokens | union of 16 | dense ms | C fp32 ms | speedup |\n" + "|---" * 8 + "|")
+            for r in layers:
+                print(f"| {r['layer']} | {r['s']:.1f}% | {r['dead']:.1f}% | {r['union4']:.1f}% | {r['union16']:.1f}% | "
+                      f"{r['dense_ms']:.3f} | {r['sparse_float32_ms']:.3f} | {r['dense_ms'] / r['sparse_float32_ms']:.2f}x |")
 
 
 if __name__ == "__main__":
@@ -169,12 +269,8 @@ if __name__ == "__main__":
     stages = [a for a in sys.argv[1:] if not a.startswith("--")]
     configure(globals(), args)
     SEEDS = [int(s) for s in seeds.split(",")]
-    known = dict(quality=quality, diversity=diversity, speed=speed)
-    if not stages or set(stages) - set(known) - {"tables"}:
-        sys.exit(f"usage: python experiments.py {{{'|'.join(list(known) + ['tables'])}}} [--key=value ...]")
+    known = dict(quality=quality, diversity=diversity, speed=speed, tables=tables)
+    if not stages or set(stages) - set(known):
+        sys.exit(f"usage: python experiments.py {{{'|'.join(known)}}} [--key=value ...]")
     for stage in stages:
-        if stage == "tables":
-            import tables
-            tables.main(out)
-        else:
-            known[stage]()
+        known[stage]()

@@ -412,6 +412,73 @@ def test_diversity_metrics():
     assert 0 < sample.bleu([1, 2, 3, 4, 9], [[1, 2, 3, 4, 5]]) < 1
 
 
+# -----------------------------------------------------------------------------
+# experiments.py and plot.py: the results pipeline
+
+
+def test_experiment_runs_are_valid_train_commands():
+    import experiments
+    from types import SimpleNamespace
+    runs = experiments.quality_runs()
+    assert len({d for *_, d in runs}) == len(runs)  # one out_dir per run
+    steps = {}
+    for group, name, seed, argv, d in runs:
+        cfg = dict(train.DEFAULTS)
+        configure(cfg, [os.path.join(HERE, argv[0])] + argv[1:])
+        train.check_config(SimpleNamespace(**cfg))
+        assert cfg["seed"] == seed and cfg["out_dir"] == d
+        steps.setdefault(group, set()).add((cfg["max_iters"], cfg["batch_size"], cfg["block_size"], cfg["n_embd"]))
+        if group == "cpt":  # continued pre-training starts from the same seed's SILU run
+            src = next(r for r in runs if r[0] == "scratch" and r[2] == seed and "--act=silu" in r[3] and "--alpha=0" in r[3])
+            assert cfg["init_from"] == os.path.join(src[4], "ckpt.pt") and runs.index(src) < runs.index((group, name, seed, argv, d))
+    assert len(steps["scratch"] | steps["alpha"]) == 1  # matched compute: the same model, steps and tokens
+    assert len({s for _, _, s, _, _ in runs}) == 2  # at least 2 seeds per row
+    assert experiments.pm([1.0, 1.2]) == "1.100 ± 0.100" and experiments.pm([0.5], ".1f", 100) == "50.0"
+
+
+def test_diversity_tables_and_plots_from_a_checkpoint(tiny_run, tmp_path, capsys):
+    import experiments
+    import plot
+    out = tmp_path / "exp"
+    ckpt = tiny_run["out"] / "ckpt.pt"
+    settings = dict(out=str(out), ckpt=str(ckpt), data_dir=data.prepare(str(tiny_run["corpus"]), str(tiny_run["root"] / "data")),
+                    n_prompts=2, prompt_tokens=8, num_samples=3, new_tokens=6)
+    old = {k: getattr(experiments, k) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(experiments, k, v)
+        experiments.diversity()
+        # one finished quality run, so that the tables show a quality row too
+        run = out / "quality" / "SILU-s1337"
+        run.mkdir(parents=True)
+        for f in ("summary.json", "log.jsonl"):
+            (run / f).write_text((tiny_run["out"] / f).read_text())
+        capsys.readouterr()
+        experiments.tables()
+        text = capsys.readouterr().out
+    finally:
+        for k, v in old.items():
+            setattr(experiments, k, v)
+    rep = json.load(open(out / "diversity.json"))
+    rows = {r["label"]: r for r in rep["rows"]}
+    assert len(rows) == len(experiments.SAMPLERS) and rep["score_act"] == "relu"
+    assert rows["greedy"]["unique"] == pytest.approx(1 / 3) and rows["greedy"]["self_bleu"] == pytest.approx(1.0)
+    assert rows["StochA p=0.5, greedy"]["act"] == "stoch" and rows["temperature 1.0"]["act"] == "relu"
+    for r in rows.values():
+        assert r["best_ll"] >= r["avg_ll"] and 0 <= r["distinct_2"] <= 1 and 0 <= r["self_bleu"] <= 1
+    assert rows["temperature 1.0"]["distinct_2"] > rows["greedy"]["distinct_2"]
+    assert "| SILU | `--act=silu --alpha=0` | 1.6" in text  # the tiny run's summary, shown as a row
+    assert "### Diversity" in text and "| p=0.7 |" in text
+    try:
+        import matplotlib  # noqa: F401  (optional: only plot.py needs it)
+    except ImportError:
+        with pytest.raises(SystemExit, match="needs matplotlib"):
+            plot.main([f"--out={out}", f"--assets={tmp_path / 'assets'}"])
+    else:
+        plot.main([f"--out={out}", f"--assets={tmp_path / 'assets'}"])
+        assert (tmp_path / "assets" / "diversity.png").stat().st_size > 1000
+
+
 def test_torchrun_ddp_on_cpu(tiny_run, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            f"--data={tiny_run['corpus']}", f"--data_root={tiny_run['root'] / 'data'}", f"--out_dir={tmp_path}",

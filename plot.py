@@ -1,0 +1,182 @@
+"""
+Draws the README's figures from what experiments.py, train.py and bench.py wrote (out-exp/ by default):
+
+    pip install matplotlib      # only this script needs it
+    python plot.py              # -> assets/*.png; --out=out-exp --assets=assets
+
+A figure whose inputs are missing is skipped with a note, so it can be run after any stage.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from configurator import configure
+
+out = "out-exp"
+assets = "assets"
+
+
+def load_log(d):
+    rows = [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
+    return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
+
+
+def smooth(y, k):
+    """moving average over k steps (the per-step loss of a 1k-token batch is noisy)"""
+    y = np.asarray(y, dtype=float)
+    return np.convolve(y, np.ones(k) / k, mode="valid") if len(y) >= k else y
+
+
+def seed_mean(runs, key, kind):
+    """the mean over seeds of one logged quantity, on the steps every seed logged"""
+    logs = [load_log(d)[0 if kind == "train" else 1] for d in runs]
+    steps = sorted(set.intersection(*[{r["iter"] for r in log} for log in logs]))
+    return np.array(steps), np.mean([[{r["iter"]: r[key] for r in log}[s] for s in steps] for log in logs], axis=0)
+
+
+def quality_figures(plt, experiments):
+    table = {}
+    for group, name, seed, argv, d in experiments.quality_runs():
+        if os.path.exists(os.path.join(d, "summary.json")):
+            table.setdefault((group, name), []).append(d)
+    scratch = [(name, table[("scratch", name)]) for name, _ in experiments.SCRATCH if ("scratch", name) in table]
+    if not scratch:
+        print("no quality runs yet: skipping the loss, sparsity and alpha figures")
+        return
+    n_seeds = len(scratch[0][1])
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, runs in scratch:
+        steps, loss = seed_mean(runs, "loss", "train")
+        k = 10
+        ax.plot(steps[k - 1:], smooth(loss, k), label=name, lw=1.2)
+        sel = steps >= 240
+        zoom.plot(steps[sel][2:], smooth(loss[sel], 3), label=name, lw=1.2)
+    ft = table.get(("scratch", experiments.SCRATCH[4][0]))  # StochA p=0.5 + Swi+FT
+    switch = json.load(open(os.path.join(ft[0], "summary.json")))["switch_iter"] if ft else None
+    for a in (ax, zoom):
+        if switch:
+            a.axvline(switch, color="gray", ls="--", lw=0.8)
+        a.set_xlabel("step")
+        a.grid(alpha=0.3)
+    ax.set_ylim(top=8)
+    ax.set_ylabel(f"training loss (mean of {n_seeds} seeds, 10-step moving average)")
+    zoom.set_title(f"steps 240-300: the switch to RELU at step {switch} (dashed)")
+    zoom.set_ylabel("training loss (3-step moving average)")
+    ax.legend(fontsize=8)
+    ax.set_title("Training loss, config/sweep.py (7.2M parameters, 2-core CPU)")
+    save(plt, fig, "loss_curves.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, runs in scratch:
+        steps, s = seed_mean(runs, "sparsity", "eval")
+        ax.plot(steps, 100 * s, marker="o", ms=3, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"RELU sparsity of the FFN hidden units, % (mean of {n_seeds} seeds)")
+    ax.set_title("Sparsity with RELU at inference, along training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(plt, fig, "sparsity.png")
+
+    points = []  # (alpha, val losses, sparsities) along the whole alpha axis of StochA p=0.5
+    for (group, name), runs in table.items():
+        sums = [json.load(open(os.path.join(d, "summary.json"))) for d in runs]
+        if group != "cpt" and sums[0]["act"] == "stoch" and sums[0]["p"] == 0.5:
+            points.append((sums[0]["alpha"], [s["val_loss"] for s in sums], [s["sparsity"] for s in sums]))
+        if group == "scratch" and sums[0]["act"] == "relu":
+            points.append((1.0, [s["val_loss"] for s in sums], [s["sparsity"] for s in sums]))
+    if len(points) > 2:
+        points.sort()
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        a = np.array([p[0] for p in points])
+        for i in range(n_seeds):
+            ax.plot(a, [p[1][i] if i < len(p[1]) else np.nan for p in points], "o", color="C0", alpha=0.5,
+                    label="each seed" if i == 0 else None)
+        ax.plot(a, [np.mean(p[1]) for p in points], "-", color="C0", label="mean")
+        ax.set_xlabel("alpha (fraction of the steps trained with RELU; 0 = StochA only, 1 = RELU from scratch)")
+        ax.set_ylabel("validation loss with RELU")
+        ax.set_title("StochA p=0.5 + Swi+FT: sensitivity to alpha")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save(plt, fig, "alpha.png")
+
+
+def diversity_figure(plt):
+    path = os.path.join(out, "diversity.json")
+    if not os.path.exists(path):
+        print(f"no {path}: skipping the diversity figure")
+        return
+    rep = json.load(open(path))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    families = [("StochA", lambda r: r["act"] == "stoch", lambda r: f"p={r['p']}", "o-"),
+                ("temperature", lambda r: r["label"].startswith("temperature"), lambda r: f"T={r['temperature']}", "s-"),
+                ("top-p (T=1)", lambda r: r["label"].startswith("top-p"), lambda r: f"{r['top_p']}", "^-"),
+                ("greedy", lambda r: r["label"] == "greedy", lambda r: "", "k*")]
+    for ax, key, label in ((axes[0], "distinct_2", "distinct-2 (higher = more diverse)"),
+                           (axes[1], "self_bleu", "self-BLEU-4 (lower = more diverse)")):
+        for fam, pick, tag, style in families:
+            rows = sorted((r for r in rep["rows"] if pick(r)), key=lambda r: r["avg_ll"])
+            ax.plot([r["avg_ll"] for r in rows], [r[key] for r in rows], style, label=fam, ms=6)
+            for r in rows:
+                ax.annotate(tag(r), (r["avg_ll"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(f"mean log-likelihood per token under {rep['score_act']} (higher = better)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"Diversity against quality: {rep['n_prompts']} prompts x {rep['num_samples']} samples of "
+                 f"{rep['new_tokens']} tokens, {rep['ckpt']}", fontsize=10)
+    save(plt, fig, "diversity.png")
+
+
+def speed_figure(plt):
+    path = os.path.join(out, "bench.json")
+    if not os.path.exists(path):
+        print(f"no {path}: skipping the speed figure")
+        return
+    b = json.load(open(path))
+    rows = [r for r in b["rows"] if r.get("impl") == "C sparse" and r["B"] == 1]
+    if not rows:
+        print(f"{path} has no C sparse rows at batch 1: skipping the speed figure")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    s = np.linspace(0, 1, 101)
+    ax.plot(100 * s, 3 / (1 + 2 * (1 - s)), "k--", label="ideal 3/(1+2(1-s)) (equal bandwidth)")
+    for (d, h, dt), style in zip(sorted({(r["d"], r["h"], r["dtype"]) for r in rows}), ("o-", "s-", "^-", "v-")):
+        sel = sorted((r for r in rows if (r["d"], r["h"], r["dtype"]) == (d, h, dt)), key=lambda r: r["s"])
+        ax.plot([r["s"] for r in sel], [r["speedup"] for r in sel], style, label=f"C sparse, {dt} weights, d={d} h={h}")
+    ax.set_xlabel("sparsity of the FFN hidden vector, %")
+    ax.set_ylabel("speedup over PyTorch's dense fp32 FFN (batch 1)")
+    ax.set_title(f"Sparse FFN on the CPU ({b['threads']} threads, {b['cpu']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(plt, fig, "speedup.png")
+
+
+def save(plt, fig, name):
+    fig.tight_layout()
+    path = os.path.join(assets, name)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def main(argv):
+    configure(globals(), argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("plot.py needs matplotlib (pip install matplotlib); nothing else in this project does")
+    import experiments
+    experiments.out = out
+    os.makedirs(assets, exist_ok=True)
+    quality_figures(plt, experiments)
+    diversity_figure(plt)
+    speed_figure(plt)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
