@@ -10,7 +10,8 @@ The paper's claims in miniature: reruns every table and figure of the README's R
 Every quality run is `python train.py config/sweep.py <its flags> --seed=S --out_dir=...`; the tables
 print each row's flags so any row can be rerun by hand. A run whose summary.json exists is skipped, so
 an interrupted stage continues where it stopped. Flags: --out=out-exp (where everything goes),
---jobs=1 (quality runs at a time; with 2, each gets 1 thread), --seeds=1337,1338,
+--config=config/sweep.py (the base of every quality run), --jobs=1 (quality runs at a time; with 2,
+each gets 1 thread), --seeds=1337,1338,
 --ckpt=out/ckpt.pt (the diversity and speed checkpoint: the main job's model).
 """
 
@@ -27,6 +28,7 @@ import torch
 
 # -----------------------------------------------------------------------------
 out = "out-exp"
+config = "config/sweep.py"  # every quality run's base; on a GPU e.g. config/gpu.py (and --out=out-exp-gpu)
 jobs = 1
 seeds = "1337,1338"
 ckpt = "out/ckpt.pt"
@@ -40,7 +42,7 @@ new_tokens = 48
 
 SEEDS = [int(s) for s in seeds.split(",")]
 
-# (name, flags) of the matched-compute rows: same model, data, steps and seeds (config/sweep.py)
+# (name, flags) of the matched-compute rows: same model, data, steps and seeds (from `config`)
 SCRATCH = [
     ("SILU", "--act=silu --alpha=0"),
     ("RELU from scratch", "--act=relu --alpha=0"),
@@ -77,12 +79,12 @@ def quality_runs():
         for name, flags in rows:
             for seed in SEEDS:
                 d = os.path.join(out, "quality", f"{slug(name)}-s{seed}")
-                runs.append((group, name, seed, ["config/sweep.py", *flags.split(), f"--seed={seed}", f"--out_dir={d}"], d))
+                runs.append((group, name, seed, [config, *flags.split(), f"--seed={seed}", f"--out_dir={d}"], d))
     for name, flags in CPT:
         for seed in SEEDS:
             src = os.path.join(out, "quality", f"{slug(SCRATCH[0][0])}-s{seed}", "ckpt.pt")
             d = os.path.join(out, "quality", f"{slug(name)}-s{seed}")
-            runs.append(("cpt", name, seed, ["config/sweep.py", *CPT_BASE.split(), *flags.split(), f"--init_from={src}",
+            runs.append(("cpt", name, seed, [config, *CPT_BASE.split(), *flags.split(), f"--init_from={src}",
                                               f"--seed={seed}", f"--out_dir={d}"], d))
     return runs
 
@@ -190,7 +192,7 @@ def quality_rows():
 def tables():
     table = quality_rows()
     if table:
-        cfg = "`python train.py config/sweep.py <flags> --seed=S`, S in " + ", ".join(map(str, SEEDS))
+        cfg = f"`python train.py {config} <flags> --seed=S`, S in " + ", ".join(map(str, SEEDS))
         print(f"### Quality at matched compute\n\nEach row: {cfg}. Mean ± half the range over the seeds.\n")
         head = "| row | flags | val loss (inference act) | inference act | FFN sparsity | dead units | wall s | tokens |"
         for group, title in (("scratch", None), ("alpha", "alpha"), ("cpt", "continued pre-training")):

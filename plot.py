@@ -16,6 +16,7 @@ import numpy as np
 from configurator import configure
 
 out = "out-exp"
+config = "config/sweep.py"  # as experiments.py's --config
 assets = "assets"
 
 
@@ -48,12 +49,15 @@ def quality_figures(plt, experiments):
         return
     n_seeds = len(scratch[0][1])
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12, 4.5))
+    # every row of one seed sees the same init and the same batches (train.py seeds its data order
+    # apart from StochA's draws), so a row's loss minus SILU's cancels the batch-to-batch noise
+    base = {d[-5:]: {r["iter"]: r["loss"] for r in load_log(d)[0]} for d in scratch[0][1]}  # by "s1337"
     for name, runs in scratch:
         steps, loss = seed_mean(runs, "loss", "train")
         k = 10
         ax.plot(steps[k - 1:], smooth(loss, k), label=name, lw=1.2)
-        sel = steps >= 240
-        zoom.plot(steps[sel][2:], smooth(loss[sel], 3), label=name, lw=1.2)
+        diff = np.mean([[r["loss"] - base[d[-5:]][r["iter"]] for r in load_log(d)[0] if r["iter"] >= 200] for d in runs], axis=0)
+        zoom.plot(np.arange(200, 200 + len(diff))[2:], smooth(diff, 3), label=name, lw=1.2)
     ft = table.get(("scratch", experiments.SCRATCH[4][0]))  # StochA p=0.5 + Swi+FT
     switch = json.load(open(os.path.join(ft[0], "summary.json")))["switch_iter"] if ft else None
     for a in (ax, zoom):
@@ -63,10 +67,11 @@ def quality_figures(plt, experiments):
         a.grid(alpha=0.3)
     ax.set_ylim(top=8)
     ax.set_ylabel(f"training loss (mean of {n_seeds} seeds, 10-step moving average)")
-    zoom.set_title(f"steps 240-300: the switch to RELU at step {switch} (dashed)")
-    zoom.set_ylabel("training loss (3-step moving average)")
+    zoom.set_title("steps 200-300" + (f"; the switch to RELU at step {switch} (dashed)" if switch else ""))
+    zoom.set_ylabel("loss minus SILU's on the same batches")
     ax.legend(fontsize=8)
-    ax.set_title("Training loss, config/sweep.py (7.2M parameters, 2-core CPU)")
+    s0 = json.load(open(os.path.join(scratch[0][1][0], "summary.json")))
+    ax.set_title(f"Training loss: {experiments.config}, {s0['params'] / 1e6:.1f}M parameters, {s0['device_name']}")
     save(plt, fig, "loss_curves.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -171,7 +176,7 @@ def main(argv):
     except ImportError:
         sys.exit("plot.py needs matplotlib (pip install matplotlib); nothing else in this project does")
     import experiments
-    experiments.out = out
+    experiments.out, experiments.config = out, config
     os.makedirs(assets, exist_ok=True)
     quality_figures(plt, experiments)
     diversity_figure(plt)
