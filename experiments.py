@@ -172,11 +172,11 @@ def speed():
 def pm(values, f=".3f", scale=1.0):
     """mean ± half the range over seeds (with 2 seeds: the two values are mean ± that)"""
     v = [scale * x for x in values]
-    return f"{np.mean(v):{f}} ± {(max(v) - min(v)) / 2:{f}}" if len(v) > 1 else f"{v[0]:{f}}"
+    return f"{np.mean(v):{f}} ± {(max(v) - min(v)) / 2:{f.lstrip('+')}}" if len(v) > 1 else f"{v[0]:{f}}"
 
 
 def quality_rows():
-    """Per (group, name): flags, and each seed's summary plus the last eval row of its log."""
+    """Per (group, name): flags, and each seed's summary plus its RELU loss at the switch and at the end."""
     table = {}
     for group, name, seed, argv, d in quality_runs():
         path = os.path.join(d, "summary.json")
@@ -185,17 +185,36 @@ def quality_rows():
         evals = [r for r in map(json.loads, open(os.path.join(d, "log.jsonl"))) if r["kind"] == "eval"]
         flags = " ".join(a for a in argv[1:] if not a.startswith(("--seed=", "--out_dir=", "--init_from=")))
         entry = table.setdefault((group, name), dict(flags=flags, runs=[]))
-        entry["runs"].append(dict(json.load(open(path)), last_eval=evals[-1]))
+        summary = json.load(open(path))
+        # the loss with RELU when the switch came (before any RELU step) and at the end, on the same few
+        # validation batches; continued pre-training with RELU switches a trained SILU model at its step 0
+        switch = 0 if summary["act"] == "relu" else summary["switch_iter"]
+        at_switch = [r for r in evals if r["iter"] <= switch and r["eval_act"] == "relu"]
+        has_switch = at_switch and switch < summary["iters"] and (switch > 0 or group == "cpt")
+        entry["runs"].append(dict(summary, seed=seed, relu_at_switch=at_switch[-1]["val_loss_infer"] if has_switch else None,
+                                  relu_at_end=evals[-1]["val_loss_infer"]))
     return table
+
+
+def switch_gap(runs):
+    """What fine-tuning with RELU recovered: the loss with RELU at the last evaluation before the switch, and at
+    the end (mean over seeds, on the same few validation batches); '-' for a run with no switch."""
+    if runs[0]["relu_at_switch"] is None:
+        return "-"
+    return f"{np.mean([r['relu_at_switch'] for r in runs]):.3f} -> {np.mean([r['relu_at_end'] for r in runs]):.3f}"
 
 
 def tables():
     table = quality_rows()
     if table:
         cfg = f"`python train.py {config} <flags> --seed=S`, S in " + ", ".join(map(str, SEEDS))
-        print(f"### Quality at matched compute\n\nEach row: {cfg}. Mean ± half the range over the seeds.\n")
-        head = "| row | flags | val loss (inference act) | inference act | FFN sparsity | dead units | wall s | tokens |"
-        for group, title in (("scratch", None), ("alpha", "alpha"), ("cpt", "continued pre-training")):
+        print(f"### Quality at matched compute\n\nEach row: {cfg}. Mean ± half the range over the seeds; "
+              "'vs SILU' pairs each seed with the SILU run of the same seed (the same init and batches).\n")
+        head = ("| row | flags | val loss (inference act) | vs SILU | inference act | FFN sparsity | dead units | "
+                "RELU loss at the switch -> end | wall s | tokens |")
+        silu = os.path.join(out, "quality", f"{slug(SCRATCH[0][0])}-sS", "ckpt.pt")
+        for group, title in (("scratch", None), ("alpha", "alpha, from 0 (StochA only) to 1 (RELU from scratch)"),
+                             ("cpt", f"continued pre-training: each seed's SILU run, then `--init_from={silu}`")):
             rows = [(name, e) for (g, name), e in table.items() if g == group]
             if not rows:
                 continue
@@ -205,12 +224,16 @@ def tables():
                 rows.sort(key=lambda r: float(r[1]["runs"][0]["alpha"]) if r[1]["runs"][0]["act"] == "stoch" else 1.0)
             if title:
                 print(f"\n{title}:\n")
-            print(head + "\n" + "|---" * 8 + "|")
+            print(head + "\n" + "|---" * 10 + "|")
+            base = table.get(("cpt", CPT[0][0]) if group == "cpt" else ("scratch", SCRATCH[0][0]), dict(runs=[]))
+            base = {r["seed"]: r["val_loss"] for r in base["runs"]}
             for name, e in rows:
                 runs = e["runs"]
-                print(f"| {name} | `{e['flags']}` | {pm([r['val_loss'] for r in runs])} | {runs[0]['eval_act']} | "
+                paired = [r["val_loss"] - base[r["seed"]] for r in runs if r["seed"] in base]
+                print(f"| {name} | `{e['flags']}` | {pm([r['val_loss'] for r in runs])} | "
+                      f"{pm(paired, '+.3f') if paired else '-'} | {runs[0]['eval_act']} | "
                       f"{pm([r['sparsity'] for r in runs], '.1f', 100)}% | {pm([r['dead_fraction'] for r in runs], '.1f', 100)}% | "
-                      f"{pm([r['seconds'] for r in runs], '.0f')} | {runs[0]['tokens']:,} |")
+                      f"{switch_gap(runs)} | {pm([r['seconds'] for r in runs], '.0f')} | {runs[0]['tokens']:,} |")
         r0 = next(iter(table.values()))["runs"][0]
         print(f"\n{r0['params'] / 1e6:.1f}M parameters; {r0['device_name']}, {r0['threads']} thread(s) per run, "
               f"{r0['val_tokens']:,} validation tokens per loss.")

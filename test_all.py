@@ -434,6 +434,32 @@ def test_experiment_runs_are_valid_train_commands():
     assert len(steps["scratch"] | steps["alpha"]) == 1  # matched compute: the same model, steps and tokens
     assert len({s for _, _, s, _, _ in runs}) == 2  # at least 2 seeds per row
     assert experiments.pm([1.0, 1.2]) == "1.100 ± 0.100" and experiments.pm([0.5], ".1f", 100) == "50.0"
+    assert experiments.pm([-0.01, -0.02], "+.3f") == "-0.015 ± 0.005"
+
+
+def test_quality_table_pairs_seeds_and_shows_the_switch(tmp_path, capsys, monkeypatch):
+    """Each row's loss against SILU's of the same seed, and the RELU loss before the switch -> at the end."""
+    import experiments
+    monkeypatch.setattr(experiments, "out", str(tmp_path))
+    def fake(name, seed, val_loss, act, alpha, evals):
+        d = tmp_path / "quality" / f"{experiments.slug(name)}-s{seed}"
+        d.mkdir(parents=True)
+        switch = 300 - round(alpha * 300)
+        (d / "summary.json").write_text(json.dumps(dict(
+            val_loss=val_loss, sparsity=0.6, dead_fraction=0.0, act=act, p=0.5, alpha=alpha, switch_iter=switch,
+            iters=300, tokens=1000, seconds=10.0, eval_act="silu" if act == "silu" and alpha == 0 else "relu",
+            params=1e6, device_name="cpu", threads=1, val_tokens=100)))
+        (d / "log.jsonl").write_text("".join(json.dumps(dict(kind="eval", iter=i, eval_act="relu", val_loss_infer=v)) + "\n"
+                                             for i, v in evals))
+    for seed, silu, stoch in ((1337, 5.0, 5.1), (1338, 5.2, 5.24)):
+        fake("SILU", seed, silu, "silu", 0, [(0, 9.0), (300, silu)])
+        fake("StochA p=0.5 + Swi+FT", seed, stoch, "stoch", 0.1, [(0, 9.0), (240, 6.0), (270, 5.5), (300, 5.3)])
+    experiments.tables()
+    text = capsys.readouterr().out
+    assert "| SILU | `--act=silu --alpha=0` | 5.100 ± 0.100 | +0.000 ± 0.000 | silu |" in text
+    # paired: +0.1 and +0.04, whereas the unpaired spreads overlap; RELU at step 270 (the switch) -> 300
+    assert "| StochA p=0.5 + Swi+FT | `--act=stoch --p=0.5 --alpha=0.1` | 5.170 ± 0.070 | +0.070 ± 0.030 | relu |" in text
+    assert "| 5.500 -> 5.300 |" in text
 
 
 def test_diversity_tables_and_plots_from_a_checkpoint(tiny_run, tmp_path, capsys):
