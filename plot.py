@@ -44,9 +44,11 @@ def quality_figures(plt, experiments):
         if os.path.exists(os.path.join(d, "summary.json")):
             table.setdefault((group, name), []).append(d)
     scratch = [(name, table[("scratch", name)]) for name, _ in experiments.SCRATCH if ("scratch", name) in table]
-    if not scratch:
-        print("no quality runs yet: skipping the loss, sparsity and alpha figures")
+    if not scratch or scratch[0][0] != experiments.SCRATCH[0][0]:  # every figure here is drawn against SILU
+        print("no SILU runs yet: skipping the loss, sparsity and alpha figures")
         return
+    names = [name for name, _ in experiments.SCRATCH]
+    color = lambda name: f"C{names.index(name)}"  # one colour per recipe in every figure
     n_seeds = len(scratch[0][1])
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12, 4.5))
     # every row of one seed sees the same init and the same batches (train.py seeds its data order
@@ -55,9 +57,9 @@ def quality_figures(plt, experiments):
     for name, runs in scratch:
         steps, loss = seed_mean(runs, "loss", "train")
         k = 10
-        ax.plot(steps[k - 1:], smooth(loss, k), label=name, lw=1.2)
+        ax.plot(steps[k - 1:], smooth(loss, k), label=name, lw=1.2, color=color(name))
         diff = np.mean([[r["loss"] - base[d[-5:]][r["iter"]] for r in load_log(d)[0] if r["iter"] >= 200] for d in runs], axis=0)
-        zoom.plot(np.arange(200, 200 + len(diff))[2:], smooth(diff, 3), label=name, lw=1.2)
+        zoom.plot(np.arange(200, 200 + len(diff))[2:], smooth(diff, 3), label=name, lw=1.2, color=color(name))
     ft = table.get(("scratch", experiments.SCRATCH[4][0]))  # StochA p=0.5 + Swi+FT
     switch = json.load(open(os.path.join(ft[0], "summary.json")))["switch_iter"] if ft else None
     for a in (ax, zoom):
@@ -74,34 +76,41 @@ def quality_figures(plt, experiments):
     ax.set_title(f"Training loss: {experiments.config}, {s0['params'] / 1e6:.1f}M parameters, {s0['device_name']}")
     save(plt, fig, "loss_curves.png")
 
+    if len(scratch) < 2:
+        print("only SILU has run: skipping the sparsity and alpha figures")
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, runs in scratch:
+    for name, runs in scratch[1:]:  # not SILU itself: evaluated with SILU, its hidden vector has no zeros
         steps, s = seed_mean(runs, "sparsity", "eval")
-        ax.plot(steps, 100 * s, marker="o", ms=3, label=name)
+        ax.plot(steps, 100 * s, marker="o", ms=3, label=name, color=color(name))
     ax.set_xlabel("step")
     ax.set_ylabel(f"RELU sparsity of the FFN hidden units, % (mean of {n_seeds} seeds)")
-    ax.set_title("Sparsity with RELU at inference, along training")
+    ax.set_title("Sparsity with RELU at inference, along training\n(before its switch, Swi+FT's line is the SILU "
+                 "model's sparsity with RELU)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save(plt, fig, "sparsity.png")
 
-    points = []  # (alpha, val losses, sparsities) along the whole alpha axis of StochA p=0.5
+    # the alpha axis of StochA p=0.5, from 0 (no switch) to 1 (RELU from scratch), as each seed's loss minus
+    # the SILU run of the same seed: the seeds differ by more than the alphas do, and pairing removes that
+    silu = {d[-5:]: json.load(open(os.path.join(d, "summary.json")))["val_loss"] for d in scratch[0][1]}
+    points = []  # (alpha, {seed: loss - SILU's})
     for (group, name), runs in table.items():
-        sums = [json.load(open(os.path.join(d, "summary.json"))) for d in runs]
-        if group != "cpt" and sums[0]["act"] == "stoch" and sums[0]["p"] == 0.5:
-            points.append((sums[0]["alpha"], [s["val_loss"] for s in sums], [s["sparsity"] for s in sums]))
-        if group == "scratch" and sums[0]["act"] == "relu":
-            points.append((1.0, [s["val_loss"] for s in sums], [s["sparsity"] for s in sums]))
+        sums = {d[-5:]: json.load(open(os.path.join(d, "summary.json"))) for d in runs}
+        first = next(iter(sums.values()))
+        if group != "cpt" and (first["act"] == "stoch" and first["p"] == 0.5 or first["act"] == "relu"):
+            a = first["alpha"] if first["act"] == "stoch" else 1.0
+            points.append((a, {k: v["val_loss"] - silu[k] for k, v in sums.items() if k in silu}))
     if len(points) > 2:
-        points.sort()
+        points.sort(key=lambda p: p[0])
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        a = np.array([p[0] for p in points])
-        for i in range(n_seeds):
-            ax.plot(a, [p[1][i] if i < len(p[1]) else np.nan for p in points], "o", color="C0", alpha=0.5,
-                    label="each seed" if i == 0 else None)
-        ax.plot(a, [np.mean(p[1]) for p in points], "-", color="C0", label="mean")
+        a = [p[0] for p in points]
+        for i, seed in enumerate(sorted(silu)):
+            ax.plot(a, [p[1].get(seed, np.nan) for p in points], "o:", color=f"C{i + 1}", alpha=0.7, label=f"seed {seed[1:]}")
+        ax.plot(a, [np.mean(list(p[1].values())) for p in points], "s-", color="C0", label="mean")
+        ax.axhline(0, color="gray", lw=0.8)
         ax.set_xlabel("alpha (fraction of the steps trained with RELU; 0 = StochA only, 1 = RELU from scratch)")
-        ax.set_ylabel("validation loss with RELU")
+        ax.set_ylabel("validation loss with RELU minus SILU's (same seed)")
         ax.set_title("StochA p=0.5 + Swi+FT: sensitivity to alpha")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -115,14 +124,16 @@ def diversity_figure(plt):
         return
     rep = json.load(open(path))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    families = [("StochA", lambda r: r["act"] == "stoch", lambda r: f"p={r['p']}", "o-"),
-                ("temperature", lambda r: r["label"].startswith("temperature"), lambda r: f"T={r['temperature']}", "s-"),
-                ("top-p (T=1)", lambda r: r["label"].startswith("top-p"), lambda r: f"{r['top_p']}", "^-"),
-                ("greedy", lambda r: r["label"] == "greedy", lambda r: "", "k*")]
+    # (name, rows, label, style, the parameter that orders each curve: quality is not monotone in it here)
+    families = [("StochA, greedy", lambda r: r["act"] == "stoch", lambda r: f"p={r['p']}", "o-", "p"),
+                ("temperature (from greedy)", lambda r: r["label"].startswith(("temperature", "greedy")),
+                 lambda r: f"T={r['temperature']}" if r["temperature"] else "", "s-", "temperature"),
+                ("top-p (T=1)", lambda r: r["label"].startswith("top-p"), lambda r: f"{r['top_p']}", "^-", "top_p"),
+                ("greedy", lambda r: r["label"] == "greedy", lambda r: "", "k*", "temperature")]
     for ax, key, label in ((axes[0], "distinct_2", "distinct-2 (higher = more diverse)"),
                            (axes[1], "self_bleu", "self-BLEU-4 (lower = more diverse)")):
-        for fam, pick, tag, style in families:
-            rows = sorted((r for r in rep["rows"] if pick(r)), key=lambda r: r["avg_ll"])
+        for fam, pick, tag, style, order in families:
+            rows = sorted((r for r in rep["rows"] if pick(r)), key=lambda r: r[order])
             ax.plot([r["avg_ll"] for r in rows], [r[key] for r in rows], style, label=fam, ms=6)
             for r in rows:
                 ax.annotate(tag(r), (r["avg_ll"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -148,9 +159,14 @@ def speed_figure(plt):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     s = np.linspace(0, 1, 101)
     ax.plot(100 * s, 3 / (1 + 2 * (1 - s)), "k--", label="ideal 3/(1+2(1-s)) (equal bandwidth)")
+    ax.plot(100 * s, 6 / (1 + 2 * (1 - s)), "k:", label="ideal with 16-bit weights (half the bytes)")
     for (d, h, dt), style in zip(sorted({(r["d"], r["h"], r["dtype"]) for r in rows}), ("o-", "s-", "^-", "v-")):
         sel = sorted((r for r in rows if (r["d"], r["h"], r["dtype"]) == (d, h, dt)), key=lambda r: r["s"])
         ax.plot([r["s"] for r in sel], [r["speedup"] for r in sel], style, label=f"C sparse, {dt} weights, d={d} h={h}")
+    layers = [r for r in b["rows"] if r.get("impl") == "ckpt layer"]
+    if layers:  # the trained checkpoint's own layers, on real tokens: its sparsity, not a set one
+        ax.plot([r["s"] for r in layers], [r["dense_ms"] / r["sparse_float32_ms"] for r in layers], "kD", ms=6,
+                mfc="none", label="C sparse fp32, the trained checkpoint's layers on real tokens")
     ax.set_xlabel("sparsity of the FFN hidden vector, %")
     ax.set_ylabel("speedup over PyTorch's dense fp32 FFN (batch 1)")
     ax.set_title(f"Sparse FFN on the CPU ({b['threads']} threads, {b['cpu']})", fontsize=9)
