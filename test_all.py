@@ -462,6 +462,17 @@ def test_quality_table_pairs_seeds_and_shows_the_switch(tmp_path, capsys, monkey
     assert "| 5.500 -> 5.300 |" in text
 
 
+def test_diversity_at_equal_or_better_quality():
+    import experiments
+    row = lambda label, ll, d2: dict(label=label, avg_ll=ll, best_ll=ll + 0.5, distinct_2=d2, self_bleu=1 - d2)
+    rows = [row("greedy", -2.6, 0.05), row("temperature 0.2", -2.4, 0.2), row("temperature 0.5", -2.5, 0.5),
+            row("temperature 1.0", -5.0, 0.9), row("top-p 0.9", -4.0, 0.8)]
+    stoch = row("StochA p=0.7, greedy", -2.55, 0.06)
+    # T=1.0 is more diverse but worse: the most diverse setting at least as good is T=0.5
+    assert experiments.at_least(rows, stoch, "avg_ll", ("temperature", "greedy")) == "temperature 0.5: 0.500 / 0.500 (-2.500)"
+    assert experiments.at_least(rows, stoch, "avg_ll", ("top-p",)) == "none as good"
+
+
 def test_diversity_tables_and_plots_from_a_checkpoint(tiny_run, tmp_path, capsys):
     import experiments
     import plot
