@@ -117,12 +117,19 @@ def quality_figures(plt, experiments):
         save(plt, fig, "alpha.png")
 
 
-def diversity_figure(plt):
-    path = os.path.join(out, "diversity.json")
+def read_json(name, figure):
+    """A stage's JSON from out/, or None (and a note) when that stage has not run yet."""
+    path = os.path.join(out, name)
     if not os.path.exists(path):
-        print(f"no {path}: skipping the diversity figure")
+        print(f"no {path}: skipping {figure}")
+        return None
+    return json.load(open(path))
+
+
+def diversity_figure(plt):
+    rep = read_json("diversity.json", "the diversity figure")
+    if rep is None:
         return
-    rep = json.load(open(path))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     # (name, rows, label, style, the parameter that orders each curve: quality is not monotone in it here)
     families = [("StochA, greedy", lambda r: r["act"] == "stoch", lambda r: f"p={r['p']}", "o-", "p"),
@@ -147,14 +154,12 @@ def diversity_figure(plt):
 
 
 def speed_figure(plt):
-    path = os.path.join(out, "bench.json")
-    if not os.path.exists(path):
-        print(f"no {path}: skipping the speed figure")
+    b = read_json("bench.json", "the speed figure")
+    if b is None:
         return
-    b = json.load(open(path))
     rows = [r for r in b["rows"] if r.get("impl") == "C sparse" and r["B"] == 1]
     if not rows:
-        print(f"{path} has no C sparse rows at batch 1: skipping the speed figure")
+        print("bench.json has no C sparse rows at batch 1: skipping the speed figure")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     s = np.linspace(0, 1, 101)
