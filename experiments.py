@@ -191,9 +191,19 @@ def quality_rows():
         switch = 0 if summary["act"] == "relu" else summary["switch_iter"]
         at_switch = [r for r in evals if r["iter"] <= switch and r["eval_act"] == "relu"]
         has_switch = at_switch and switch < summary["iters"] and (switch > 0 or group == "cpt")
-        entry["runs"].append(dict(summary, seed=seed, relu_at_switch=at_switch[-1]["val_loss_infer"] if has_switch else None,
+        entry["runs"].append(dict(summary, seed=seed, dir=d, relu_at_switch=at_switch[-1]["val_loss_infer"] if has_switch else None,
                                   relu_at_end=evals[-1]["val_loss_infer"]))
     return table
+
+
+def alpha_axis(table):
+    """StochA p=0.5 from scratch along alpha, as sorted (alpha, name, entry): 0 = no switch ... 1 = RELU from scratch."""
+    axis = []
+    for (group, name), e in table.items():
+        r = e["runs"][0]
+        if group != "cpt" and (r["act"] == "stoch" and r["p"] == 0.5 or r["act"] == "relu"):
+            axis.append((r["alpha"] if r["act"] == "stoch" else 1.0, name, e))
+    return sorted(axis, key=lambda a: a[0])
 
 
 def switch_gap(runs):
@@ -227,10 +237,8 @@ def tables():
             rows = [(name, e) for (g, name), e in table.items() if g == group]
             if not rows:
                 continue
-            if group == "alpha":  # the whole alpha axis: 0 (no switch) ... 1 (RELU from scratch)
-                rows = [(n, e) for (g, n), e in table.items() if g != "cpt" and "--act=stoch --p=0.5" in e["flags"]
-                        or n.startswith("RELU")]
-                rows.sort(key=lambda r: float(r[1]["runs"][0]["alpha"]) if r[1]["runs"][0]["act"] == "stoch" else 1.0)
+            if group == "alpha":  # the whole alpha axis, the rows from scratch included
+                rows = [(name, e) for _, name, e in alpha_axis(table)]
             if title:
                 print(f"\n{title}:\n")
             print(head + "\n" + "|---" * 10 + "|")

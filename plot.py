@@ -39,11 +39,8 @@ def seed_mean(runs, key, kind):
 
 
 def quality_figures(plt, experiments):
-    table = {}
-    for group, name, seed, argv, d in experiments.quality_runs():
-        if os.path.exists(os.path.join(d, "summary.json")):
-            table.setdefault((group, name), []).append(d)
-    scratch = [(name, table[("scratch", name)]) for name, _ in experiments.SCRATCH if ("scratch", name) in table]
+    table = experiments.quality_rows()
+    scratch = [(name, table[("scratch", name)]["runs"]) for name, _ in experiments.SCRATCH if ("scratch", name) in table]
     if not scratch or scratch[0][0] != experiments.SCRATCH[0][0]:  # every figure here is drawn against SILU
         print("no SILU runs yet: skipping the loss, sparsity and alpha figures")
         return
@@ -53,15 +50,16 @@ def quality_figures(plt, experiments):
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12, 4.5))
     # every row of one seed sees the same init and the same batches (train.py seeds its data order
     # apart from StochA's draws), so a row's loss minus SILU's cancels the batch-to-batch noise
-    base = {d[-5:]: {r["iter"]: r["loss"] for r in load_log(d)[0]} for d in scratch[0][1]}  # by "s1337"
+    base = {r["seed"]: {t["iter"]: t["loss"] for t in load_log(r["dir"])[0]} for r in scratch[0][1]}
     for name, runs in scratch:
-        steps, loss = seed_mean(runs, "loss", "train")
+        steps, loss = seed_mean([r["dir"] for r in runs], "loss", "train")
         k = 10
         ax.plot(steps[k - 1:], smooth(loss, k), label=name, lw=1.2, color=color(name))
-        diff = np.mean([[r["loss"] - base[d[-5:]][r["iter"]] for r in load_log(d)[0] if r["iter"] >= 200] for d in runs], axis=0)
+        diff = np.mean([[t["loss"] - base[r["seed"]][t["iter"]] for t in load_log(r["dir"])[0] if t["iter"] >= 200]
+                        for r in runs], axis=0)
         zoom.plot(np.arange(200, 200 + len(diff))[2:], smooth(diff, 3), label=name, lw=1.2, color=color(name))
     ft = table.get(("scratch", experiments.SCRATCH[4][0]))  # StochA p=0.5 + Swi+FT
-    switch = json.load(open(os.path.join(ft[0], "summary.json")))["switch_iter"] if ft else None
+    switch = ft["runs"][0]["switch_iter"] if ft else None
     for a in (ax, zoom):
         if switch:
             a.axvline(switch, color="gray", ls="--", lw=0.8)
@@ -72,7 +70,7 @@ def quality_figures(plt, experiments):
     zoom.set_title("steps 200-300" + (f"; the switch to RELU at step {switch} (dashed)" if switch else ""))
     zoom.set_ylabel("loss minus SILU's on the same batches")
     ax.legend(fontsize=8)
-    s0 = json.load(open(os.path.join(scratch[0][1][0], "summary.json")))
+    s0 = scratch[0][1][0]
     ax.set_title(f"Training loss: {experiments.config}, {s0['params'] / 1e6:.1f}M parameters, {s0['device_name']}")
     save(plt, fig, "loss_curves.png")
 
@@ -81,7 +79,7 @@ def quality_figures(plt, experiments):
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, runs in scratch[1:]:  # not SILU itself: evaluated with SILU, its hidden vector has no zeros
-        steps, s = seed_mean(runs, "sparsity", "eval")
+        steps, s = seed_mean([r["dir"] for r in runs], "sparsity", "eval")
         ax.plot(steps, 100 * s, marker="o", ms=3, label=name, color=color(name))
     ax.set_xlabel("step")
     ax.set_ylabel(f"RELU sparsity of the FFN hidden units, % (mean of {n_seeds} seeds)")
@@ -93,20 +91,14 @@ def quality_figures(plt, experiments):
 
     # the alpha axis of StochA p=0.5, from 0 (no switch) to 1 (RELU from scratch), as each seed's loss minus
     # the SILU run of the same seed: the seeds differ by more than the alphas do, and pairing removes that
-    silu = {d[-5:]: json.load(open(os.path.join(d, "summary.json")))["val_loss"] for d in scratch[0][1]}
-    points = []  # (alpha, {seed: loss - SILU's})
-    for (group, name), runs in table.items():
-        sums = {d[-5:]: json.load(open(os.path.join(d, "summary.json"))) for d in runs}
-        first = next(iter(sums.values()))
-        if group != "cpt" and (first["act"] == "stoch" and first["p"] == 0.5 or first["act"] == "relu"):
-            a = first["alpha"] if first["act"] == "stoch" else 1.0
-            points.append((a, {k: v["val_loss"] - silu[k] for k, v in sums.items() if k in silu}))
+    silu = {r["seed"]: r["val_loss"] for r in scratch[0][1]}
+    points = [(a, {r["seed"]: r["val_loss"] - silu[r["seed"]] for r in e["runs"] if r["seed"] in silu})
+              for a, _, e in experiments.alpha_axis(table)]  # (alpha, {seed: loss - SILU's})
     if len(points) > 2:
-        points.sort(key=lambda p: p[0])
         fig, ax = plt.subplots(figsize=(7, 4.5))
         a = [p[0] for p in points]
         for i, seed in enumerate(sorted(silu)):
-            ax.plot(a, [p[1].get(seed, np.nan) for p in points], "o:", color=f"C{i + 1}", alpha=0.7, label=f"seed {seed[1:]}")
+            ax.plot(a, [p[1].get(seed, np.nan) for p in points], "o:", color=f"C{i + 1}", alpha=0.7, label=f"seed {seed}")
         ax.plot(a, [np.mean(list(p[1].values())) for p in points], "s-", color="C0", label="mean")
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xlabel("alpha (fraction of the steps trained with RELU; 0 = StochA only, 1 = RELU from scratch)")
