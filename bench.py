@@ -6,7 +6,7 @@ d*h*b*(1 + 2(1-s)) (W1 in full, W3 rows and W2 columns of the active units; b = 
     python bench.py                                   # both sizes, batches 1/4/16, 0..99% sparsity, end to end (~2 min)
     python bench.py --quick                           # batch 1, fewer rows, shorter timings (~1 min)
     python bench.py --sizes=2048x8192 --batches=1 --sparsities=90 --e2e=False
-    python bench.py --ckpt=out/ckpt.pt --data_dir=data/shakespeare   # a trained model's real sparsity
+    python bench.py --ckpt=out/ckpt.pt                # a trained model's real sparsity, on its own val text
     python bench.py --json=bench.json                 # every row as JSON too
 
 Weights are random; W1 is built so that exactly a fraction s of the hidden units is zero for x
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 import sparse_ffn
 from configurator import configure
-from model import GPT, GPTConfig
+from data import checkpoint_data
+from model import GPT, GPTConfig, load_checkpoint
 
 # -----------------------------------------------------------------------------
 devices = ""  # "cpu", "cuda" or "cpu,cuda"; empty: cpu, and cuda when there is one
@@ -48,7 +49,7 @@ threads = 0  # torch threads; 0 = torch's default
 e2e = True  # decoding tokens/s through model.generate, dense vs sparse
 e2e_tokens = 32
 ckpt = ""  # a train.py checkpoint: its per-layer sparsity on real text, and kernel times on its inputs
-data_dir = "data/shakespeare"
+data_dir = ""  # the checkpoint's tokenized text; empty = the one it was trained on
 quick = False  # batch 1, sparsities 0,50,90,99, shorter timings
 json = ""  # write the rows here
 seed = 0
@@ -76,6 +77,12 @@ size_list = [tuple(int(v) for v in s.split("x")) for s in (sizes or f"{default.n
 device_list = devices.split(",") if devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 dtype_list = [getattr(torch, n) for n in dtypes.split(",")]
 rows = []
+if ckpt:  # checked before minutes of benchmarking: a missing checkpoint or mismatched data is one line
+    try:
+        ckpt_state = load_checkpoint(ckpt)
+        data_dir = checkpoint_data(ckpt_state, data_dir)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
 
 # -----------------------------------------------------------------------------
 # conditions, roofs, timing
@@ -229,7 +236,7 @@ def kernel_table(dev):
 
 
 def ckpt_table(dev):
-    model = GPT.from_checkpoint(ckpt, dev).eval()
+    model = GPT.from_checkpoint(ckpt_state, dev).eval()
     model.set_act("relu")
     path = os.path.join(data_dir, "val.bin")
     val = np.memmap(path, dtype=np.uint16, mode="r")

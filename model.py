@@ -157,7 +157,7 @@ class Block(nn.Module):
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50257  # GPT-2's BPE; the embedding is padded up to a multiple of 64
+    vocab_size: int = 8192  # GPT-2's BPE cut to 8,192 ids (data.py); padded up to a multiple of 64
     block_size: int = 256  # the longest context, in tokens
     n_layer: int = 4
     n_head: int = 4  # query heads

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 
 from configurator import configure, is_setting
-from data import EOT, gpt2_tokenizer
+from data import tokenizer
 from model import GPT, check_act, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -107,9 +107,9 @@ def main(argv):
     if score == "stoch":
         raise ValueError("score_act must be deterministic: silu or relu")
 
-    enc = gpt2_tokenizer()
+    enc = tokenizer(model.config.vocab_size)  # the checkpoint's own vocabulary
     text = open(C.prompt[5:]).read() if C.prompt.startswith("FILE:") else C.prompt
-    ids = enc.encode_ordinary(text) or [EOT]
+    ids = enc.encode_ordinary(text) or [enc.eot_token]
     x = torch.tensor([ids] * C.num_samples, dtype=torch.long, device=C.device)
     torch.manual_seed(C.seed)
     act_gen = torch.Generator(device=C.device).manual_seed(C.seed)  # StochA's draws
@@ -127,7 +127,8 @@ def main(argv):
                   avg_log_likelihood=sum(lls) / len(lls),
                   distinct_1=distinct_n(samples, 1), distinct_2=distinct_n(samples, 2),
                   distinct_3=distinct_n(samples, 3), self_bleu=self_bleu(samples),
-                  unique_samples=len(set(map(tuple, samples))), samples=[enc.decode(s) for s in samples])
+                  unique_samples=len(set(map(tuple, samples))), samples=[enc.decode(s) for s in samples],
+                  tokenizer=enc.name, prompt_ids=ids, sample_ids=samples)
     if not C.quiet:
         for i, s in enumerate(report["samples"]):
             print(f"--- sample {i} (mean log-likelihood {lls[i]:.3f}{', best' if i == best else ''})\n{text}{s}")

@@ -30,7 +30,8 @@ from model import GPT, Attention, FeedForward, GPTConfig, apply_rope, rope_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
-        "--eval_iters=2", "--final_eval_iters=4", "--lr=3e-3", "--min_lr=3e-4", "--warmup_iters=5"]
+        "--eval_iters=2", "--final_eval_iters=4", "--lr=3e-3", "--min_lr=3e-4", "--warmup_iters=5",
+        "--vocab=1024", "--compile=False"]  # eager: the compiled path has tests of its own
 
 
 def tiny_config(**kw):
@@ -267,29 +268,79 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_tokenizer_known_ids():
-    enc = data.gpt2_tokenizer()
-    assert enc.encode("hello world") == [31373, 995]
-    assert enc.n_vocab == 50257 and enc.eot_token == data.EOT
-    text = "O Romeo, Romeo! wherefore art thou Romeo?"
-    assert enc.decode(enc.encode(text)) == text
+    gpt2 = data.tokenizer(50257)  # GPT-2's own encoding, id for id
+    assert gpt2.encode_ordinary("hello world") == [31373, 995] and gpt2.n_vocab == 50257 and gpt2.eot_token == 50256
+    small = data.tokenizer(8192)  # "hello" is GPT-2's rank 31373: built here from its lower-rank parts
+    assert small.encode_ordinary("hello world") == [258, 297, 78, 995] and small.eot_token == 8191
+    assert data.tokenizer_name(50257) == "gpt2" and data.tokenizer_name(8192) == "gpt2-8192"
+    for bad in (256, 50258, 8192.0, True, "8192"):
+        with pytest.raises(ValueError, match="vocab"):
+            data.tokenizer(bad)
+
+
+@pytest.mark.parametrize("vocab", [257, 300, 1024, 8192, 50257])
+def test_compact_tokenizer_is_a_valid_bpe(vocab):
+    enc = data.tokenizer(vocab)
+    rng = random.Random(vocab)
+    pool = [chr(c) for c in list(range(0, 0x250)) + list(range(0x370, 0x3ff)) + list(range(0x4e00, 0x4e40))
+            + [0x1f600, 0x1f680, 0x200d, 0x301, 0xfeff, 0x10ffff]] + [" ", "  ", "\n", "\t", "the", " Romeo", "'s"]
+    texts = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 200))) for _ in range(50)]
+    texts.append(bytes(range(256)).decode("latin-1"))
+    for text in texts:
+        ids = enc.encode_ordinary(text)
+        assert all(0 <= i < vocab - 1 for i in ids)  # every id fits, and only the special token is N-1
+        assert enc.decode(ids) == text and enc.decode_bytes(ids) == text.encode("utf-8")
+        assert sum(data.token_bytes(enc)[ids]) == len(text.encode("utf-8"))  # bits per byte's denominator
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [vocab - 1]
+
+
+def test_compact_tokenizer_equals_gpt2_where_gpt2_uses_only_low_ranks(tmp_path):
+    import regex
+    from tiktoken_ext.openai_public import r50k_pat_str
+    full, small = data.tokenizer(50257), data.tokenizer(2048)
+    text = open(write_corpus(tmp_path, n_docs=1) / "doc00.txt").read() + (
+        " Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds"
+        " that lour'd upon our house in the deep bosom of the ocean buried. 1234 éàü naïveté Ωμέγα")
+    same = differ = 0
+    for piece in regex.findall(r50k_pat_str, text):  # BPE runs on each pre-tokenized piece alone
+        ids = full.encode_ordinary(piece)
+        if max(ids) < 2048 - 1:
+            assert small.encode_ordinary(piece) == ids, piece
+            same += 1
+        else:
+            assert small.encode_ordinary(piece) != ids
+            differ += 1
+    assert same > 50 and differ > 5
+    low = "".join(p for p in regex.findall(r50k_pat_str, text) if max(full.encode_ordinary(p)) < 2047)
+    assert small.encode_ordinary(low) == full.encode_ordinary(low)  # and so on whole text made of such pieces
 
 
 def test_prepare_local_corpus_splits_by_document_and_caches(tmp_path):
     folder = write_corpus(tmp_path / "texts", n_docs=12)
-    out = data.prepare(str(folder), str(tmp_path / "data"))
+    out = data.prepare(str(folder), str(tmp_path / "data"), vocab=1024)
+    assert os.path.basename(out) == "gpt2-1024"  # cached per tokenizer
     meta = json.load(open(os.path.join(out, "meta.json")))
-    assert meta["val_docs"] == ["doc05.txt"]  # every 10th document from the 6th, in name order
-    enc = data.gpt2_tokenizer()
+    assert meta["val_docs"] == ["doc05.txt"] and meta["tokenizer"] == "gpt2-1024" and meta["vocab_size"] == 1024
+    enc = data.tokenizer(1024)
     val = np.fromfile(os.path.join(out, "val.bin"), dtype=np.uint16)
-    want = enc.encode_ordinary(open(folder / "doc05.txt").read()) + [data.EOT]
+    want = enc.encode_ordinary(open(folder / "doc05.txt").read()) + [enc.eot_token]
     assert val.tolist() == want
+    assert data.token_bytes(enc)[val].sum() == meta["val_bytes"] == len(open(folder / "doc05.txt", "rb").read())
     train_ids = np.fromfile(os.path.join(out, "train.bin"), dtype=np.uint16)
-    assert len(train_ids) == meta["train_tokens"] and (train_ids == data.EOT).sum() == 11
+    assert len(train_ids) == meta["train_tokens"] and (train_ids == enc.eot_token).sum() == 11
     stamp = os.path.getmtime(os.path.join(out, "train.bin"))
-    assert data.prepare(str(folder), str(tmp_path / "data")) == out  # cached: not tokenized again
+    assert data.prepare(str(folder), str(tmp_path / "data"), vocab=1024) == out  # cached: not tokenized again
     assert os.path.getmtime(os.path.join(out, "train.bin")) == stamp
+    other = data.prepare(str(folder), str(tmp_path / "data"), vocab=50257)  # another vocabulary: its own folder
+    assert other != out and np.fromfile(os.path.join(other, "val.bin"), dtype=np.uint16).max() > 1024
+    assert os.path.getmtime(os.path.join(out, "train.bin")) == stamp
+    assert data.check_data(out, 1024)["tokenizer"] == "gpt2-1024"
+    with pytest.raises(ValueError, match="tokenized with 'gpt2-1024'"):
+        data.check_data(out, 50257)
+    with pytest.raises(FileNotFoundError, match="no prepared data"):
+        data.check_data(str(tmp_path), 1024)
     (folder / "doc00.txt").write_text("Changed text.\n")
-    data.prepare(str(folder), str(tmp_path / "data"))  # the source changed: tokenized again
+    data.prepare(str(folder), str(tmp_path / "data"), vocab=1024)  # the source changed: tokenized again
     assert json.load(open(os.path.join(out, "meta.json")))["source_sha256"] != meta["source_sha256"]
 
 
@@ -327,20 +378,25 @@ def test_training_lowers_the_loss_and_ends_sparse(tiny_run):
     for key in ("val_loss", "sparsity", "dead_fraction", "act", "p", "alpha", "iters", "tokens", "seconds", "device"):
         assert key in s
     assert s["act"] == "stoch" and s["eval_act"] == "relu" and s["switch_iter"] == 120
-    assert s["val_loss"] < 3.0  # from ln(50257) = 10.8 at the start
+    assert s["val_loss"] < 3.0  # from ln(1024) = 6.9 at the start
+    assert s["vocab"] == 1024 and s["tokenizer"] == "gpt2-1024" and s["compile"] is False
+    # bits per byte = nats per token / ln 2 / bytes per token, and this corpus has ~2-4 bytes per token
+    assert s["val_loss"] / math.log(2) / 4.5 < s["val_bpb"] < s["val_loss"] / math.log(2) / 1.5
     # exact zeros under relu (silu would give none); this tiny run ends near 0.44, random init 0.5
     assert 0.3 < s["sparsity"] < 1.0 and len(s["sparsity_per_layer"]) == 2
     rows = [json.loads(line) for line in open(tiny_run["out"] / "log.jsonl")]
     acts = [r["act"] for r in rows if r["kind"] == "train"]
     assert acts[:12] == ["stoch"] * 12 and acts[12:] == ["relu"] * 3  # the switch at 120
     first = next(r for r in rows if r["kind"] == "eval")
-    assert first["iter"] == 0 and first["val_loss"] > 10.0
+    assert first["iter"] == 0 and first["val_loss"] > 6.0 and "val_bpb" in first and "val_bpb_infer" in first
 
 
-def test_resume_after_interrupt_gives_the_same_losses(tiny_run, tmp_path):
-    """Ctrl-C mid-run checkpoints; --init_from=resume then continues exactly as if never stopped."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_resume_after_interrupt_gives_the_same_losses(tiny_run, tmp_path, compiled):
+    """Ctrl-C mid-run checkpoints; --init_from=resume then continues exactly as if never stopped,
+    also with torch.compile, whose StochA draws come from the same saved RNG state."""
     common = [f"--data={tiny_run['corpus']}", f"--data_root={tiny_run['root'] / 'data'}", "--max_iters=60",
-              "--eval_interval=25", "--log_interval=1", "--alpha=0.3"] + TINY
+              "--eval_interval=25", "--log_interval=1", "--alpha=0.3"] + TINY + [f"--compile={compiled}"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     run = lambda out, *extra: subprocess.run([sys.executable, "train.py", f"--out_dir={out}", *common, *extra],
                                              cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
@@ -368,6 +424,59 @@ def test_resume_after_interrupt_gives_the_same_losses(tiny_run, tmp_path):
     assert a["val_loss"] == b["val_loss"] and a["sparsity"] == b["sparsity"]
 
 
+def tiny_losses(tiny_run, out, *extra, env=None):
+    args = [f"--data={tiny_run['corpus']}", f"--data_root={tiny_run['root'] / 'data'}", f"--out_dir={out}",
+            "--max_iters=12", "--eval_interval=6", "--log_interval=1", "--alpha=0.25"] + TINY + list(extra)
+    r = subprocess.run([sys.executable, "train.py", *args], cwd=HERE, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, **(env or {})))
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    return r.stdout, [r_["loss"] for r_ in rows if r_["kind"] == "train"], json.load(open(out / "summary.json"))
+
+
+def test_compiled_training_matches_eager(tiny_run, tmp_path):
+    """torch.compile on the CPU: the same losses as eager within float tolerance (relu: no draws)."""
+    _, eager, _ = tiny_losses(tiny_run, tmp_path / "eager", "--act=relu", "--compile=False")
+    out, compiled, s = tiny_losses(tiny_run, tmp_path / "compiled", "--act=relu", "--compile=True")
+    assert "compile True" in out and s["compile"] is True and len(compiled) == 12
+    assert np.allclose(compiled, eager, rtol=1e-4, atol=1e-4), (compiled, eager)
+
+
+def test_compile_failure_falls_back_to_eager_exactly(tiny_run, tmp_path):
+    """No working C++ compiler: one line, then the same run as --compile=False, StochA draws included."""
+    env = dict(CXX="/nonexistent/c++", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))  # no cached kernels
+    out, fell_back, s = tiny_losses(tiny_run, tmp_path / "fallback", "--compile=True", env=env)
+    assert "torch.compile failed" in out and "training eagerly" in out and s["compile"] is False
+    _, eager, s_eager = tiny_losses(tiny_run, tmp_path / "eager", "--compile=False")
+    assert fell_back == eager and s["val_loss"] == s_eager["val_loss"]
+    assert train.compile_choice(None, "cpu")[0] is True  # this machine has g++
+    assert train.compile_choice(False, "cuda") == (False, "set by --compile")
+    assert train.compile_choice(None, "mps")[0] is False
+
+
+def test_stoch_act_compiled_keeps_its_rate_and_gradient():
+    """Inside a compiled graph StochA draws at rate p, afresh at every call, from the global RNG
+    (so a saved RNG state replays them), and backward uses the forward's draws."""
+    f = torch.compile(lambda x: stoch_act(x, 0.3))
+    x = -torch.rand(256, 1024) - 0.1  # all negative: the output is nonzero exactly where silu was drawn
+    torch.manual_seed(0)
+    a = f(x) != 0
+    b = f(x) != 0
+    assert abs(a.float().mean().item() - 0.3) < 0.01 and not torch.equal(a, b)  # rate p, fresh draws
+    torch.manual_seed(0)
+    assert torch.equal(f(x) != 0, a)  # replayed from the RNG state
+    xg = torch.randn(256, 1024, requires_grad=True)
+    y = f(xg)
+    y.sum().backward()
+    neg = xg.detach() < 0
+    drawn = neg & (y.detach() != 0)
+    assert torch.equal(xg.grad[~neg], torch.ones_like(xg.grad[~neg]))
+    assert torch.equal(xg.grad[neg & ~drawn], torch.zeros_like(xg.grad[neg & ~drawn]))  # relu drawn: no gradient
+    s = torch.sigmoid(xg.detach()[drawn])
+    assert torch.allclose(xg.grad[drawn], s * (1 + xg.detach()[drawn] * (1 - s)), atol=1e-6)
+    assert abs(drawn.sum().item() / neg.sum().item() - 0.3) < 0.01
+
+
 def test_continued_pretraining_from_a_checkpoint(tiny_run, tmp_path):
     args = [f"--data={tiny_run['corpus']}", f"--data_root={tiny_run['root'] / 'data'}", f"--out_dir={tmp_path}",
             f"--init_from={tiny_run['out'] / 'ckpt.pt'}", "--act=silu", "--alpha=0.5", "--max_iters=20",
@@ -375,6 +484,26 @@ def test_continued_pretraining_from_a_checkpoint(tiny_run, tmp_path):
     s = train.main(args)
     assert s["act"] == "silu" and s["switch_iter"] == 10
     assert s["val_loss"] < 3.5  # it started from the trained weights, not from scratch
+
+
+def test_checkpoint_and_data_share_one_tokenizer(tiny_run, tmp_path):
+    """Scripts read a checkpoint's own tokenized text and vocabulary; a mismatch is one clear line."""
+    ckpt = tiny_run["out"] / "ckpt.pt"
+    state = torch.load(ckpt, weights_only=True)
+    own = data.checkpoint_data(state)
+    assert own == state["config"]["data_dir"] and own.endswith("gpt2-1024")
+    other = data.prepare(str(tiny_run["corpus"]), str(tiny_run["root"] / "data"), vocab=2048)
+    with pytest.raises(ValueError, match="tokenized with 'gpt2-2048'"):
+        data.checkpoint_data(state, other)
+    r = subprocess.run([sys.executable, "bench.py", f"--ckpt={ckpt}", f"--data_dir={other}"], cwd=HERE,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "tokenized with" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with pytest.raises(ConfigError, match="--vocab=2048, but the checkpoint's model has vocab 1024"):
+        train.main(["--init_from=resume", f"--out_dir={tiny_run['out']}", "--vocab=2048"])
+    rep = sample.main([f"--ckpt={ckpt}", "--num_samples=2", "--max_new_tokens=8", "--quiet=True", "--prompt=Romeo, the king"])
+    prompt = "Romeo, the king"  # ' king' is GPT-2's rank 5822: one token with 8192 ids, several with 1024
+    assert rep["prompt_ids"] == data.tokenizer(1024).encode_ordinary(prompt) != data.tokenizer(8192).encode_ordinary(prompt)
+    assert rep["samples"] == [data.tokenizer(1024).decode(ids) for ids in rep["sample_ids"]]
 
 
 def test_sample_stoch_is_diverse_and_relu_greedy_is_deterministic(tmp_path):
@@ -446,7 +575,7 @@ def test_quality_table_pairs_seeds_and_shows_the_switch(tmp_path, capsys, monkey
         d.mkdir(parents=True)
         switch = 300 - round(alpha * 300)
         (d / "summary.json").write_text(json.dumps(dict(
-            val_loss=val_loss, sparsity=0.6, dead_fraction=0.0, act=act, p=0.5, alpha=alpha, switch_iter=switch,
+            val_loss=val_loss, val_bpb=val_loss / 2, sparsity=0.6, dead_fraction=0.0, act=act, p=0.5, alpha=alpha, switch_iter=switch,
             iters=300, tokens=1000, seconds=10.0, eval_act="silu" if act == "silu" and alpha == 0 else "relu",
             params=1e6, device_name="cpu", threads=1, val_tokens=100)))
         (d / "log.jsonl").write_text("".join(json.dumps(dict(kind="eval", iter=i, eval_act="relu", val_loss_infer=v)) + "\n"
@@ -456,9 +585,9 @@ def test_quality_table_pairs_seeds_and_shows_the_switch(tmp_path, capsys, monkey
         fake("StochA p=0.5 + Swi+FT", seed, stoch, "stoch", 0.1, [(0, 9.0), (240, 6.0), (270, 5.5), (300, 5.3)])
     experiments.tables()
     text = capsys.readouterr().out
-    assert "| SILU | `--act=silu --alpha=0` | 5.100 ± 0.100 | +0.000 ± 0.000 | silu |" in text
+    assert "| SILU | `--act=silu --alpha=0` | 5.100 ± 0.100 | 2.550 ± 0.050 | +0.000 ± 0.000 | silu |" in text
     # paired: +0.1 and +0.04, whereas the unpaired spreads overlap; RELU at step 270 (the switch) -> 300
-    assert "| StochA p=0.5 + Swi+FT | `--act=stoch --p=0.5 --alpha=0.1` | 5.170 ± 0.070 | +0.070 ± 0.030 | relu |" in text
+    assert "| StochA p=0.5 + Swi+FT | `--act=stoch --p=0.5 --alpha=0.1` | 5.170 ± 0.070 | 2.585 ± 0.035 | +0.070 ± 0.030 | relu |" in text
     assert "| 5.500 -> 5.300 |" in text
 
 
@@ -478,7 +607,7 @@ def test_diversity_tables_and_plots_from_a_checkpoint(tiny_run, tmp_path, capsys
     import plot
     out = tmp_path / "exp"
     ckpt = tiny_run["out"] / "ckpt.pt"
-    settings = dict(out=str(out), ckpt=str(ckpt), data_dir=data.prepare(str(tiny_run["corpus"]), str(tiny_run["root"] / "data")),
+    settings = dict(out=str(out), ckpt=str(ckpt), data_dir="",  # "": the checkpoint's own tokenized text
                     n_prompts=2, prompt_tokens=8, num_samples=3, new_tokens=6)
     old = {k: getattr(experiments, k) for k in settings}
     try:
@@ -504,7 +633,8 @@ def test_diversity_tables_and_plots_from_a_checkpoint(tiny_run, tmp_path, capsys
     for r in rows.values():
         assert r["best_ll"] >= r["avg_ll"] and 0 <= r["distinct_2"] <= 1 and 0 <= r["self_bleu"] <= 1
     assert rows["temperature 1.0"]["distinct_2"] > rows["greedy"]["distinct_2"]
-    assert "| SILU | `--act=silu --alpha=0` | 1.6" in text  # the tiny run's summary, shown as a row
+    tiny = tiny_run["summary"]  # shown as a row, in nats per token and bits per byte
+    assert f"| SILU | `--act=silu --alpha=0` | {tiny['val_loss']:.3f} | {tiny['val_bpb']:.3f} | +0.000 |" in text
     assert "### Diversity" in text and "| p=0.7 |" in text
     try:
         import matplotlib  # noqa: F401  (optional: only plot.py needs it)

@@ -18,6 +18,7 @@ out_dir/log.jsonl (every logged row) and out_dir/summary.json.
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -31,7 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import ConfigError, configure, is_setting
-from data import prepare
+from data import check_vocab, prepare, token_bytes, tokenizer, tokenizer_name
 from model import ACTS, GPT, GPTConfig, check_act, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -39,6 +40,7 @@ from model import ACTS, GPT, GPTConfig, check_act, load_checkpoint
 out_dir = "out"
 data = "shakespeare"  # or a .txt file / a folder of .txt files
 data_root = "data"  # where tokenized corpora are cached
+vocab = 8192  # GPT-2's BPE cut to its first vocab-1 merges + <|endoftext|>; 50257 = GPT-2's own
 init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or a checkpoint path (continued pre-training)
 # the method
 act = "stoch"  # the activation before the switch: "stoch", "silu" or "relu"
@@ -72,7 +74,7 @@ log_interval = 10
 # system
 device = "auto"  # auto = cuda > mps > cpu
 dtype = "auto"  # auto = bfloat16 on CUDA when supported, else float32
-compile = None  # None = torch.compile on CUDA only
+compile = None  # None = torch.compile where it works: CUDA, or a CPU with a C++ compiler
 seed = 1337
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if is_setting(k, v)}
@@ -84,6 +86,7 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L
 
 def check_config(C):
     check_act(C.act, C.p)
+    check_vocab(C.vocab)
     if not 0.0 <= C.alpha <= 1.0:
         raise ConfigError(f"alpha must be in [0, 1], got {C.alpha}")
     if C.eval_act not in ("auto",) + ACTS:
@@ -98,6 +101,19 @@ def check_config(C):
         raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {C.dtype!r}")
     if C.compile not in (None, True, False):
         raise ConfigError(f"compile must be True, False or None, got {C.compile!r}")
+
+
+def compile_choice(setting, device_type):
+    """(use torch.compile?, why). Auto compiles on CUDA, and on a CPU when a C++ compiler is
+    there for inductor (1.3x faster training on 2 CPU cores); never on MPS (experimental)."""
+    if setting is not None:
+        return setting, "set by --compile"
+    if device_type == "cuda":
+        return True, "CUDA"
+    if device_type == "cpu":
+        cxx = shutil.which(os.environ.get("CXX") or "g++") or shutil.which("clang++") or shutil.which("c++")
+        return (True, f"CPU, C++ compiler {cxx}") if cxx else (False, "CPU without a C++ compiler")
+    return False, f"not on {device_type}"
 
 
 def pick_device(name):
@@ -130,24 +146,28 @@ def get_lr(it, C):
 
 
 @torch.no_grad()
-def evaluate(model, act, p, val_path, C, device, ctx, n_batches):
-    """Mean validation loss and per-layer FFN stats with the given activation, on fixed batches.
-    The RNG is forked so that evaluating never changes what training draws (exact resume)."""
+def evaluate(model, act, p, val_path, C, device, ctx, n_batches, tbytes):
+    """Mean validation loss (nats per token), bits per byte and per-layer FFN stats with the given
+    activation, on fixed batches. tbytes[id] is a token's length in UTF-8 bytes, so bits per byte =
+    summed nats / summed bytes / ln 2, comparable across tokenizers. The RNG is forked so that
+    evaluating never changes what training draws (exact resume)."""
     devices = [torch.cuda.current_device()] if device.startswith("cuda") else []
     with torch.random.fork_rng(devices=devices):
         was_act, was_p = model.config.act, model.config.p
         model.eval()
         model.set_act(act, p)
         gen = torch.Generator().manual_seed(1234)
-        losses = []
+        nats, n_bytes = 0.0, 0
         with model.ffn_stats() as layers:
             for _ in range(n_batches):
                 x, y = get_batch(val_path, gen, C.batch_size, C.block_size, device)
                 with ctx:
-                    losses.append(model(x, y)[1].item())
+                    nats += model(x, y)[1].item() * y.numel()  # the mean over the batch's tokens, summed
+                n_bytes += tbytes[y].sum().item()
         model.set_act(was_act, was_p)
         model.train()
-    return dict(loss=sum(losses) / len(losses), sparsity=sum(l["sparsity"] for l in layers) / len(layers),
+    return dict(loss=nats / (n_batches * C.batch_size * C.block_size), bpb=nats / max(n_bytes, 1) / math.log(2),
+                sparsity=sum(l["sparsity"] for l in layers) / len(layers),
                 dead=sum(l["dead"] for l in layers) / len(layers), layers=layers)
 
 
@@ -177,11 +197,19 @@ def log_row(C, master, **row):
 def main(argv):
     cfg = dict(DEFAULTS)
     overrides = configure(cfg, argv)
-    ckpt = None
+    ckpt = source = None
     if cfg["init_from"] == "resume":  # the saved config, then whatever the command line changes
         ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
         cfg.update({k: v for k, v in ckpt["config"].items() if k in DEFAULTS})
         cfg.update(overrides, init_from="resume")
+        model_vocab = ckpt["model_args"]["vocab_size"]
+    elif cfg["init_from"] != "scratch":  # continued pre-training from another run's weights
+        source = load_checkpoint(cfg["init_from"])
+        model_vocab = source["model_args"]["vocab_size"]
+    if ckpt is not None or source is not None:  # the weights fix the tokenizer: take it, or refuse a different one
+        if "vocab" in overrides and overrides["vocab"] != model_vocab:
+            raise ConfigError(f"--vocab={overrides['vocab']}, but the checkpoint's model has vocab {model_vocab}")
+        cfg["vocab"] = model_vocab
     C = SimpleNamespace(**cfg)
     check_config(C)
 
@@ -200,18 +228,20 @@ def main(argv):
         C.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     ptdtype = getattr(torch, C.dtype)
     ctx = torch.autocast(device_type, dtype=ptdtype) if device_type == "cuda" and C.dtype != "float32" else nullcontext()
-    use_compile = device_type == "cuda" if C.compile is None else C.compile
+    use_compile, compile_why = compile_choice(C.compile, device_type)
     if C.eval_act == "auto":  # resolved here, so that checkpoints carry it for sample.py and bench.py
         C.eval_act = "silu" if C.act == "silu" and C.alpha == 0 else "relu"
     eval_act = C.eval_act
     switch_iter = C.max_iters - round(C.alpha * C.max_iters)  # act before it, relu from it on
 
-    data_dir = prepare(C.data, C.data_root) if master else None
+    data_dir = prepare(C.data, C.data_root, C.vocab) if master else None
     if ddp:  # rank 0 prepares the data once, the others wait for it
         box = [data_dir]
         dist.broadcast_object_list(box, src=0)
         data_dir = box[0]
+    C.data_dir = data_dir  # stored in checkpoints, so that sample.py, bench.py, experiments.py read the same ids
     train_path, val_path = os.path.join(data_dir, "train.bin"), os.path.join(data_dir, "val.bin")
+    tbytes = torch.from_numpy(token_bytes(tokenizer(C.vocab))).to(C.device)
     for path in (train_path, val_path):
         n = os.path.getsize(path) // 2
         if n <= C.block_size:
@@ -220,14 +250,14 @@ def main(argv):
 
     torch.manual_seed(C.seed + rank)
     data_gen = torch.Generator().manual_seed(C.seed + 1000 + rank)
-    if ckpt is None and C.init_from != "scratch":  # continued pre-training from another run's weights
-        source = load_checkpoint(C.init_from)
+    if source is not None:  # continued pre-training from another run's weights
         model_args = dict(source["model_args"], act=C.act, p=C.p, dropout=C.dropout)
         model = GPT(GPTConfig(**model_args))
         model.load_state_dict(source["model"])
+        del source
     else:  # from scratch, or resuming this run's own checkpoint
         model_args = ckpt["model_args"] if ckpt is not None else dict(
-            vocab_size=50257, block_size=C.block_size, n_layer=C.n_layer, n_head=C.n_head, n_kv_head=C.n_kv_head,
+            vocab_size=C.vocab, block_size=C.block_size, n_layer=C.n_layer, n_head=C.n_head, n_kv_head=C.n_kv_head,
             n_embd=C.n_embd, ffn_hidden=C.ffn_hidden, act=C.act, p=C.p, dropout=C.dropout)
         model = GPT(GPTConfig(**model_args))
         if ckpt is not None:
@@ -256,10 +286,16 @@ def main(argv):
                   "the data order and StochA draws will differ from an uninterrupted run")
         del ckpt
     scaler = torch.amp.GradScaler(device_type, enabled=C.dtype == "float16")
-    if use_compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
+
+    def wrap(compiled):
+        m = torch.compile(raw) if compiled else raw
+        return DDP(m, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None) if ddp else m
+    if use_compile and device_type == "cpu":
+        # inductor's CPU kernels accumulate the embedding's gradient with atomic adds, in a different
+        # order each run; deterministic mode keeps compiled training (and resume) bit-exact
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN fill: nothing reads it
+    model = wrap(use_compile)
 
     if master:
         os.makedirs(C.out_dir, exist_ok=True)
@@ -274,8 +310,8 @@ def main(argv):
                              or (r["iter"] == start_iter and r["kind"] == "train"))
         tokens_per_iter = C.batch_size * C.block_size * C.grad_accum * world
         name = torch.cuda.get_device_name() if device_type == "cuda" else device_type
-        print(f"device {C.device} ({name}), dtype {C.dtype}, compile {use_compile}, processes {world}, "
-              f"threads {torch.get_num_threads()}")
+        print(f"device {C.device} ({name}), dtype {C.dtype}, compile {use_compile} ({compile_why}), "
+              f"processes {world}, threads {torch.get_num_threads()}")
         print(f"model: {raw.num_params() / 1e6:.2f}M parameters, {raw.config.n_layer} layers, d={raw.config.n_embd}, "
               f"ffn_hidden={raw.config.ffn_hidden}; data {data_dir}; {tokens_per_iter:,} tokens per step")
         print(f"schedule: {C.act}" + (f" (p={C.p})" if C.act == "stoch" else "") + f" for steps [0, {switch_iter})"
@@ -298,10 +334,13 @@ def main(argv):
     run_start = time.time()
     t0, tokens = time.time(), 0
     it = start_iter
+    compiling = True
+    timed = [0, 0.0]  # tokens and seconds of the logged training steps, for the summary's tokens/s
     while True:
         cur_act = C.act if it < switch_iter else "relu"
         if raw.config.act != cur_act:
             raw.set_act(cur_act, C.p)
+            compiling = True
             if master and it > start_iter:
                 print(f"iter {it}: switching the FFN activation to {cur_act} (Swi+FT)")
         lr = get_lr(it, C)
@@ -315,28 +354,56 @@ def main(argv):
             halt = flag.item() > 0
         if (it % C.eval_interval == 0 or it == C.max_iters) and master and not halt:
             t_eval = time.time()
-            res = evaluate(raw, cur_act, C.p, val_path, C, C.device, ctx, C.eval_iters)
-            row = dict(kind="eval", iter=it, act=cur_act, val_loss=res["loss"])
+            res = evaluate(raw, cur_act, C.p, val_path, C, C.device, ctx, C.eval_iters, tbytes)
+            row = dict(kind="eval", iter=it, act=cur_act, val_loss=res["loss"], val_bpb=res["bpb"])
             if eval_act != cur_act:
-                res = evaluate(raw, eval_act, C.p, val_path, C, C.device, ctx, C.eval_iters)
-            row.update(eval_act=eval_act, val_loss_infer=res["loss"], sparsity=res["sparsity"], dead=res["dead"])
+                res = evaluate(raw, eval_act, C.p, val_path, C, C.device, ctx, C.eval_iters, tbytes)
+            row.update(eval_act=eval_act, val_loss_infer=res["loss"], val_bpb_infer=res["bpb"], sparsity=res["sparsity"],
+                       dead=res["dead"])
             log_row(C, master, **row)
-            print(f"iter {it}: val loss {row['val_loss']:.4f} ({cur_act}), {res['loss']:.4f} ({eval_act}), "
-                  f"{eval_act} sparsity {100 * res['sparsity']:.1f}%, dead units {100 * res['dead']:.1f}%")
+            print(f"iter {it}: val loss {row['val_loss']:.4f} ({cur_act}), {res['loss']:.4f} nats/token = "
+                  f"{res['bpb']:.3f} bits/byte ({eval_act}), {eval_act} sparsity {100 * res['sparsity']:.1f}%, "
+                  f"dead units {100 * res['dead']:.1f}%")
             t0 += time.time() - t_eval  # tokens/s counts training time only
         if (it % C.eval_interval == 0 and it > start_iter) or it == C.max_iters or halt:
             save_checkpoint(ckpt_path, raw, optimizer, C, it, data_gen, rank, world)
         if it == C.max_iters or halt:
             break
 
-        loss_sum = 0.0
-        for micro in range(C.grad_accum):
-            x, y = get_batch(train_path, data_gen, C.batch_size, C.block_size, C.device)
-            sync = nullcontext() if not ddp or micro == C.grad_accum - 1 else model.no_sync()
-            with sync, ctx:
-                loss = model(x, y)[1] / C.grad_accum
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
+        def step():
+            loss_sum = 0.0
+            for micro in range(C.grad_accum):
+                x, y = get_batch(train_path, data_gen, C.batch_size, C.block_size, C.device)
+                sync = nullcontext() if not ddp or micro == C.grad_accum - 1 else model.no_sync()
+                with sync, ctx:
+                    loss = model(x, y)[1] / C.grad_accum
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            return loss_sum
+        compiled_now = use_compile and compiling
+        if compiled_now:  # the first step, and the first after the switch, compile
+            t_compile = time.time()
+            rng = (torch.get_rng_state(), data_gen.get_state(),
+                   torch.cuda.get_rng_state() if device_type == "cuda" else None)
+            try:
+                loss_sum = step()
+            except Exception as e:  # inductor needs a working compiler and toolchain: fall back to eager
+                if master:
+                    print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
+                          "training eagerly (--compile=False skips the attempt)")
+                torch.set_rng_state(rng[0])  # redo the step exactly as it would have run
+                data_gen.set_state(rng[1])
+                if rng[2] is not None:
+                    torch.cuda.set_rng_state(rng[2])
+                optimizer.zero_grad(set_to_none=True)
+                use_compile = False
+                model = wrap(False)
+                loss_sum = step()
+            else:
+                if master:
+                    print(f"iter {it}: compiled the {cur_act} training step in {time.time() - t_compile:.0f} s")
+        else:
+            loss_sum = step()
         if C.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw.parameters(), C.grad_clip)
@@ -345,24 +412,31 @@ def main(argv):
         optimizer.zero_grad(set_to_none=True)
         tokens += C.batch_size * C.block_size * C.grad_accum * world
         it += 1
+        if compiled_now:  # tokens/s counts training, not compiling
+            compiling = False
+            t0, tokens = time.time(), 0
 
         if it % C.log_interval == 0 and master:
             dt = time.time() - t0
-            tok_s = tokens / dt
+            tok_s = tokens / dt if tokens else None  # None right after a compiling step
+            timed[0] += tokens
+            timed[1] += dt if tokens else 0.0
             loss_val = loss_sum.item()
-            mfu = f", MFU {100 * flops_per_token * tok_s / (peak * world):.1f}%" if peak else ""
-            print(f"iter {it}: loss {loss_val:.4f}, lr {lr:.2e}, act {cur_act}, {tok_s:,.0f} tok/s{mfu}", flush=True)
+            mfu = f", MFU {100 * flops_per_token * tok_s / (peak * world):.1f}%" if peak and tok_s else ""
+            speed = f"{tok_s:,.0f} tok/s" if tok_s else "compiling"
+            print(f"iter {it}: loss {loss_val:.4f}, lr {lr:.2e}, act {cur_act}, {speed}{mfu}", flush=True)
             log_row(C, master, kind="train", iter=it, loss=loss_val, lr=lr, act=cur_act, tok_per_s=tok_s)
             t0, tokens = time.time(), 0
 
     seconds = time.time() - run_start
     summary = None
     if master and it == C.max_iters and not halt:
-        res = evaluate(raw, eval_act, C.p, val_path, C, C.device, ctx, C.final_eval_iters)
-        summary = dict(val_loss=res["loss"], sparsity=res["sparsity"], dead_fraction=res["dead"], act=C.act, p=C.p,
+        res = evaluate(raw, eval_act, C.p, val_path, C, C.device, ctx, C.final_eval_iters, tbytes)
+        summary = dict(val_loss=res["loss"], val_bpb=res["bpb"], sparsity=res["sparsity"], dead_fraction=res["dead"], act=C.act, p=C.p,
                        alpha=C.alpha, eval_act=eval_act, switch_iter=switch_iter, iters=C.max_iters,
                        tokens=C.max_iters * C.batch_size * C.block_size * C.grad_accum * world,
-                       seconds=round(seconds, 1), resumed_from=start_iter, device=C.device,
+                       seconds=round(seconds, 1), train_tok_per_s=round(timed[0] / timed[1]) if timed[1] else None,
+                       compile=use_compile, vocab=C.vocab, tokenizer=tokenizer_name(C.vocab), resumed_from=start_iter, device=C.device,
                        device_name=torch.cuda.get_device_name() if device_type == "cuda" else device_type,
                        threads=torch.get_num_threads(), processes=world, dtype=C.dtype, params=raw.num_params(),
                        val_tokens=C.final_eval_iters * C.batch_size * C.block_size, data=data_dir,
@@ -370,8 +444,10 @@ def main(argv):
                        dead_per_layer=[l["dead"] for l in res["layers"]])
         with open(os.path.join(C.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
-        print(f"done in {seconds:.0f} s: val loss {summary['val_loss']:.4f} with {eval_act}, FFN sparsity "
-              f"{100 * summary['sparsity']:.1f}%, dead units {100 * summary['dead_fraction']:.1f}% "
+        print(f"done in {seconds:.0f} s: val loss {summary['val_loss']:.4f} nats/token = {summary['val_bpb']:.3f} bits/byte "
+              f"with {eval_act}, FFN sparsity {100 * summary['sparsity']:.1f}% (layers "
+              f"{' / '.join(f'{100 * s:.0f}' for s in summary['sparsity_per_layer'])}), dead units "
+              f"{100 * summary['dead_fraction']:.1f}%, training {summary['train_tok_per_s'] or 0:,} tok/s "
               f"-> {os.path.join(C.out_dir, 'summary.json')}")
     elif master and halt:
         print(f"stopped at iter {it}; continue with: python train.py --init_from=resume --out_dir={C.out_dir}")

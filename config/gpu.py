@@ -4,6 +4,7 @@
 # Shakespeare holds only 1.4M training tokens: 3000 steps of 8k tokens is ~17 passes, so dropout is on.
 # With more text (--data=PATH), raise max_iters and drop dropout.
 out_dir = "out-gpu"
+vocab = 50257  # GPT-2's full BPE: at this width the embedding no longer dominates
 n_layer = 8
 n_head = 8
 n_kv_head = 4
