@@ -26,23 +26,32 @@ ACTS = ("silu", "relu", "stoch")
 # the activations
 
 
+def silu(x):
+    """x * sigmoid(x), also at -inf: there F.silu gives -inf * 0 = NaN, and the limit is 0. The clamp
+    changes no value (below -1e4 silu is -0.0 in every float format), and NaN still propagates."""
+    return F.silu(x.clamp(min=-1e4))
+
+
 def stoch_act(x, p, generator=None):
     """StochA: x for x >= 0; for x < 0, silu(x) with probability p and 0 (relu) otherwise.
     One independent draw per element at every call. Autograd gives the paper's gradient:
-    1 for x > 0, silu'(x) where silu was drawn, 0 where relu was drawn."""
+    1 for x > 0, silu'(x) where silu was drawn, 0 where relu was drawn. p = 0 is exactly relu,
+    for every float (-inf gives 0, NaN stays NaN)."""
+    check_p(p)
     # draws in fp32 even under bf16 autocast, so the rate is p and not p rounded to bf16's grid
     use_silu = torch.rand(x.shape, device=x.device, generator=generator) < p
-    return torch.where(x >= 0, x, F.silu(x) * use_silu)
+    # silu only where x < 0: clamped to [-1e4, 0], which changes none of those values and keeps
+    # -inf (silu -> 0) and +inf (no NaN gradient from the branch not taken) finite; NaN passes through
+    return torch.where(x < 0, F.silu(x.clamp(-1e4, 0.0)) * use_silu, x)
 
 
 def activation(x, act, p=0.0, generator=None):
+    check_act(act, p)
     if act == "silu":
-        return F.silu(x)
+        return silu(x)
     if act == "relu":
         return F.relu(x)
-    if act == "stoch":
-        return stoch_act(x, p, generator)
-    raise ValueError(f"unknown act {act!r}, expected one of {ACTS}")
+    return stoch_act(x, p, generator)
 
 # -----------------------------------------------------------------------------
 # the small parts
@@ -191,7 +200,11 @@ class GPTConfig:
 def check_act(act, p):
     if act not in ACTS:
         raise ValueError(f"unknown act {act!r}, expected one of {ACTS}")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+    check_p(p)
+
+
+def check_p(p):
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:  # NaN fails too
         raise ValueError(f"p must be a number in [0, 1], got {p!r}")
 
 

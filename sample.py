@@ -54,7 +54,9 @@ def distinct_n(samples, n):
 
 def bleu(hyp, refs, max_n=4):
     """Sentence BLEU of hyp against refs with clipped counts, the brevity penalty of the closest
-    reference length, and add-one smoothing of the n > 1 precisions (Lin and Och, 2004)."""
+    reference length, and add-one smoothing of the n > 1 precisions (Lin and Och, 2004), as NLTK's
+    sentence_bleu with smoothing method 2: an order with no n-gram in hyp (a short sample) counts as
+    0 matches of 1, smoothed to 1/2, rather than being dropped."""
     if not hyp or not refs:
         return 0.0
     log_p = 0.0
@@ -65,10 +67,10 @@ def bleu(hyp, refs, max_n=4):
             for g, c in Counter(ngrams(r, n)).items():
                 max_ref[g] = max(max_ref[g], c)
         clipped = sum(min(c, max_ref[g]) for g, c in counts.items())
-        total = max(len(hyp) - n + 1, 0)
+        total = max(len(hyp) - n + 1, 1)
         if n == 1 and clipped == 0:
             return 0.0
-        log_p += math.log((clipped + (n > 1)) / (total + (n > 1))) / max_n if total else 0.0
+        log_p += math.log((clipped + (n > 1)) / (total + (n > 1))) / max_n
     ref_len = min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
     bp = 1.0 if len(hyp) > ref_len else math.exp(1 - ref_len / len(hyp))
     return bp * math.exp(log_p)

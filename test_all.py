@@ -55,6 +55,34 @@ def write_corpus(folder, n_docs=12, seed=0):
 # the stochastic activation
 
 
+def test_activations_at_every_float_edge():
+    """-inf, +inf, NaN, signed zeros, denormals, huge values: stoch with p = 0 is relu, silu's limit at
+    -inf is 0 (F.silu gives NaN there), NaN stays NaN, and no finite or infinite input gets a NaN gradient."""
+    from model import activation
+    edges = [float("-inf"), float("inf"), float("nan"), -0.0, 0.0, -1e30, 1e30, -1e-45, 1e-45, -100.0, -3.0, 2.0]
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        x = torch.tensor(edges, dtype=torch.float32).to(dtype)  # out-of-range values round to +-inf in fp16
+        relu = F.relu(x)
+        for p in (0.0, 0.5, 1.0):
+            y = stoch_act(x, p)
+            assert torch.equal(y.isnan(), x.isnan()) and torch.equal(y[x >= 0], x[x >= 0])
+            assert torch.equal(y[x == float("-inf")], torch.zeros_like(y[x == float("-inf")]))
+        same = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # NaN == NaN here
+        same(stoch_act(x, 0.0), relu)
+        same(activation(x, "stoch", 0.0), relu)
+        silu = activation(x, "silu")
+        assert silu[0] == 0 and silu[1] == float("inf") and silu[2].isnan()
+        finite = x.isfinite()
+        assert torch.equal(silu[finite], F.silu(x[finite]))  # elsewhere exactly F.silu
+    x = torch.tensor(edges, requires_grad=True)
+    stoch_act(x, 1.0).sum().backward()
+    assert not x.grad[~torch.tensor(edges).isnan()].isnan().any()
+    for bad in (float("nan"), -0.1, 1.5, float("inf"), True, "0.5", None):
+        for call in (lambda: stoch_act(x, bad), lambda: activation(x, "stoch", bad), lambda: activation(x, "relu", bad)):
+            with pytest.raises(ValueError, match="p must be"):
+                call()
+
+
 def test_stoch_p0_is_relu_and_p1_is_silu_on_the_negative_side():
     x = torch.randn(4096, dtype=torch.float64, requires_grad=True)
     y0 = stoch_act(x, 0.0)
@@ -539,6 +567,20 @@ def test_diversity_metrics():
     apart = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]
     assert sample.distinct_n(apart, 2) == 1.0 and sample.self_bleu(apart) == 0.0
     assert 0 < sample.bleu([1, 2, 3, 4, 9], [[1, 2, 3, 4, 5]]) < 1
+
+
+@pytest.mark.parametrize("hyp,refs,want", [  # values from NLTK 3.9.1: sentence_bleu(refs, hyp, smoothing method2)
+    ([1, 2], [[1, 2, 3], [2, 1]], 0.7071067811865476),  # shorter than 4: missing orders count 0 of 1, smoothed
+    ([1], [[1]], 0.5946035575013605),
+    ([1, 2, 3], [[1, 2, 3]], 0.8408964152537145),
+    ([1, 2, 3], [[1, 2, 3, 4, 5, 6, 7]], 0.22165788851265286),  # and the brevity penalty
+    ([3, 3, 3, 3], [[3, 3], [3]], 0.4518010018049224),  # clipped counts
+    ([1, 2, 3, 4, 5, 6], [[1, 2, 3, 9, 5, 6], [6, 5, 4]], 0.5081327481546147),
+    ([1, 2, 3, 4, 5], [[1, 2, 3, 4, 5]], 1.0),
+    ([1], [[2]], 0.0),  # no unigram in common
+])
+def test_bleu_matches_the_standard_definition_at_every_length(hyp, refs, want):
+    assert sample.bleu(hyp, refs) == pytest.approx(want, abs=1e-12)
 
 
 # -----------------------------------------------------------------------------
