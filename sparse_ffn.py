@@ -159,10 +159,15 @@ class SparseFFN:
             raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (call .contiguous())")
+        if t.is_neg() or t.is_conj():  # its raw memory holds the un-negated values: writing there is wrong
+            raise ValueError(f"{name} is a lazy negated or conjugated view: pass a plain tensor "
+                             "(.resolve_neg() / .resolve_conj() give one)")
 
     def __call__(self, x, out=None):
         """y = W2 (relu(W1 x) * (W3 x)) for x (B, d). out: an optional (B, d) buffer, overwritten."""
         x = _as_tensor(x, "x")
+        if x.is_neg() or x.is_conj():  # a lazy view: the kernels read raw memory, so materialize it
+            x = x.resolve_neg().resolve_conj()
         self._check(x, "x")
         if x.requires_grad and torch.is_grad_enabled():
             raise ValueError("the sparse kernels compute no gradients: call under torch.no_grad() "

@@ -870,6 +870,27 @@ def test_rejects_bad_inputs():
 
 
 @pytest_kernel
+@pytest.mark.parametrize("backend", ["c", "torch"])
+def test_lazy_negated_views(backend):
+    """x._neg_view() keeps the un-negated values in memory: the kernel sees the negated values (x
+    and weights are materialized), and an `out` that is such a view is refused."""
+    ffn, x = ref_ffn(33, 70), torch.randn(3, 33)
+    set_sparsity(ffn, -x, 0.8, torch.Generator().manual_seed(2))
+    kernel = sparse_ffn.SparseFFN(ffn, backend=backend)
+    with torch.no_grad():
+        want = ffn(-x)
+        neg = x._neg_view()
+        assert neg.is_neg() and neg.is_contiguous()
+        check_close(kernel(neg), want, atol=1e-5, rtol=1e-4)
+        check_close(kernel.apply(neg), want, atol=1e-5, rtol=1e-4)
+        packed = sparse_ffn.SparseFFN(ffn.w1.weight._neg_view(), ffn.w3.weight._neg_view(), ffn.w2.weight._neg_view(),
+                                      backend=backend)  # relu(-W1 x) * (-W3 x) then -W2: the FFN of -x, negated
+        check_close(packed(x), -want, atol=1e-5, rtol=1e-4)
+        with pytest.raises(ValueError, match="lazy negated"):
+            kernel(x, out=torch.empty(3, 33)._neg_view())
+
+
+@pytest_kernel
 def test_attach_matches_model():
     torch.manual_seed(int(torch.randint(1 << 30, ())))
     config = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, act="relu")
