@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from train import read_log
+
 # -----------------------------------------------------------------------------
 out = "out-exp"
 config = "config/sweep.py"  # every quality run's base; on a GPU e.g. config/gpu.py (and --out=out-exp-gpu)
@@ -183,7 +185,7 @@ def quality_rows():
         path = os.path.join(d, "summary.json")
         if not os.path.exists(path):
             continue
-        evals = [r for r in map(json.loads, open(os.path.join(d, "log.jsonl"))) if r["kind"] == "eval"]
+        evals = [r for r in read_log(os.path.join(d, "log.jsonl")) if r["kind"] == "eval"]
         flags = " ".join(a for a in argv[1:] if not a.startswith(("--seed=", "--out_dir=", "--init_from=")))
         entry = table.setdefault((group, name), dict(flags=flags, runs=[]))
         summary = json.load(open(path))

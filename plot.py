@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 from configurator import configure
+from train import read_log
 
 out = "out-exp"
 config = "config/sweep.py"  # as experiments.py's --config
@@ -21,7 +22,7 @@ assets = "assets"
 
 
 def load_log(d):
-    rows = [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
+    rows = read_log(os.path.join(d, "log.jsonl"))
     return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
 
 

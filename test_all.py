@@ -452,6 +452,23 @@ def test_resume_after_interrupt_gives_the_same_losses(tiny_run, tmp_path, compil
     assert a["val_loss"] == b["val_loss"] and a["sparsity"] == b["sparsity"]
 
 
+def test_resume_survives_a_torn_log_and_a_stale_tmp(tiny_run, tmp_path, capsys):
+    """A kill mid-append tears log.jsonl's last line, a kill mid-save leaves ckpt.pt.tmp: resume
+    drops what it cannot parse (and says so), ignores the tmp, and goes on from the checkpoint."""
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run["out"], out)
+    good = (out / "log.jsonl").read_text()
+    (out / "log.jsonl").write_text(good + '{"kind": "train", "iter": 1' + "\n" + "\x00\xff garbage\n" + '"a string"\n')
+    (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
+    s = train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=160", "--eval_interval=50"])
+    assert "dropped 3 unreadable line(s)" in capsys.readouterr().out
+    assert s["iters"] == 160 and s["resumed_from"] == 150 and not (out / "ckpt.pt.tmp").exists()
+    rows = train.read_log(out / "log.jsonl")
+    assert [r["iter"] for r in rows if r["kind"] == "train"][-2:] == [150, 160]
+    assert len(good.splitlines()) + 2 == len((out / "log.jsonl").read_text().splitlines())  # + train 160, eval 160
+
+
 def tiny_losses(tiny_run, out, *extra, env=None):
     args = [f"--data={tiny_run['corpus']}", f"--data_root={tiny_run['root'] / 'data'}", f"--out_dir={out}",
             "--max_iters=12", "--eval_interval=6", "--log_interval=1", "--alpha=0.25"] + TINY + list(extra)

@@ -188,6 +188,25 @@ def save_checkpoint(path, raw_model, optimizer, C, it, data_gen, rank, world):
         os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
 
 
+def read_log(path):
+    """The rows of a log.jsonl. A run killed mid-append can leave a torn last line; the checkpoint,
+    not the log, is the truth, so unreadable lines are dropped, and said so, rather than fatal."""
+    rows, bad = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                if isinstance(row, dict) and isinstance(row.get("iter"), int) and row.get("kind") in ("train", "eval"):
+                    rows.append(row)
+                    continue
+            except ValueError:
+                pass
+            bad += line.strip() != ""
+    if bad:
+        print(f"{path}: dropped {bad} unreadable line(s), e.g. torn by a kill mid-write")
+    return rows
+
+
 def log_row(C, master, **row):
     if master:
         with open(os.path.join(C.out_dir, "log.jsonl"), "a") as f:
@@ -299,11 +318,13 @@ def main(argv):
 
     if master:
         os.makedirs(C.out_dir, exist_ok=True)
+        if os.path.exists(os.path.join(C.out_dir, "ckpt.pt.tmp")):  # left by a kill mid-save: never read
+            os.remove(os.path.join(C.out_dir, "ckpt.pt.tmp"))
         log_path = os.path.join(C.out_dir, "log.jsonl")
         if start_iter == 0:
             open(log_path, "w").close()
         elif os.path.exists(log_path):  # drop rows from after the checkpoint: they are about to be redone
-            rows = [json.loads(line) for line in open(log_path)]
+            rows = read_log(log_path)
             with open(log_path, "w") as f:
                 # a train row's iter counts the steps done (kept up to start_iter); evals at start_iter rerun
                 f.writelines(json.dumps(r) + "\n" for r in rows if r["iter"] < start_iter
