@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_ffn
-from configurator import configure
+from configurator import between, configure, either, existing_dir, existing_file, int_list, new_file, one_of, positive_int
 from data import checkpoint_data
 from model import GPT, GPTConfig, load_checkpoint
 
@@ -65,7 +65,33 @@ def _arg(a):  # --quick means --quick=True; list-valued settings stay strings: -
     return f"--{key}={val!r}" if isinstance(globals().get(key), str) and not val[:1] in "'\"" else a
 
 
-configure(globals(), [_arg(a) for a in sys.argv[1:]])
+def listed(allowed):  # a comma-separated list of these names
+    return lambda v: None if v and all(x in allowed for x in v.split(",")) else f"a comma-separated list of {', '.join(allowed)}"
+
+
+def dxh_list(v):
+    try:
+        ok = all(len(p) == 2 and min(p) >= 1 for p in (tuple(int(x) for x in s.split("x")) for s in v.split(",")))
+    except ValueError:
+        ok = False
+    return None if ok else "a comma-separated list of d x h pairs like 256x704,2048x8192"
+
+
+RULES = dict(
+    devices=either(one_of(""), listed(["cpu"] + (["cuda"] if torch.cuda.is_available() else []))),
+    sizes=either(one_of(""), dxh_list), batches=int_list(1), sparsities=int_list(0, 100),
+    dtypes=listed(["float32", "bfloat16", "float16"]), gather=one_of(True, False), min_time=between(0, lo_open=True),
+    min_reps=positive_int, rotate_mb=between(0), threads=between(0, integer=True), e2e=one_of(True, False),
+    e2e_tokens=positive_int, ckpt=either(one_of(""), existing_file), data_dir=either(one_of(""), existing_dir),
+    quick=one_of(True, False), json=either(one_of(""), new_file), seed=between(0, integer=True),
+)
+try:  # every setting, and the checkpoint and its data, checked before minutes of benchmarking
+    configure(globals(), [_arg(a) for a in sys.argv[1:]], RULES)
+    if ckpt:
+        ckpt_state = load_checkpoint(ckpt)
+        data_dir = checkpoint_data(ckpt_state, data_dir)
+except (OSError, ValueError) as e:
+    sys.exit(f"error: {e}")
 if quick:
     batches, sparsities, min_time, min_reps = "1", "0,50,90,99", 0.1, 5
 if threads:
@@ -77,12 +103,6 @@ size_list = [tuple(int(v) for v in s.split("x")) for s in (sizes or f"{default.n
 device_list = devices.split(",") if devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 dtype_list = [getattr(torch, n) for n in dtypes.split(",")]
 rows = []
-if ckpt:  # checked before minutes of benchmarking: a missing checkpoint or mismatched data is one line
-    try:
-        ckpt_state = load_checkpoint(ckpt)
-        data_dir = checkpoint_data(ckpt_state, data_dir)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
 
 # -----------------------------------------------------------------------------
 # conditions, roofs, timing
@@ -336,9 +356,7 @@ print(f"bench.py: torch {torch.__version__}, {torch.get_num_threads()} threads, 
       f"({os.cpu_count()} logical CPUs), Python {platform.python_version()}")
 print(f"backends: {sparse_ffn.backends()}; C kernel: {sparse_ffn.c_info()}")
 for dev in device_list:
-    if dev == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("--devices=cuda but torch.cuda.is_available() is False")
+    if dev == "cuda":  # the rules let cuda through only when this torch sees a GPU
         meta["gpu"] = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
         print(f"\nGPU: {meta['gpu']}")
     rd, cp = read_bandwidth(dev)

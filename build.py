@@ -151,6 +151,9 @@ def build_cuda(verbose=False):
 
 
 def main():
+    unknown = [a for a in sys.argv[1:] if a not in ("-v", "--verbose", "--c")]
+    if unknown:
+        sys.exit(f"usage: python build.py [-v|--verbose] [--c (the C kernel only)]; unknown: {' '.join(unknown)}")
     verbose = "-v" in sys.argv or "--verbose" in sys.argv
     results = [("C kernel (_sparse_ffn_c)", build_c(verbose))]
     if "--c" not in sys.argv:

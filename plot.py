@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from configurator import configure
+from configurator import cli, configure, existing_dir, existing_file, new_dir
 from train import read_log
 
 out = "out-exp"
@@ -182,7 +182,7 @@ def save(plt, fig, name):
 
 
 def main(argv):
-    configure(globals(), argv)
+    configure(globals(), argv, dict(out=existing_dir, config=existing_file, assets=new_dir))
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -198,4 +198,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

@@ -14,15 +14,15 @@ more diverse) and self-BLEU-4 (each sample scored against the others, lower is m
 
 import json as jsonlib
 import math
-import sys
 from collections import Counter
 from types import SimpleNamespace
 
 import torch
 
-from configurator import configure, is_setting
+from configurator import (between, cli, configure, device as device_rule, either, existing_file, is_setting, new_file,
+                          one_of, optional, positive_int)
 from data import tokenizer
-from model import GPT, check_act, load_checkpoint
+from model import ACTS, GPT, load_checkpoint
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"
@@ -41,6 +41,14 @@ json = ""  # write the report (samples, scores, diversity) to this path
 quiet = False  # print the report only, not the samples
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if is_setting(k, v)}
+RULES = dict(
+    ckpt=existing_file, prompt=lambda v: None if not v.startswith("FILE:") or existing_file(v[5:]) is None
+    else "text, or FILE: and an existing file", act=one_of("auto", *ACTS), p=between(0, 1),
+    score_act=one_of("auto", "silu", "relu"),  # scoring must be deterministic
+    num_samples=positive_int, max_new_tokens=positive_int, temperature=between(0),
+    top_k=optional(positive_int), top_p=optional(between(0, 1, lo_open=True)), seed=between(0, integer=True),
+    device=device_rule, json=either(one_of(""), new_file), quiet=one_of(True, False),
+)
 
 
 def ngrams(seq, n):
@@ -92,22 +100,14 @@ def mean_log_likelihood(model, seqs, n_prompt):
 
 def main(argv):
     cfg = dict(DEFAULTS)
-    configure(cfg, argv)
+    configure(cfg, argv, RULES)
     C = SimpleNamespace(**cfg)
-    if C.num_samples < 1 or C.max_new_tokens < 1 or C.temperature < 0:
-        raise ValueError("need num_samples >= 1, max_new_tokens >= 1, temperature >= 0")
-    if C.top_p is not None and not 0 < C.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {C.top_p}")
     state = load_checkpoint(C.ckpt)
     model = GPT.from_checkpoint(state, C.device).eval()
     # train.py stores the inference activation it resolved; otherwise the model's own
     inference_act = state.get("config", {}).get("eval_act", model.config.act)
     gen_act = inference_act if C.act == "auto" else C.act
     score = inference_act if C.score_act == "auto" else C.score_act
-    check_act(gen_act, C.p)
-    check_act(score, C.p)
-    if score == "stoch":
-        raise ValueError("score_act must be deterministic: silu or relu")
 
     enc = tokenizer(model.config.vocab_size)  # the checkpoint's own vocabulary
     text = open(C.prompt[5:]).read() if C.prompt.startswith("FILE:") else C.prompt
@@ -148,7 +148,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli(main)

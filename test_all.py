@@ -275,13 +275,43 @@ def test_configurator(tmp_path):
         configure(cfg, [str(path)])
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--p=2"], "p must be"), (["--bogus=1"], "unknown key"), (["--act=gelu"], "unknown act"),
-    (["--alpha=1.5"], "alpha"), (["--init_from=resume", "--out_dir=/nonexistent/x"], "no checkpoint"),
-])
-def test_train_cli_errors_are_clear(args, message):
-    r = subprocess.run([sys.executable, "train.py"] + args, cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+A_FILE = os.path.join(HERE, "README.md")  # a regular file, for paths that put a folder under one
+BAD_INPUTS = [  # (script, args, what the one line must say); every script, every class of setting
+    ("train.py", ["--p=2"], "p must be a number in [0, 1]"), ("train.py", ["--p=nan"], "p must be float"),
+    ("train.py", ["--bogus=1"], "unknown key 'bogus'"), ("train.py", ["--act=gelu"], "act must be one of"),
+    ("train.py", ["--alpha=1.5"], "alpha must be"), ("train.py", ["--lr=-1"], "lr must be"),
+    ("train.py", ["--lr=0.01", "--min_lr=0.1"], "min_lr=0.1 must not exceed"), ("train.py", ["--vocab=100"], "vocab must be"),
+    ("train.py", ["--n_embd=30"], "n_embd=30 must be"), ("train.py", ["--compile=maybe"], "compile must be one of"),
+    ("train.py", ["--device=cuda"], "device must be"), ("train.py", ["--device=tpu"], "device must be"),
+    ("train.py", [f"--out_dir={A_FILE}/run"], "out_dir must be a folder path, but"),
+    ("train.py", ["--init_from=missing.pt"], "init_from must be"), ("train.py", ["--data=no/such/texts"], "data must be"),
+    ("train.py", ["--init_from=resume", "--out_dir=/nonexistent/x"], "no checkpoint at"),
+    ("train.py", ["no_such_config.py"], "config file no_such_config.py"),
+    ("sample.py", ["--top_k=0"], "top_k must be None or an int"), ("sample.py", ["--top_k=1.5"], "top_k must be"),
+    ("sample.py", ["--top_p=nan"], "top_p must be"), ("sample.py", ["--top_p=0"], "top_p must be"),
+    ("sample.py", ["--temperature=-1"], "temperature must be"), ("sample.py", ["--score_act=stoch"], "score_act must be"),
+    ("sample.py", ["--device=cuda:3"], "device must be"), ("sample.py", ["--ckpt=missing.pt"], "ckpt must be an existing file"),
+    ("sample.py", ["--prompt=FILE:missing.txt"], "prompt must be"), ("sample.py", [f"--json={HERE}"], "json must be one of '' or a file path"),
+    ("bench.py", ["--ckpt=missing.pt"], "ckpt must be one of '' or an existing file"), ("bench.py", ["--sizes=abc"], "sizes must be"),
+    ("bench.py", ["--batches=0"], "batches must be"), ("bench.py", ["--sparsities=101"], "sparsities must be"),
+    ("bench.py", ["--devices=cuda"], "devices must be"), ("bench.py", ["--dtypes=float64"], "dtypes must be"),
+    ("bench.py", [f"--json={A_FILE}/rows.json"], "json must be"), ("bench.py", ["--min_time=0"], "min_time must be"),
+    ("experiments.py", [], "usage: python experiments.py"), ("experiments.py", ["bogus"], "usage"),
+    ("experiments.py", ["tables", "--jobs=0"], "jobs must be"), ("experiments.py", ["tables", f"--out={A_FILE}/x"], "out must be"),
+    ("experiments.py", ["diversity", "--ckpt=missing.pt"], "no checkpoint at missing.pt"),
+    ("plot.py", ["--out=no/such/dir"], "out must be an existing folder"),
+    ("build.py", ["--bogus"], "usage: python build.py"),
+    ("data.py", ["--vocab=5"], "vocab must be"), ("data.py", ["--data=no/such/texts"], "data must be"),
+    ("data.py", ["--foo=1"], "unknown key 'foo'"), ("data.py", [f"--data_root={A_FILE}/d"], "data_root must be"),
+]
+
+
+@pytest.mark.parametrize("script,args,message", BAD_INPUTS, ids=[f"{s} {' '.join(a)}" for s, a, _ in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(script, args, message):
+    """Checked before any work (nothing printed before the error), one line, exit 1, no traceback."""
+    r = subprocess.run([sys.executable, script] + args, cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == "", (r.stdout, r.stderr)
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):

@@ -31,9 +31,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import ConfigError, configure, is_setting
-from data import check_vocab, prepare, token_bytes, tokenizer, tokenizer_name
-from model import ACTS, GPT, GPTConfig, check_act, load_checkpoint
+from configurator import (ConfigError, between, cli, configure, device as device_rule, either, existing_dir, existing_file,
+                          is_setting, new_dir, one_of, positive_int)
+from data import prepare, token_bytes, tokenizer, tokenizer_name
+from model import ACTS, GPT, GPTConfig, load_checkpoint
 
 # -----------------------------------------------------------------------------
 # defaults: a run that finishes in about ten minutes on a 2-core laptop CPU
@@ -84,23 +85,26 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L
               "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
+RULES = dict(
+    out_dir=new_dir, data=either(one_of("shakespeare"), existing_file, existing_dir), data_root=new_dir,
+    vocab=between(257, 50257, integer=True), init_from=either(one_of("scratch", "resume"), existing_file),
+    act=one_of(*ACTS), p=between(0, 1), alpha=between(0, 1), eval_act=one_of("auto", *ACTS),
+    n_layer=positive_int, n_head=positive_int, n_kv_head=positive_int, n_embd=positive_int,
+    ffn_hidden=between(0, integer=True), block_size=positive_int, dropout=between(0, 1, hi_open=True),
+    batch_size=positive_int, grad_accum=positive_int, max_iters=positive_int, lr=between(0, lo_open=True),
+    min_lr=between(0), warmup_iters=between(0, integer=True), weight_decay=between(0), beta1=between(0, 1, hi_open=True),
+    beta2=between(0, 1, hi_open=True), grad_clip=between(0), eval_interval=positive_int, eval_iters=positive_int,
+    final_eval_iters=positive_int, log_interval=positive_int, device=device_rule,
+    dtype=one_of("auto", "float32", "bfloat16", "float16"), compile=one_of(None, True, False), seed=between(0, integer=True),
+)
+
+
 def check_config(C):
-    check_act(C.act, C.p)
-    check_vocab(C.vocab)
-    if not 0.0 <= C.alpha <= 1.0:
-        raise ConfigError(f"alpha must be in [0, 1], got {C.alpha}")
-    if C.eval_act not in ("auto",) + ACTS:
-        raise ConfigError(f"eval_act must be auto or one of {ACTS}, got {C.eval_act!r}")
-    for key in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "final_eval_iters",
-                "log_interval", "block_size"):
-        if getattr(C, key) < 1:
-            raise ConfigError(f"{key} must be >= 1, got {getattr(C, key)}")
-    if C.lr <= 0 or C.min_lr < 0 or C.min_lr > C.lr or C.warmup_iters < 0:
-        raise ConfigError("need lr > 0, 0 <= min_lr <= lr, warmup_iters >= 0")
-    if C.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {C.dtype!r}")
-    if C.compile not in (None, True, False):
-        raise ConfigError(f"compile must be True, False or None, got {C.compile!r}")
+    """What the rules cannot see alone: settings that constrain each other."""
+    if C.min_lr > C.lr:
+        raise ConfigError(f"min_lr={C.min_lr} must not exceed lr={C.lr}")
+    GPTConfig(vocab_size=C.vocab, block_size=C.block_size, n_layer=C.n_layer, n_head=C.n_head, n_kv_head=C.n_kv_head,
+              n_embd=C.n_embd, ffn_hidden=C.ffn_hidden, act=C.act, p=C.p, dropout=C.dropout)  # head sizes etc.
 
 
 def compile_choice(setting, device_type):
@@ -121,11 +125,7 @@ def pick_device(name):
         if torch.cuda.is_available():
             return "cuda"
         return "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device={name}, but this torch sees no CUDA device")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device=mps, but MPS is not available")
-    return name
+    return name  # the rules checked that it exists
 
 
 def get_batch(path, gen, batch_size, block_size, device):
@@ -215,7 +215,7 @@ def log_row(C, master, **row):
 
 def main(argv):
     cfg = dict(DEFAULTS)
-    overrides = configure(cfg, argv)
+    overrides = configure(cfg, argv, RULES)
     ckpt = source = None
     if cfg["init_from"] == "resume":  # the saved config, then whatever the command line changes
         ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
@@ -229,6 +229,7 @@ def main(argv):
         if "vocab" in overrides and overrides["vocab"] != model_vocab:
             raise ConfigError(f"--vocab={overrides['vocab']}, but the checkpoint's model has vocab {model_vocab}")
         cfg["vocab"] = model_vocab
+        configure(cfg, [], RULES)  # the checkpoint's saved settings pass the same rules
     C = SimpleNamespace(**cfg)
     check_config(C)
 
@@ -486,7 +487,4 @@ if __name__ == "__main__":
     if sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ:
         os.environ["GLIBC_TUNABLES"] = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
         os.execv(sys.executable, [sys.executable] + sys.argv)
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:  # the user's input, not a bug: no traceback
-        sys.exit(f"error: {e}")
+    cli(main)
