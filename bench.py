@@ -56,13 +56,8 @@ seed = 0
 # -----------------------------------------------------------------------------
 
 
-def _arg(a):  # --quick means --quick=True; list-valued settings stay strings: --batches=1, --sparsities=90
-    key, eq, val = a[2:].partition("=")
-    if not a.startswith("--"):
-        return a
-    if not eq:
-        return a + "=True"
-    return f"--{key}={val!r}" if isinstance(globals().get(key), str) and not val[:1] in "'\"" else a
+def _arg(a):  # --quick means --quick=True
+    return a + "=True" if a.startswith("--") and "=" not in a else a
 
 
 def listed(allowed):  # a comma-separated list of these names

@@ -56,7 +56,10 @@ def configure(config, argv, rules=None):
             if "=" not in arg:
                 raise ConfigError(f"{arg}: expected --key=value")
             key, text = arg[2:].split("=", 1)
-            set_key(config, key, parse_value(text), arg)
+            value = parse_value(text)
+            if isinstance(config.get(key), str) and value is not None and not isinstance(value, str):
+                value = text  # a string setting takes the text as typed: --seeds=1337,1338, --batches=1
+            set_key(config, key, value, arg)
             overrides[key] = config[key]
         else:
             try:

@@ -273,6 +273,28 @@ def test_configurator(tmp_path):
     path.write_text("import os\n")
     with pytest.raises(ConfigError):
         configure(cfg, [str(path)])
+    strings = dict(seeds="1337,1338", batches="1,4,16", prompt="")
+    configure(strings, ["--seeds=1,2", "--batches=4", "--prompt=42"])  # a string setting takes the text as typed
+    assert strings == dict(seeds="1,2", batches="4", prompt="42")
+
+
+def test_config_rules():
+    from configurator import between, check_rules, either, int_list, new_dir, one_of, optional, positive_int
+    ok = {between(0, 1): [0, 1, 0.5], between(0, 1, lo_open=True, hi_open=True): [0.5],
+          between(1, integer=True): [1, 10**9], positive_int: [3], one_of("a", None): ["a", None],
+          one_of(True, False): [True, False], optional(positive_int): [None, 2], int_list(0, 100): ["0,50,100", "7"],
+          new_dir: ["/tmp/x/y", "."], either(one_of(""), positive_int): ["", 5]}
+    bad = {between(0, 1): [-0.1, 1.01, float("nan"), True, "0.5", None], between(0, 1, lo_open=True, hi_open=True): [0, 1],
+           between(1, integer=True): [0, 1.0, False], one_of("a", None): ["b", 0], one_of(True, False): [1, 0, None],
+           optional(positive_int): [0, 1.5], int_list(0, 100): ["", "a", "1,,2", "101", "-1"],
+           new_dir: ["", f"{A_FILE}/x", A_FILE], either(one_of(""), positive_int): ["x", 0]}
+    for rule, values in ok.items():
+        assert all(rule(v) is None for v in values), (rule, values)
+    for rule, values in bad.items():
+        for v in values:
+            assert isinstance(rule(v), str), (rule, v)
+    with pytest.raises(ConfigError, match="b must be an int"):  # what the user set is checked first
+        check_rules(dict(a=-1, b=0.5), dict(a=positive_int, b=positive_int), first={"b": 0.5})
 
 
 A_FILE = os.path.join(HERE, "README.md")  # a regular file, for paths that put a folder under one
