@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import (ConfigError, between, cli, configure, device as device_rule, either, existing_dir, existing_file,
                           is_setting, new_dir, one_of, positive_int)
-from data import prepare, token_bytes, tokenizer, tokenizer_name
+from data import GPT2_VOCAB, prepare, token_bytes, tokenizer, tokenizer_name
 from model import ACTS, GPT, GPTConfig, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -87,7 +87,7 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L
 
 RULES = dict(
     out_dir=new_dir, data=either(one_of("shakespeare"), existing_file, existing_dir), data_root=new_dir,
-    vocab=between(257, 50257, integer=True), init_from=either(one_of("scratch", "resume"), existing_file),
+    vocab=between(257, GPT2_VOCAB, integer=True), init_from=either(one_of("scratch", "resume"), existing_file),
     act=one_of(*ACTS), p=between(0, 1), alpha=between(0, 1), eval_act=one_of("auto", *ACTS),
     n_layer=positive_int, n_head=positive_int, n_kv_head=positive_int, n_embd=positive_int,
     ffn_hidden=between(0, integer=True), block_size=positive_int, dropout=between(0, 1, hi_open=True),
@@ -310,6 +310,7 @@ def main(argv):
     def wrap(compiled):
         m = torch.compile(raw) if compiled else raw
         return DDP(m, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None) if ddp else m
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     if use_compile and device_type == "cpu":
         # inductor's CPU kernels accumulate the embedding's gradient with atomic adds, in a different
         # order each run; deterministic mode keeps compiled training (and resume) bit-exact
@@ -352,6 +353,17 @@ def main(argv):
             print(f"\nsignal {signum}: checkpointing at the next step (again to abort)", flush=True)
     old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
+    def step():  # one optimizer step's forwards and backwards; `model` may change to eager
+        loss_sum = 0.0
+        for micro in range(C.grad_accum):
+            x, y = get_batch(train_path, data_gen, C.batch_size, C.block_size, C.device)
+            sync = nullcontext() if not ddp or micro == C.grad_accum - 1 else model.no_sync()
+            with sync, ctx:
+                loss = model(x, y)[1] / C.grad_accum
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        return loss_sum
+
     ckpt_path = os.path.join(C.out_dir, "ckpt.pt")
     run_start = time.time()
     t0, tokens = time.time(), 0
@@ -392,16 +404,6 @@ def main(argv):
         if it == C.max_iters or halt:
             break
 
-        def step():
-            loss_sum = 0.0
-            for micro in range(C.grad_accum):
-                x, y = get_batch(train_path, data_gen, C.batch_size, C.block_size, C.device)
-                sync = nullcontext() if not ddp or micro == C.grad_accum - 1 else model.no_sync()
-                with sync, ctx:
-                    loss = model(x, y)[1] / C.grad_accum
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            return loss_sum
         compiled_now = use_compile and compiling
         if compiled_now:  # the first step, and the first after the switch, compile
             t_compile = time.time()
@@ -475,6 +477,7 @@ def main(argv):
         print(f"stopped at iter {it}; continue with: python train.py --init_from=resume --out_dir={C.out_dir}")
     for s, handler in old_handlers.items():
         signal.signal(s, handler)
+    torch.use_deterministic_algorithms(was_deterministic)
     if ddp:
         dist.destroy_process_group()
     return summary
