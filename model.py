@@ -166,12 +166,12 @@ class Block(nn.Module):
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 8192  # GPT-2's BPE cut to 8,192 ids (data.py); padded up to a multiple of 64
+    vocab_size: int = 4096  # GPT-2's BPE cut to 4,096 ids (data.py); padded up to a multiple of 64
     block_size: int = 256  # the longest context, in tokens
-    n_layer: int = 4
+    n_layer: int = 8
     n_head: int = 4  # query heads
     n_kv_head: int = 2  # key/value heads (grouped-query attention); n_head = n_kv_head is plain MHA
-    n_embd: int = 256
+    n_embd: int = 192
     ffn_hidden: int = 0  # FFN hidden size; 0 = Llama's rule, 2/3 * 4 * n_embd rounded up to 64
     act: str = "stoch"  # the FFN activation: "silu", "relu" or "stoch" (StochA)
     p: float = 0.5  # StochA: probability of silu (rather than 0) for a negative input

@@ -41,37 +41,37 @@ from model import ACTS, GPT, GPTConfig, load_checkpoint
 out_dir = "out"
 data = "shakespeare"  # or a .txt file / a folder of .txt files
 data_root = "data"  # where tokenized corpora are cached
-vocab = 8192  # GPT-2's BPE cut to its first vocab-1 merges + <|endoftext|>; 50257 = GPT-2's own
+vocab = 4096  # GPT-2's BPE cut to its first vocab-1 merges + <|endoftext|>; 50257 = GPT-2's own
 init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or a checkpoint path (continued pre-training)
 # the method
 act = "stoch"  # the activation before the switch: "stoch", "silu" or "relu"
 p = 0.5  # StochA: probability of silu for a negative input
 alpha = 0.1  # the final fraction of the steps trained with relu (Swi+FT); 0 = no switch
 eval_act = "auto"  # the inference activation; auto = relu, or silu for a SILU run with alpha=0
-# model
-n_layer = 4
+# model: 4.0M parameters, 3.2M of them the transformer body (deeper and narrower is sparser)
+n_layer = 8
 n_head = 4
 n_kv_head = 2
-n_embd = 256
+n_embd = 192
 ffn_hidden = 0  # 0 = 8/3 * n_embd rounded up to 64
 block_size = 128
 dropout = 0.0
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 batch_size = 8  # sequences per micro-step, per process
 grad_accum = 1
-max_iters = 450
-lr = 2e-3
-min_lr = 2e-4
-warmup_iters = 30
-weight_decay = 0.1
+max_iters = 1500  # 1.5M tokens, about one pass over the corpus
+lr = 3e-3  # with 2e-3 the RELU model ends less sparse; 4e-3 kills units
+min_lr = 3e-4
+warmup_iters = 100
+weight_decay = 0.3
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
 # evaluation and logging
-eval_interval = 90  # evaluate and checkpoint every eval_interval steps
+eval_interval = 250  # evaluate and checkpoint every eval_interval steps
 eval_iters = 12  # validation batches per evaluation (always the same ones)
 final_eval_iters = 40  # validation batches for summary.json
-log_interval = 10
+log_interval = 25
 # system
 device = "auto"  # auto = cuda > mps > cpu
 dtype = "auto"  # auto = bfloat16 on CUDA when supported, else float32
