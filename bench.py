@@ -15,8 +15,9 @@ the rate an independent per-token sparsity gives). Each implementation rotates o
 weights (--rotate_mb in all) so that, as in a many-layer model, they come from memory, not cache.
 Times are medians of many calls after a warm-up; speedups are ratios of medians of this one run.
 The roof of each row is the read bandwidth measured just before it (a shared host drifts by 20-30%);
-the last line says how much CPU other processes used meanwhile. Needs `python build.py` first for
-the C / CUDA rows (without them it times the torch gather fallback only, and says so).
+the last line says how much CPU other processes used meanwhile. The C kernel is built on first use
+(with cffi and a C compiler); the CUDA rows need `python build.py` on a machine with CUDA torch and
+nvcc. Without a kernel, bench.py times the torch gather fallback only, and says so.
 """
 
 import json as jsonlib

@@ -89,7 +89,8 @@ def build_c(verbose=False):
             errors.append(f"{' '.join(cflags)}: {type(e).__name__}: {str(e).strip().splitlines()[-1:]}")
             continue
         dest = os.path.join(HERE, os.path.basename(so))
-        shutil.copy2(so, dest)
+        shutil.copy2(so, dest + ".tmp")
+        os.replace(dest + ".tmp", dest)  # atomic: another process never imports half a module
         flags = " ".join(cflags + [f for f in ldflags if f not in cflags])
         return True, f"built {os.path.basename(dest)} ({flags})" + (f"; note: built {note}" if note else "")
     return False, "C kernel failed to compile with every flag set:\n  " + "\n  ".join(errors)

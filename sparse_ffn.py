@@ -10,13 +10,14 @@ only for the active hidden units (see sparse_ffn.c, sparse_ffn.cu and PAPER.md).
     sparse_ffn.detach(model)
 
 Packed weights are a snapshot: after training or editing the weights, attach again.
-Backends: the C kernel (_sparse_ffn_c, built by `python build.py`) on CPU, the CUDA extension
-(_sparse_ffn_cuda) on GPU, and a pure-torch gather (index_select of the active rows) wherever no
-compiled kernel is present. Importing this file compiles nothing and needs no network.
+Backends: the C kernel (_sparse_ffn_c) on CPU, built with cffi on first use (or by `python build.py`)
+and rebuilt when its source changes, the CUDA extension (_sparse_ffn_cuda, `python build.py`) on GPU,
+and a pure-torch gather (index_select of the active rows) wherever no compiled kernel is present.
+Importing this file compiles nothing and needs no network; the first use of a backend may compile.
 """
 
+import sys
 import threading
-import warnings
 
 import numpy as np
 import torch
@@ -35,17 +36,19 @@ _mods, _why = {}, {}
 def _load():
     if _mods or _why:
         return
+    try:  # built on first use, and rebuilt when sparse_ffn.c or build.py is newer (cffi, as build.py)
+        import build
+        if build.c_is_stale():
+            print("sparse_ffn: building the C kernel once (python build.py does the same) ...", file=sys.stderr)
+            ok, msg = build.ensure_c()
+            print(f"sparse_ffn: {msg}" + ("" if ok else "; the torch path runs instead"), file=sys.stderr)
+    except ImportError:
+        pass
     try:
         import _sparse_ffn_c
         _mods["c"] = _sparse_ffn_c
     except ImportError as e:
-        _why["c"] = f"_sparse_ffn_c not built ({e}); run `python build.py`"
-    try:
-        import build
-        if "c" in _mods and build.c_is_stale():
-            warnings.warn("_sparse_ffn_c is older than sparse_ffn.c or build.py: run `python build.py`")
-    except ImportError:
-        pass
+        _why["c"] = f"_sparse_ffn_c not built ({e}); `python build.py -v` shows why"
     try:
         import _sparse_ffn_cuda  # a torch extension: needs torch imported first, done above
         _mods["cuda"] = _sparse_ffn_cuda

@@ -938,6 +938,24 @@ def test_rejects_bad_inputs():
     assert kernel(torch.empty(0, 16)).shape == (0, 16)
 
 
+def test_c_kernel_is_built_on_first_use_and_rebuilt_when_stale(tmp_path):
+    """A fresh checkout: the first use of sparse_ffn builds the C kernel (one line), the next
+    reuses it, and a newer sparse_ffn.c triggers a rebuild."""
+    import shutil
+    for f in ("sparse_ffn.py", "sparse_ffn.c", "build.py"):
+        shutil.copy(os.path.join(HERE, f), tmp_path / f)
+    use = lambda: subprocess.run([sys.executable, "-c", "import sparse_ffn; print(sparse_ffn.backends()['c'])"],
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    first = use()
+    assert first.stdout.strip() == "True" and "building the C kernel once" in first.stderr, first.stderr
+    again = use()
+    assert again.stdout.strip() == "True" and again.stderr == ""
+    later = time.time() + 5
+    os.utime(tmp_path / "sparse_ffn.c", (later, later))
+    rebuilt = use()
+    assert rebuilt.stdout.strip() == "True" and "building the C kernel once" in rebuilt.stderr
+
+
 @pytest_kernel
 @pytest.mark.parametrize("backend", ["c", "torch"])
 def test_lazy_negated_views(backend):
