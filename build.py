@@ -29,7 +29,7 @@ int sffn_openmp(void);
 size_t sffn_scratch_floats(int B, int d, int nthreads);
 void sffn_advise_hugepages(void* p, size_t bytes);
 int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void* w32, int dtype,
-                 float* y, float* scratch, int nthreads);
+                 int gate, float t, float* y, float* scratch, int nthreads);
 """
 
 # the flag sets tried in order: the first that compiles wins
@@ -81,7 +81,7 @@ def build_c(verbose=False):
         ffi = cffi.FFI()
         ffi.cdef(CDEF)
         ffi.set_source("_sparse_ffn_c", CDEF, sources=[os.path.join(HERE, "sparse_ffn.c")],
-                       extra_compile_args=cflags, extra_link_args=ldflags)
+                       extra_compile_args=cflags, extra_link_args=ldflags, libraries=["m"])
         try:
             # cffi's output is the compiler's; keep it quiet unless asked, a failed try is retried
             so = _quiet(lambda: ffi.compile(tmpdir=BUILD_DIR, verbose=verbose), verbose)

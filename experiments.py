@@ -31,10 +31,10 @@ from configurator import (ConfigError, cli, configure, either, existing_dir, exi
 from train import read_log
 
 # -----------------------------------------------------------------------------
-out = "out-exp"
-config = "config/sweep.py"  # every quality run's base; on a GPU e.g. config/gpu.py (and --out=out-exp-gpu)
+out = "results"  # summaries and logs are committed; checkpoints (*.pt) are not
+config = "config/sweep.py"  # every run's base; on a GPU e.g. config/gpu.py (and --out=results-gpu)
 jobs = 1
-seeds = "1337,1338"
+seeds = "1337,1338,1339"  # the quality rows use all of them, the other sweeps the first two
 ckpt = "out/ckpt.pt"
 data_dir = ""  # the diversity prompts' and speed stage's tokenized text; empty = the checkpoint's own
 # diversity: N samples of new_tokens after each of n_prompts prompts of prompt_tokens from val.bin
@@ -57,14 +57,24 @@ SCRATCH = [
 ]
 # the alpha sweep of StochA p=0.5 + Swi+FT; alpha=0.1 is the row above, alpha=0 the no-switch row
 ALPHAS = [(f"StochA p=0.5, alpha={a}", f"--act=stoch --p=0.5 --alpha={a}") for a in (0.05, 0.2, 0.4)]
-# continued pre-training: 100 more steps from each seed's SILU run (the paper's CPT table)
-CPT_BASE = "--max_iters=100 --lr=5e-4 --min_lr=5e-5 --warmup_iters=10 --eval_interval=10"
+# sparsity against p, all + Swi+FT; p=0.3 and 0.5 are rows above, and p=0 is RELU itself
+PS = [(f"StochA p={p} + Swi+FT", f"--act=stoch --p={p} --alpha=0.1") for p in (0.1, 0.7, 0.9, 1.0)]
+# continued pre-training: 200 more steps from each seed's SILU run (the paper's CPT table)
+CPT_BASE = "--max_iters=200 --lr=1e-3 --min_lr=1e-4 --warmup_iters=20 --eval_interval=20"
 CPT = [
     ("CPT: SILU (control)", "--act=silu --alpha=0"),
     ("CPT: RELU at once", "--act=relu --alpha=0"),
     ("CPT: Swi+FT (SILU then RELU)", "--act=silu --alpha=0.3"),
     ("CPT: StochA p=0.5 + Swi+FT", "--act=stoch --p=0.5 --alpha=0.3"),
 ]
+# the dying-RELU stress test: shorter runs (400 steps) at 1x, 3x and 10x the default lr (3e-3), and 3x
+# with a 10-step warmup, for the recipes whose gradients differ for negative inputs
+STRESS_RECIPES = [SCRATCH[1], SCRATCH[0], SCRATCH[3], SCRATCH[4]]
+STRESS = [(f"lr x{m}, warmup {w}", f"--max_iters=400 --eval_interval=100 --lr={3e-3 * m:g} --min_lr={3e-4 * m:g} "
+           f"--warmup_iters={w}") for m, w in ((1, 100), (3, 100), (10, 100), (3, 10))]
+# sparsity along one long run: 10,000 steps = 10.2M tokens, about 5.7 passes over the training text
+LONG = [("StochA p=0.5 + Swi+FT, 10.2M tokens", "--act=stoch --p=0.5 --alpha=0.1 --max_iters=10000 "
+         "--eval_interval=500 --log_interval=50")]
 # diversity: (label, act, p, temperature, top_p); act None = the checkpoint's inference act
 SAMPLERS = ([(f"StochA p={p}, greedy", "stoch", p, 0.0, None) for p in (0.3, 0.5, 0.7, 1.0)]
             + [("greedy", None, None, 0.0, None)]
@@ -76,20 +86,31 @@ def slug(name):
     return re.sub("-+", "-", "".join(c if c.isalnum() or c in ".=" else "-" for c in name)).strip("-")
 
 
-def quality_runs():
-    """Every quality run as (group, name, seed, argv, out_dir), in an order that respects CPT's inputs."""
+def quality_runs(groups=("long", "scratch", "p", "alpha", "stress", "cpt")):
+    """Every training run as (group, name, seed, argv, out_dir), in the order they are run; CPT last, as it
+    starts from the SILU runs' checkpoints."""
     runs = []
-    for group, rows in (("scratch", SCRATCH), ("alpha", ALPHAS)):
-        for name, flags in rows:
-            for seed in SEEDS:
-                d = os.path.join(out, "quality", f"{slug(name)}-s{seed}")
-                runs.append((group, name, seed, [config, *flags.split(), f"--seed={seed}", f"--out_dir={d}"], d))
-    for name, flags in CPT:
-        for seed in SEEDS:
-            src = os.path.join(out, "quality", f"{slug(SCRATCH[0][0])}-s{seed}", "ckpt.pt")
-            d = os.path.join(out, "quality", f"{slug(name)}-s{seed}")
-            runs.append(("cpt", name, seed, [config, *CPT_BASE.split(), *flags.split(), f"--init_from={src}",
-                                              f"--seed={seed}", f"--out_dir={d}"], d))
+
+    def add(group, name, flags, seed, sub="quality", extra=()):
+        d = os.path.join(out, sub, f"{slug(name)}-s{seed}")
+        runs.append((group, name, seed, [config, *flags.split(), *extra, f"--seed={seed}", f"--out_dir={d}"], d))
+
+    table = dict(long=[(n, f, SEEDS[:1]) for n, f in LONG], scratch=[(n, f, SEEDS) for n, f in SCRATCH],
+                 p=[(n, f, SEEDS[:2]) for n, f in PS], alpha=[(n, f, SEEDS[:2]) for n, f in ALPHAS])
+    for group in groups:
+        for name, flags, group_seeds in table.get(group, []):
+            for seed in group_seeds:
+                add(group, name, flags, seed)
+        if group == "stress":
+            for setting, sflags in STRESS:
+                for name, flags in STRESS_RECIPES:
+                    for seed in SEEDS[:2]:
+                        add("stress", f"{name}, {setting}", f"{flags} {sflags}", seed, "stress")
+    if "cpt" in groups:
+        for name, flags in CPT:
+            for seed in SEEDS[:2]:
+                src = os.path.join(out, "quality", f"{slug(SCRATCH[0][0])}-s{seed}", "ckpt.pt")
+                add("cpt", name, f"{CPT_BASE} {flags}", seed, extra=(f"--init_from={src}",))
     return runs
 
 
@@ -108,8 +129,8 @@ def run_train(run):
     return f"{d}: val loss {s['val_loss']:.4f}, sparsity {100 * s['sparsity']:.1f}% ({time.time() - t0:.0f} s)"
 
 
-def quality():
-    runs = quality_runs()
+def train_runs(groups):
+    runs = quality_runs(groups)
     first = [r for r in runs if r[0] != "cpt"]  # CPT starts from the SILU runs' checkpoints
     for batch in (first, [r for r in runs if r[0] == "cpt"]):
         with ThreadPoolExecutor(jobs) as pool:
@@ -307,6 +328,9 @@ def tables():
                       f"{r['dense_ms']:.3f} | {r['sparse_float32_ms']:.3f} | {r['dense_ms'] / r['sparse_float32_ms']:.2f}x |")
 
 
+# training stages -> the groups of runs they hold
+TRAIN_STAGES = dict(long=("long",), quality=("scratch", "cpt"), alpha=("alpha",), psweep=("p",), stress=("stress",))
+
 RULES = dict(
     out=new_dir, config=existing_file, jobs=positive_int, seeds=int_list(0),  # ckpt: checked below, where a stage needs it
     data_dir=either(one_of(""), existing_dir), n_prompts=positive_int, prompt_tokens=positive_int,
@@ -317,17 +341,22 @@ RULES = dict(
 def main(argv):
     global SEEDS
     stages = [a for a in argv if not a.startswith("--")]
-    known = dict(quality=quality, diversity=diversity, speed=speed, tables=tables)
-    if not stages or set(stages) - set(known):
-        raise ConfigError(f"usage: python experiments.py {{{'|'.join(known)}}} [--key=value ...]; got {stages}")
+    known = dict(diversity=diversity, speed=speed, tables=tables)
+    if not stages or set(stages) - set(known) - set(TRAIN_STAGES):
+        raise ConfigError(f"usage: python experiments.py {{{'|'.join([*TRAIN_STAGES, *known])}}} [--key=value ...]; got {stages}")
     configure(globals(), [a for a in argv if a.startswith("--")], RULES)
     SEEDS = [int(s) for s in seeds.split(",")]
     if {"diversity", "speed"} & set(stages):  # their checkpoint and its data, before any stage runs
         from data import checkpoint_data
         from model import load_checkpoint
         checkpoint_data(load_checkpoint(ckpt), data_dir)
+    # the training stages named share one pool, in the order named (e.g. `long` first keeps a slot busy)
+    groups = [g for stage in stages for g in TRAIN_STAGES.get(stage, ())]
+    if groups:
+        train_runs(groups)
     for stage in stages:
-        known[stage]()
+        if stage in known:
+            known[stage]()
 
 
 if __name__ == "__main__":

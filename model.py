@@ -45,6 +45,14 @@ def stoch_act(x, p, generator=None):
     return torch.where(x < 0, F.silu(x.clamp(-1e4, 0.0)) * use_silu, x)
 
 
+def gated(u, gate, t=0.0):
+    """g_t(u) = g(u) where |g(u)| > t, else 0, with g = relu or silu: the sparse kernels' gate.
+    A threshold t > 0 makes a SILU model sparse without retraining (CATS, Lee et al. 2024) and a
+    RELU model sparser; t = 0 with relu is relu. nan stays nan."""
+    a = F.relu(u) if gate == "relu" else silu(u)
+    return a if t == 0 and gate == "relu" else torch.where(a.abs() <= t, 0.0, a)
+
+
 def activation(x, act, p=0.0, generator=None):
     if act == "stoch":
         return stoch_act(x, p, generator)  # which checks p
@@ -133,13 +141,21 @@ class FeedForward(nn.Module):
         self.generator = None  # torch.Generator for StochA's draws; None = the global RNG
         self.kernel = None  # set by sparse_ffn.attach(): a sparse callable used for relu inference
         self.stats = None  # a dict while GPT.ffn_stats() counts zeros
+        self.threshold = 0.0  # t: units with |act(W1 x)| <= t count as zero (GPT.calibrate_thresholds)
 
     def forward(self, x):
-        # the sparse kernel computes exactly relu inference: no gradients, no stats, no dropout
-        if (self.kernel is not None and self.act == "relu" and not self.training and self.stats is None
-                and not (x.requires_grad and torch.is_grad_enabled())):
-            return self.kernel(x.reshape(-1, x.shape[-1])).view_as(x)
-        a = activation(self.w1(x), self.act, self.p, self.generator)
+        # the sparse kernel computes exactly relu (or thresholded silu) inference: no gradients,
+        # no stats, no dropout
+        if (self.kernel is not None and (self.act == "relu" or self.act == "silu" and self.threshold > 0)
+                and not self.training and self.stats is None and not (x.requires_grad and torch.is_grad_enabled())):
+            return self.kernel(x.reshape(-1, x.shape[-1]), self.act, self.threshold).view_as(x)
+        u = self.w1(x)
+        if self.threshold and self.act in ("relu", "silu"):
+            a = gated(u, self.act, self.threshold)
+        elif self.threshold:
+            raise ValueError(f"a threshold needs act relu or silu, not {self.act!r}")
+        else:
+            a = activation(u, self.act, self.p, self.generator)
         if self.stats is not None:
             zero = (a == 0).reshape(-1, a.shape[-1])
             self.stats["zeros"] += zero.sum().item()
@@ -280,6 +296,46 @@ class GPT(nn.Module):
         finally:
             for ffn in ffns:
                 ffn.stats = None
+
+    # -------------------------------------------------------------------------
+    # thresholds: inference sparsity without retraining (CATS for SILU; also RELU models)
+
+    def set_thresholds(self, ts):
+        """Per-layer thresholds t (a list of floats >= 0, one per layer; None = 0 everywhere)."""
+        ts = [0.0] * len(self.blocks) if ts is None else list(ts)
+        if len(ts) != len(self.blocks) or not all(isinstance(t, (int, float)) and 0 <= t < math.inf for t in ts):
+            raise ValueError(f"need {len(self.blocks)} finite thresholds >= 0, got {ts}")
+        for block, t in zip(self.blocks, ts):
+            block.ffn.threshold = float(t)
+
+    @torch.no_grad()
+    def calibrate_thresholds(self, batches, sparsity):
+        """CATS' calibration: per layer, the t below which a fraction `sparsity` of |act(W1 x)| falls
+        on `batches` (an iterable of (B, T) token ids: training text, not the evaluation's). A layer
+        already sparser than that gets t = 0. The model's act must be relu or silu. Sets and returns
+        the thresholds."""
+        if self.config.act not in ("relu", "silu"):
+            raise ValueError(f"thresholds need act relu or silu, not {self.config.act!r} (see set_act)")
+        if not 0 <= sparsity <= 1:
+            raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+        self.set_thresholds(None)
+        acts = [[] for _ in self.blocks]
+        hooks = [block.ffn.w1.register_forward_hook(lambda m, i, o, k=k: acts[k].append(o.float().flatten()))
+                 for k, block in enumerate(self.blocks)]
+        try:
+            with self.ffn_stats():  # which also keeps attached kernels out: the hooks see every W1 x
+                for idx in batches:
+                    self(idx)
+        finally:
+            for h in hooks:
+                h.remove()
+        ts = []
+        for a in acts:
+            a = gated(torch.cat(a), self.config.act).abs()
+            k = math.floor(sparsity * a.numel())  # the k smallest |act| fall at or below t
+            ts.append(a.kthvalue(k).values.item() if k > 0 else 0.0)
+        self.set_thresholds(ts)
+        return ts
 
     # -------------------------------------------------------------------------
     # generation with a KV cache

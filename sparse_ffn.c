@@ -1,10 +1,13 @@
 /*
 sparse_ffn.c: the RELU-sparse gated FFN of "Stochastic activations" on the CPU, for decoding.
 
-    y[b] = W2 (relu(W1 x[b]) * (W3 x[b]))     x, y: [B, d] fp32;  W1, W3: [h, d];  W2: [d, h]
+    y[b] = W2 (g_t(W1 x[b]) * (W3 x[b]))     x, y: [B, d] fp32;  W1, W3: [h, d];  W2: [d, h]
+    g_t(u) = g(u) where |g(u)| > t, else 0    g = relu, or silu (CATS); t >= 0; t = 0 with relu is relu
 
-A hidden unit j with W1_j . x <= 0 is zero under relu, so only W1 is read in full; row j of W3 and
+A hidden unit j with g_t(W1_j . x) = 0 adds nothing, so only W1 is read in full; row j of W3 and
 column j of W2 are read only for the active units (for B > 1: active for any row of the batch).
+The threshold t is how a SILU model is made sparse without retraining (CATS, Lee et al. 2024) and how
+a RELU model trades quality for more sparsity.
 They are packed once, at load time, into one buffer W32 [h, 2d] with row j = [W3_j | W2^T_j], so an
 active unit costs one contiguous read of 2d weights.
 
@@ -14,7 +17,7 @@ threads. For each of its chunks a thread
      computes u = W1_j . x for every row of the batch and lists the active units;
   2. for each active unit reads its W32 row, prefetching the next active unit's row while it works
      on this one (a data-dependent jump that the hardware prefetcher cannot guess), and adds
-     relu(u) (W3_j . x) W2^T_j into its private partial y, for the batch rows where u > 0 only.
+     g_t(u) (W3_j . x) W2^T_j into its private partial y, for the batch rows where it is active only.
 After the one join, the T partial y's are summed into y. One join and no other barrier: a thread
 that the OS descheduled delays the others only once. The work each thread does, and the order of
 every sum, depend only on (B, d, h, T), so results are the same from call to call.
@@ -30,6 +33,7 @@ Run:    python bench.py      (timings);  python -m pytest -q test_all.py  (vs mo
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -49,6 +53,7 @@ Run:    python bench.py      (timings);  python -m pytest -q test_all.py  (vs mo
 #define PF_BYTES 16384  // how far ahead to prefetch W1 (tuned on the 2-core EPYC, flat from 16 to 64 KB)
 #endif
 enum { F32 = 0, F16 = 1, BF16 = 2 };
+enum { RELU = 0, SILU = 1 };
 #define INLINE static inline __attribute__((always_inline))
 
 // ----------------------------------------------------------------------------
@@ -269,7 +274,17 @@ INLINE void dot_batch(const void* const* w, int nr, const float* const* x, int n
 typedef struct {
     const float* x; int B, d, ld, h, chunk; const char* w1; const char* w32;  // x: [B, ld]
     float* part;  // [T, B, ld] partial y per thread
+    int gate; float t;
 } Args;
+
+// g(u) as model.py computes it: relu keeps nan; silu is clamped at -1e4 (which changes no value) so
+// that -inf gives -0 and not -inf / inf = nan
+INLINE float gate_value(float u, int gate) {
+    if (gate == RELU) return u <= 0.0f ? 0.0f : u;
+    u = u < -1e4f ? -1e4f : u;
+    return u / (1.0f + expf(-u));
+}
+INLINE int is_on(float v, float t) { return !(fabsf(v) <= t); }  // nan is active: it must propagate
 
 INLINE int work(const Args* a, int t, int T, const int dt) {
     const int B = a->B, d = a->d, h = a->h, chunk = a->chunk, nchunks = (h + chunk - 1) / chunk;
@@ -298,13 +313,17 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
                            : next_chunk && j + PF - j1 + 2 <= chunk ? next_chunk + (j + PF - j1) * rowb : NULL;
             dot_batch(w, nr, xb, B, d, dt, pf, u + (j - j0) * B);  // rows j, j+1 are adjacent in u
             for (int r = 0; r < nr; r++) {
+                float* ur = u + (j - j0 + r) * B;
                 int on = 0;
-                for (int b = 0; b < B; b++) on |= !(u[(j - j0 + r) * B + b] <= 0.0f);  // nan is active: it must propagate
+                for (int b = 0; b < B; b++) {
+                    ur[b] = gate_value(ur[b], a->gate);
+                    on |= is_on(ur[b], a->t);
+                }
                 if (on) list[n++] = j + r;
             }
         }
         total += n;
-        // the active units: part += relu(u) (W3_j . x) W2^T_j, prefetching the next active row
+        // the active units: part += g_t(u) (W3_j . x) W2^T_j, prefetching the next active row
         for (int k = 0; k < n; k++) {
             const int j = list[k];
             const char* row = a->w32 + 2 * j * rowb;
@@ -313,10 +332,10 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
             const float* xs[SFFN_MAX_B]; float* ys[SFFN_MAX_B]; float ub[SFFN_MAX_B], g[SFFN_MAX_B];
             int m = 0;  // the batch rows where unit j is active: the others add exactly 0
             for (int b = 0; b < B; b++)
-                if (!(uj[b] <= 0.0f)) { xs[m] = xb[b]; ys[m] = part + (size_t)b * a->ld; ub[m++] = uj[b]; }
+                if (is_on(uj[b], a->t)) { xs[m] = xb[b]; ys[m] = part + (size_t)b * a->ld; ub[m++] = uj[b]; }
             const void* w[1] = {row};
             dot_batch(w, 1, xs, m, d, dt, next, g);
-            for (int b = 0; b < m; b++) g[b] *= ub[b];  // relu(u) = u here (or nan, as in torch)
+            for (int b = 0; b < m; b++) g[b] *= ub[b];  // g(u), or nan, as in torch
             for (int b0 = 0; b0 < m; b0 += 4) {
                 const int nb = m - b0 < 4 ? m - b0 : 4;
                 axpy(row + rowb, g + b0, ys + b0, nb, d, dt, b0 || !next ? NULL : next + rowb);
@@ -361,12 +380,13 @@ void sffn_advise_hugepages(void* p, size_t bytes) {
 #endif
 }
 
-// y = W2 (relu(W1 x) * (W3 x)) for B <= SFFN_MAX_B rows. Returns the number of active units (the
-// union over the batch), or -1 for arguments it cannot take (sparse_ffn.py checks them first).
-// scratch: sffn_scratch_floats(B, d, nthreads) floats.
+// y = W2 (g_t(W1 x) * (W3 x)) for B <= SFFN_MAX_B rows, gate RELU or SILU, threshold t >= 0.
+// Returns the number of active units (the union over the batch), or -1 for arguments it cannot
+// take (sparse_ffn.py checks them first). scratch: sffn_scratch_floats(B, d, nthreads) floats.
 int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void* w32, int dtype,
-                 float* y, float* scratch, int nthreads) {
-    if (B < 1 || B > SFFN_MAX_B || d < 1 || h < 1 || nthreads < 1 || dtype < F32 || dtype > BF16)
+                 int gate, float t, float* y, float* scratch, int nthreads) {
+    if (B < 1 || B > SFFN_MAX_B || d < 1 || h < 1 || nthreads < 1 || dtype < F32 || dtype > BF16
+        || (gate != RELU && gate != SILU) || !(t >= 0.0f) || isinf(t))
         return -1;
 #ifndef _OPENMP
     nthreads = 1;
@@ -380,7 +400,7 @@ int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void
     const size_t ld = row_stride(d), N = (size_t)B * ld;
     float* xpad = scratch + (size_t)nthreads * N;
     for (int b = 0; b < B; b++) memcpy(xpad + b * ld, x + (size_t)b * d, (size_t)d * sizeof(float));
-    Args a = {xpad, B, d, (int)ld, h, chunk, (const char*)w1, (const char*)w32, scratch};
+    Args a = {xpad, B, d, (int)ld, h, chunk, (const char*)w1, (const char*)w32, scratch, gate, t};
     int total = 0, T = 1;
 #pragma omp parallel num_threads(nthreads) reduction(+ : total)
     {

@@ -1,13 +1,13 @@
 /*
-Sparse RELU gated FFN for decoding: a torch CUDA extension, module _sparse_ffn_cuda.
+Sparse gated FFN for decoding: a torch CUDA extension, module _sparse_ffn_cuda.
 
 Computes, for a batch x [B, d] with 1 <= B <= 16,
 
-    y = W2 (relu(W1 x) * (W3 x))
+    y = W2 (g_t(W1 x) * (W3 x)),   g_t(u) = g(u) where |g(u)| > t, else 0;  g = relu or silu
 
 reading W1 in full but W3 and W2 only for the active hidden units: unit j is active when
-relu(W1_j . x_b) > 0 for some row b (the union over the batch; other rows still get exactly
-relu(...) = 0 for it). Batch-1 decoding is memory bound, so at sparsity s the bytes read drop from
+g_t(W1_j . x_b) != 0 for some row b (the union over the batch; other rows still get exactly 0 for
+it). relu with t = 0 is the method's RELU; silu with t > 0 is CATS (a SILU model made sparse). Batch-1 decoding is memory bound, so at sparsity s the bytes read drop from
 3*d*h to d*h*(1 + 2(1 - s)) (PAPER.md, "The physical limit of the sparse FFN").
 
 Weights: w1 [h, d], w3 [h, d] (nn.Linear weights) and w2t [h, d] = W2^T, packed once at load time
@@ -15,10 +15,12 @@ so that the output weights of unit j are one contiguous row. All tensors contigu
 device, one dtype in {float32, float16, bfloat16}; accumulation is fp32.
 
 Python API:
-    forward(x, w1, w3, w2t, out) -> None   writes out [B, d] in full, on the current stream;
+    forward(x, w1, w3, w2t, out, gate, t) -> None
+                                           gate 0 = relu, 1 = silu; t >= 0 the threshold;
+                                           writes out [B, d] in full, on the current stream;
                                            no host sync, CUDA-graph capturable. B = 0 or d = 0
                                            is a no-op; out must not overlap the weights.
-    reference(x, w1, w3, w2t) -> y         the same FFN in fp32 with ATen ops (CPU or CUDA),
+    reference(x, w1, w3, w2t, gate, t) -> y   the same FFN in fp32 with ATen ops (CPU or CUDA),
                                            returned in x's dtype.
 
 Build:  python build.py     (torch.utils.cpp_extension.CUDAExtension "_sparse_ffn_cuda")
@@ -27,7 +29,7 @@ Test:   python -m pytest -q test_all.py -k cuda   (against the PyTorch FFN; skip
 Design (two kernels, no host round trip):
   phase 1, gate_up_kernel: one warp per hidden unit (two for B > 1, so x is loaded once per two
     rows) streams W1_j with 16-byte loads, reduces with warp shuffles and, only when the unit is
-    active, streams W3_j too and writes g[j, b] = relu(W1_j . x_b) * (W3_j . x_b) (0 if inactive).
+    active, streams W3_j too and writes g[j, b] = g_t(W1_j . x_b) * (W3_j . x_b) (0 if inactive).
     Its threads also zero phase 2's fp32 accumulator, which saves a memset launch.
   phase 2, down_kernel: y[b] = sum_j g[j, b] * W2t_j. The grid is (d-slices of 32 vectors) x
     (chunks of hidden units), about 4 blocks per SM. A block compacts the active units of its chunk
@@ -65,9 +67,11 @@ Design (two kernels, no host round trip):
 // reference
 
 at::Tensor reference(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3,
-                     const at::Tensor& w2t) {
+                     const at::Tensor& w2t, int64_t gate, double t) {
     const at::Tensor xf = x.to(at::kFloat);
-    const at::Tensor a = at::relu(at::matmul(xf, w1.to(at::kFloat).t()));  // (B, h)
+    const at::Tensor pre = at::matmul(xf, w1.to(at::kFloat).t());           // (B, h)
+    const at::Tensor g = gate == 0 ? at::relu(pre) : at::silu(at::clamp_min(pre, -1e4));
+    const at::Tensor a = at::where(g.abs() <= t, at::zeros_like(g), g);
     const at::Tensor u = at::matmul(xf, w3.to(at::kFloat).t());            // (B, h)
     return at::matmul(a * u, w2t.to(at::kFloat)).to(x.scalar_type());      // (B, d)
 }
@@ -182,12 +186,20 @@ __device__ __forceinline__ void warp_dot(const Raw<T, VEC>* const (&rows)[R],
                 for (int o = 16; o > 0; o /= 2) acc[r][b] += __shfl_xor_sync(kFull, acc[r][b], o);
 }
 
-// Phase 1. g[j, b] = relu(W1_j . x_b) * (W3_j . x_b), W3_j read only if unit j is active.
+// g(u) as model.py computes it: relu keeps NaN; silu clamped at -1e4 (no value changes) so that
+// -inf gives -0 and not NaN
+__device__ __forceinline__ float gate_value(float u, int gate) {
+    if (gate == 0) return u <= 0.f ? 0.f : u;
+    u = u < -1e4f ? -1e4f : u;
+    return u / (1.f + __expf(-u));
+}
+
+// Phase 1. g[j, b] = g_t(W1_j . x_b) * (W3_j . x_b), W3_j read only if unit j is active.
 template <typename T, int NB, int VEC, int R>
 __global__ void __launch_bounds__(kGateThreads)
 gate_up_kernel(const T* __restrict__ x, const T* __restrict__ w1, const T* __restrict__ w3,
                float* __restrict__ g, float* __restrict__ zero, int64_t n_zero, int B, int d,
-               int h) {
+               int h, int gate, float t) {
     using RawT = Raw<T, VEC>;
     // side job: zero phase 2's accumulator and slice counters
     for (int64_t i = (int64_t)blockIdx.x * kGateThreads + threadIdx.x; i < n_zero;
@@ -211,10 +223,13 @@ gate_up_kernel(const T* __restrict__ x, const T* __restrict__ w1, const T* __res
     for (int r = 0; r < R; r++) {
         const int j = row0 + r;
         if (j >= h) break;
-        bool active = false;
+        bool active = false, on[NB];
 #pragma unroll
-        for (int b = 0; b < NB; b++)
-            if (b < B) active |= !(a[r][b] <= 0.f);  // NaN is active: it propagates, as in torch
+        for (int b = 0; b < NB; b++) {
+            a[r][b] = gate_value(a[r][b], gate);
+            on[b] = b < B && !(fabsf(a[r][b]) <= t);  // NaN is active: it propagates, as in torch
+            active |= on[b];
+        }
         float u[1][NB] = {};
         if (__any_sync(kFull, active)) {
             const RawT* row3[1] = {reinterpret_cast<const RawT*>(w3) + (size_t)j * nvec};
@@ -223,7 +238,7 @@ gate_up_kernel(const T* __restrict__ x, const T* __restrict__ w1, const T* __res
         if (lane == 0)
 #pragma unroll
             for (int b = 0; b < NB; b++)
-                if (b < B) g[(size_t)j * B + b] = a[r][b] <= 0.f ? 0.f : a[r][b] * u[0][b];
+                if (b < B) g[(size_t)j * B + b] = on[b] ? a[r][b] * u[0][b] : 0.f;
     }
 }
 
@@ -365,7 +380,7 @@ static int sm_count(int device) {  // cached: no driver call once warm (e.g. und
 
 template <typename T, int NB, int VEC>
 void launch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3,
-            const at::Tensor& w2t, const at::Tensor& out, cudaStream_t stream) {
+            const at::Tensor& w2t, const at::Tensor& out, int gate, float t, cudaStream_t stream) {
     constexpr int R = NB == 1 ? 1 : 2;  // hidden units per phase-1 warp
     const int B = (int)x.size(0), d = (int)x.size(1), h = (int)w1.size(0);
     const int slices = (d / VEC + 31) / 32;
@@ -387,7 +402,7 @@ void launch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3,
     const auto ptr = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); };
     const int rows_per_block = kGateThreads / 32 * R;
     gate_up_kernel<T, NB, VEC, R><<<(h + rows_per_block - 1) / rows_per_block, kGateThreads, 0,
-                                    stream>>>(ptr(x), ptr(w1), ptr(w3), g, acc, n_zero, B, d, h);
+                                    stream>>>(ptr(x), ptr(w1), ptr(w3), g, acc, n_zero, B, d, h, gate, t);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     down_kernel<T, NB, VEC><<<dim3(slices, chunks), kDownThreads, 0, stream>>>(
         g, ptr(w2t), acc, done, reinterpret_cast<T*>(out.data_ptr()), B, d, h, units);
@@ -396,26 +411,28 @@ void launch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3,
 
 template <typename T, int VEC>
 void launch_batch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3,
-                  const at::Tensor& w2t, const at::Tensor& out, cudaStream_t stream) {
+                  const at::Tensor& w2t, const at::Tensor& out, int gate, float t,
+                  cudaStream_t stream) {
     const int64_t B = x.size(0);  // register accumulators are sized for NB >= B rows
-    if (B <= 1) launch<T, 1, VEC>(x, w1, w3, w2t, out, stream);
-    else if (B <= 2) launch<T, 2, VEC>(x, w1, w3, w2t, out, stream);
-    else if (B <= 4) launch<T, 4, VEC>(x, w1, w3, w2t, out, stream);
-    else if (B <= 8) launch<T, 8, VEC>(x, w1, w3, w2t, out, stream);
-    else launch<T, 16, VEC>(x, w1, w3, w2t, out, stream);
+    if (B <= 1) launch<T, 1, VEC>(x, w1, w3, w2t, out, gate, t, stream);
+    else if (B <= 2) launch<T, 2, VEC>(x, w1, w3, w2t, out, gate, t, stream);
+    else if (B <= 4) launch<T, 4, VEC>(x, w1, w3, w2t, out, gate, t, stream);
+    else if (B <= 8) launch<T, 8, VEC>(x, w1, w3, w2t, out, gate, t, stream);
+    else launch<T, 16, VEC>(x, w1, w3, w2t, out, gate, t, stream);
 }
 
 template <typename T>
 void launch_dtype(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3,
-                  const at::Tensor& w2t, const at::Tensor& out, cudaStream_t stream) {
+                  const at::Tensor& w2t, const at::Tensor& out, int gate, float t,
+                  cudaStream_t stream) {
     constexpr int V = 16 / sizeof(T);
     const auto aligned = [](const at::Tensor& t) {
         return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
     };
     if (x.size(1) % V == 0 && aligned(x) && aligned(w1) && aligned(w3) && aligned(w2t))
-        launch_batch<T, V>(x, w1, w3, w2t, out, stream);
+        launch_batch<T, V>(x, w1, w3, w2t, out, gate, t, stream);
     else
-        launch_batch<T, 1>(x, w1, w3, w2t, out, stream);
+        launch_batch<T, 1>(x, w1, w3, w2t, out, gate, t, stream);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -432,8 +449,10 @@ static void check_operand(const at::Tensor& t, const char* name, const at::Tenso
 }
 
 void forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3,
-             const at::Tensor& w2t, const at::Tensor& out) {
+             const at::Tensor& w2t, const at::Tensor& out, int64_t gate, double t) {
     const auto st = x.scalar_type();
+    TORCH_CHECK(gate == 0 || gate == 1, "sparse_ffn: gate must be 0 (relu) or 1 (silu), got ", gate);
+    TORCH_CHECK(t >= 0 && t < 1e30, "sparse_ffn: threshold t must be finite and >= 0, got ", t);
     TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
                 "sparse_ffn: dtype must be float32, float16 or bfloat16, got ", st);
     check_operand(x, "x", x);
@@ -461,15 +480,20 @@ void forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3,
         return;
     }
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    if (st == at::kFloat) launch_dtype<float>(x, w1, w3, w2t, out, stream);
-    else if (st == at::kHalf) launch_dtype<__half>(x, w1, w3, w2t, out, stream);
-    else launch_dtype<__nv_bfloat16>(x, w1, w3, w2t, out, stream);
+    const int g = (int)gate;
+    const float tf = (float)t;
+    if (st == at::kFloat) launch_dtype<float>(x, w1, w3, w2t, out, g, tf, stream);
+    else if (st == at::kHalf) launch_dtype<__half>(x, w1, w3, w2t, out, g, tf, stream);
+    else launch_dtype<__nv_bfloat16>(x, w1, w3, w2t, out, g, tf, stream);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.doc() = "Sparse RELU gated FFN: W1 read in full, W3 and W2 only for active units";
-    m.def("forward", &forward, "forward(x, w1, w3, w2t, out): out = W2 (relu(W1 x) * (W3 x))",
-          py::arg("x"), py::arg("w1"), py::arg("w3"), py::arg("w2t"), py::arg("out"));
-    m.def("reference", &reference, "reference(x, w1, w3, w2t): the same FFN with ATen ops, fp32",
-          py::arg("x"), py::arg("w1"), py::arg("w3"), py::arg("w2t"));
+    m.doc() = "Sparse gated FFN: W1 read in full, W3 and W2 only for active units";
+    m.def("forward", &forward,
+          "forward(x, w1, w3, w2t, out, gate=0, t=0): out = W2 (g_t(W1 x) * (W3 x)), g relu (0) or silu (1)",
+          py::arg("x"), py::arg("w1"), py::arg("w3"), py::arg("w2t"), py::arg("out"),
+          py::arg("gate") = 0, py::arg("t") = 0.0);
+    m.def("reference", &reference, "reference(x, w1, w3, w2t, gate=0, t=0): the same FFN with ATen ops, fp32",
+          py::arg("x"), py::arg("w1"), py::arg("w3"), py::arg("w2t"), py::arg("gate") = 0,
+          py::arg("t") = 0.0);
 }

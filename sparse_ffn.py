@@ -1,11 +1,14 @@
 """
-The sparse RELU FFN for inference: y = W2 (relu(W1 x) * (W3 x)), reading W3 rows and W2 columns
-only for the active hidden units (see sparse_ffn.c, sparse_ffn.cu and PAPER.md).
+The sparse FFN for inference: y = W2 (g_t(W1 x) * (W3 x)), reading W3 rows and W2 columns only for
+the active hidden units (see sparse_ffn.c, sparse_ffn.cu and PAPER.md). g_t(u) = g(u) where
+|g(u)| > t, else 0, with the gate g = relu (the method: t = 0 is plain relu) or silu (CATS-style
+thresholding of a SILU model, Lee et al. 2024); t >= 0 is per call, so per layer.
 
     import sparse_ffn
     sparse_ffn.backends()            # {"c": True or why not, "cuda": ..., "torch": True}
     ffn = sparse_ffn.SparseFFN(model.blocks[0].ffn)   # packs the weights once (a copy)
     y = ffn(x)                       # x: (B, d) fp32 on CPU, or the weight dtype on CUDA
+    y = ffn(x, gate="silu", t=0.05)  # CATS: units with |silu(W1 x)| <= 0.05 are skipped
     sparse_ffn.attach(model)         # every relu FFN of an eval-mode model uses its kernel
     sparse_ffn.detach(model)
 
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 
 _c_lock = threading.Lock()
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # as in sparse_ffn.c
+GATES = {"relu": 0, "silu": 1}  # as in sparse_ffn.c and sparse_ffn.cu
 CUDA_MAX_BATCH = 16  # rows per launch of sparse_ffn.cu (its kMaxBatch); larger batches are split
 
 # -----------------------------------------------------------------------------
@@ -166,8 +170,14 @@ class SparseFFN:
             raise ValueError(f"{name} is a lazy negated or conjugated view: pass a plain tensor "
                              "(.resolve_neg() / .resolve_conj() give one)")
 
-    def __call__(self, x, out=None):
-        """y = W2 (relu(W1 x) * (W3 x)) for x (B, d). out: an optional (B, d) buffer, overwritten."""
+    def __call__(self, x, out=None, gate="relu", t=0.0):
+        """y = W2 (g_t(W1 x) * (W3 x)) for x (B, d). out: an optional (B, d) buffer, overwritten.
+        gate: "relu" or "silu"; t: the threshold, a finite float >= 0 (0 with relu: plain relu)."""
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {list(GATES)}, got {gate!r}")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
+            raise ValueError(f"threshold t must be a finite number >= 0, got {t!r}")
+        t = float(t)
         x = _as_tensor(x, "x")
         if x.is_neg() or x.is_conj():  # a lazy view: the kernels read raw memory, so materialize it
             x = x.resolve_neg().resolve_conj()
@@ -187,16 +197,16 @@ class SparseFFN:
         if B == 0:
             return out
         if self.backend == "c":
-            self._c(x, out)
+            self._c(x, out, gate, t)
         elif self.backend == "cuda":
             for b0 in range(0, B, CUDA_MAX_BATCH):  # no host sync: the launches queue on the stream
                 _mods["cuda"].forward(x[b0:b0 + CUDA_MAX_BATCH], self.w1, self.w3, self.w2t,
-                                      out[b0:b0 + CUDA_MAX_BATCH])
+                                      out[b0:b0 + CUDA_MAX_BATCH], GATES[gate], t)
         else:
-            self._torch(x, out)
+            self._torch(x, out, gate, t)
         return out
 
-    def _c(self, x, out):
+    def _c(self, x, out, gate, t):
         ffi, lib = _mods["c"].ffi, _mods["c"].lib
         T = torch.get_num_threads()  # torch's thread count, so the kernel shares torch's cores
         max_b = lib.sffn_max_batch()
@@ -210,25 +220,26 @@ class SparseFFN:
             for b0 in range(0, x.shape[0], max_b):  # the batch in chunks the kernel takes
                 nb = min(max_b, x.shape[0] - b0)
                 n = lib.sffn_forward(px + b0 * self.d, nb, self.d, self.h, w1, w32, DTYPE_CODES[self.dtype],
-                                     py + b0 * self.d, scratch, T)
+                                     GATES[gate], t, py + b0 * self.d, scratch, T)
                 if n < 0:  # the checks in __call__ should make this unreachable
                     raise RuntimeError("sffn_forward rejected its arguments")
                 active = max(active, n)
             self.last_active = active  # for B > max_b: the largest union of one call
 
-    def _torch(self, x, out):
+    def _torch(self, x, out, gate, t):
         """The same sparse computation with torch ops: gather the active rows, then two matmuls."""
+        from model import gated
         w1 = self.w1 if self.w1.dtype == x.dtype else self.w1.to(x.dtype)
-        u = F.linear(x, w1)  # (B, h)
-        idx = (~(u <= 0)).any(0).nonzero().squeeze(1)  # the union of active units; nan counts as active
+        a = gated(F.linear(x, w1), gate, t)  # (B, h)
+        idx = (a != 0).any(0).nonzero().squeeze(1)  # the union of active units; nan counts as active
         self.last_active = idx.numel()
         w3, w2t = self.w3.index_select(0, idx), self.w2t.index_select(0, idx)  # (n, d) each
-        g = F.relu(u.index_select(1, idx)) * F.linear(x, w3.to(x.dtype))
+        g = a.index_select(1, idx) * F.linear(x, w3.to(x.dtype))
         torch.matmul(g, w2t.to(x.dtype), out=out)
 
-    def apply(self, x):
+    def apply(self, x, gate="relu", t=0.0):
         """Any (N, d) x: converts dtype and layout as needed and returns y in x's dtype."""
-        y = self(x.to(self.in_dtype).contiguous())
+        y = self(x.to(self.in_dtype).contiguous(), gate=gate, t=t)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 # -----------------------------------------------------------------------------
@@ -237,13 +248,14 @@ class SparseFFN:
 
 class Attached:
     """What attach() puts in FeedForward.kernel: the packed sparse FFN. FeedForward itself decides
-    when to call it (relu, eval mode, no autograd, no stats) and otherwise runs its own ops."""
+    when to call it (relu, or silu with a threshold; eval mode, no autograd, no stats) and otherwise
+    runs its own ops."""
 
     def __init__(self, packed):
         self.packed = packed
 
-    def __call__(self, x):
-        return self.packed.apply(x)
+    def __call__(self, x, gate="relu", t=0.0):
+        return self.packed.apply(x, gate, t)
 
     def __repr__(self):
         return f"Attached({self.packed})"
@@ -251,7 +263,7 @@ class Attached:
 
 def attach(model, enable=True, dtype=None, backend=None):
     """Pack every FeedForward of `model` and set its .kernel, which the module uses in eval mode
-    with act == "relu". dtype: how the weights are stored (default: the model's); backend: as in
+    with act == "relu", or act == "silu" with a threshold > 0 (CATS). dtype: how the weights are stored (default: the model's); backend: as in
     SparseFFN. The packed weights are a snapshot: after training or loading new weights, attach
     again. attach(model, False) clears the kernels. Returns the number of FFNs touched."""
     from model import FeedForward

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 import build
 import data
+import model as model_mod
 import sample
 import sparse_ffn
 import train
@@ -977,6 +979,159 @@ def test_lazy_negated_views(backend):
             kernel(x, out=torch.empty(3, 33)._neg_view())
 
 
+# -----------------------------------------------------------------------------
+# thresholds: the gate (relu or silu) and t, in the model, the C kernel and the torch path
+
+
+def ref_thresholded(ffn, gate, t):
+    """The reference FFN with act = gate and threshold t: FeedForward's own thresholded path."""
+    ref = ref_ffn(ffn.w1.in_features, ffn.w1.out_features)
+    ref.load_state_dict(ffn.state_dict())
+    ref.act, ref.threshold = gate, t
+    return ref
+
+
+def threshold_for(a, s):
+    """A t between two of the sorted |a| values, so that a fraction ~s of |a| falls below it and no
+    value sits within float rounding of it (the kernels sum in another order than torch)."""
+    v = a.abs().flatten().sort().values
+    k = round(s * v.numel())
+    if k == 0:
+        return 0.0
+    if k == v.numel():
+        return v[-1].item() * 2 + 1
+    return (v[k - 1].item() + v[k].item()) / 2
+
+
+def test_gated_matches_its_definition():
+    u = torch.tensor([-1e30, -3.0, -0.2, -0.0, 0.0, 0.05, 0.3, 2.0, float("inf"), float("-inf"), float("nan")])
+    for gate, g in (("relu", F.relu), ("silu", F.silu)):
+        for t in (0.0, 0.1, 1.0):
+            got = model_mod.gated(u, gate, t)
+            want = g(u.clamp(min=-1e4)) if gate == "silu" else g(u)
+            want = torch.where(want.abs() <= t, 0.0, want)
+            assert torch.equal(got[:-1], want[:-1]) and got[-1].isnan(), (gate, t, got, want)
+    assert torch.equal(model_mod.gated(u[:-1], "relu", 0.0), F.relu(u[:-1]))
+
+
+@pytest_kernel
+@pytest.mark.parametrize("backend", ["c", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gate", ["relu", "silu"])
+@pytest.mark.parametrize("B", [1, 5, 20])
+@pytest.mark.parametrize("s", [0.0, 0.5, 0.95, 1.0])
+@pytest.mark.parametrize("d,h", [(37, 101), (192, 512), (45, 515)])
+def test_threshold_matches_reference(d, h, s, B, gate, dtype, backend):
+    """g_t with t set for a target sparsity s (t = 0 where relu is already sparser)."""
+    seed = int(torch.randint(1 << 30, ()))
+    gen = torch.Generator().manual_seed(seed)
+    ffn = ref_ffn(d, h)
+    x = torch.randn(B, d, generator=gen)
+    ref0 = rounded(ffn, dtype)
+    with torch.no_grad():
+        a = model_mod.gated(x @ ref0.w1.weight.T, gate)
+    t = threshold_for(a, s)
+    if gate == "relu" and (a == 0).float().mean() >= s:
+        t = 0.0
+    ref = ref_thresholded(ref0, gate, t)
+    with torch.no_grad():
+        want = ref(x)
+    kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend=backend)
+    y = kernel(x, gate=gate, t=t)
+    check_close(y, want, atol=1e-5, rtol=1e-4, note=f"seed {seed}, t {t}: ")
+    if B <= 16:
+        assert kernel.last_active == (a.abs() > t).any(0).sum().item(), f"seed {seed}"
+    if s == 1.0:
+        assert (y == 0).all()
+
+
+@pytest_kernel
+@pytest.mark.parametrize("backend", ["c", "torch"])
+def test_threshold_edge_values(backend):
+    """t = 0 with relu is the plain kernel bit for bit; nan still propagates through a silu gate;
+    -inf in W1 x gives silu 0, not nan; bad gates and thresholds are one clear error."""
+    ffn, x = ref_ffn(40, 97), torch.randn(4, 40)
+    kernel = sparse_ffn.SparseFFN(ffn, backend=backend)
+    assert torch.equal(kernel(x), kernel(x, gate="relu", t=0.0))
+    x[2, 3] = float("nan")
+    y = kernel(x, gate="silu", t=0.01)
+    assert y[2].isnan().all() and not y[[0, 1, 3]].isnan().any()
+    big = torch.full((1, 40), -1e30)
+    with torch.no_grad():
+        w = ffn.w1.weight.abs().clone()
+    k2 = sparse_ffn.SparseFFN(w, ffn.w3.weight, ffn.w2.weight, backend=backend)
+    assert (k2(big, gate="silu", t=0.0) == 0).all()  # W1 x = -inf everywhere: silu -> 0
+    for bad in (dict(gate="gelu"), dict(t=-0.1), dict(t=float("nan")), dict(t=float("inf")), dict(t="0.1"),
+                dict(t=True)):
+        with pytest.raises(ValueError, match="gate|threshold"):
+            kernel(x, **bad)
+
+
+def test_calibrate_thresholds_reaches_target():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=3, act="silu")).eval()
+    calib = [torch.randint(97, (4, 48)) for _ in range(3)]
+    for target in (0.5, 0.9):
+        ts = model.calibrate_thresholds(calib, target)
+        assert len(ts) == 3 and all(t > 0 for t in ts)
+        with torch.no_grad(), model.ffn_stats() as layers:
+            for idx in calib:
+                model(idx)
+        for layer in layers:  # on the calibration tokens themselves: the target, to a unit's worth
+            assert abs(layer["sparsity"] - target) < 1e-3, layers
+    model.set_act("relu")  # relu is ~50% sparse at init: below it t = 0, above it t > 0
+    assert model.calibrate_thresholds(calib, 0.2) == [0.0] * 3
+    assert all(t > 0 for t in model.calibrate_thresholds(calib, 0.9))
+    model.set_thresholds(None)
+    assert all(b.ffn.threshold == 0.0 for b in model.blocks)
+    model.set_act("stoch", 0.5)
+    with pytest.raises(ValueError, match="relu or silu"):
+        model.calibrate_thresholds(calib, 0.5)
+    with pytest.raises(ValueError, match="thresholds"):
+        model.set_thresholds([0.1, -1.0, 0.0])
+
+
+@pytest_kernel
+@pytest.mark.parametrize("act", ["silu", "relu"])
+def test_attach_with_thresholds_matches_model(act):
+    """A thresholded model (CATS for silu) gives the same logits and greedy tokens through the kernel."""
+    torch.manual_seed(int(torch.randint(1 << 30, ())))
+    model = GPT(GPTConfig(vocab_size=97, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, act=act)).eval()
+    idx = torch.randint(97, (2, 20))
+    model.calibrate_thresholds([torch.randint(97, (4, 40))], 0.85)
+    with torch.no_grad():
+        want, _ = model(idx, targets=idx)
+        want_tokens = model.generate(idx[:1, :8], 12, temperature=0)
+        sparse_ffn.attach(model)
+        calls = []
+        for b in model.blocks:
+            kernel = b.ffn.kernel
+            b.ffn.kernel = lambda x, g, t, k=kernel: calls.append((g, t)) or k(x, g, t)
+        got, _ = model(idx, targets=idx)
+        tokens = model.generate(idx[:1, :8], 12, temperature=0)
+    assert calls and all(g == act and t == b.ffn.threshold for (g, t), b in zip(calls, model.blocks))
+    check_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, want_tokens)
+
+
+@pytest.mark.skipif(not shutil.which("nvcc"), reason="no nvcc")
+def test_cuda_source_compiles(tmp_path):
+    """sparse_ffn.cu compiles with nvcc against this (CPU) torch's headers, so an interface change
+    that breaks it fails here even on machines without a GPU. The one header a CPU torch lacks,
+    c10/cuda/impl/cuda_cmake_macros.h (generated at torch's build), is stubbed."""
+    from torch.utils import cpp_extension
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    import sysconfig
+    cmd = ["nvcc", "-c", os.path.join(HERE, "sparse_ffn.cu"), "-o", str(tmp_path / "sffn.o"), "-std=c++20",
+           f"-I{tmp_path}", *[f"-I{p}" for p in cpp_extension.include_paths()], f"-I{sysconfig.get_paths()['include']}",
+           "-DTORCH_EXTENSION_NAME=_sparse_ffn_cuda", "-gencode", "arch=compute_90,code=sm_90", "-Xcompiler", "-fPIC"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    ours = [line for line in (r.stdout + r.stderr).splitlines() if "sparse_ffn.cu" in line]
+    assert r.returncode == 0 and not ours, "\n".join(ours) or (r.stdout + r.stderr)[-3000:]
+
+
 @pytest_kernel
 def test_attach_matches_model():
     torch.manual_seed(int(torch.randint(1 << 30, ())))
@@ -1001,7 +1156,7 @@ def test_attach_matches_model():
         got_step, _ = model(idx[:, :1], start_pos=20)
         check_close(got, want, atol=1e-4, rtol=1e-4)
         check_close(got_step, want_step, atol=1e-4, rtol=1e-4)
-        model.set_act("silu")  # the kernel is relu only: silu must take the plain path
+        model.set_act("silu")  # the kernel runs silu only with a threshold: plain silu takes the plain path
         silu, _ = model(idx, targets=idx)
         sparse_ffn.detach(model)
         assert all(b.ffn.kernel is None for b in model.blocks)
