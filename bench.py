@@ -8,6 +8,7 @@ d*h*b*(1 + 2(1-s)) (W1 in full, W3 rows and W2 columns of the active units; b = 
     python bench.py --sizes=2048x8192 --batches=1 --sparsities=90 --e2e=False
     python bench.py --ckpt=out/ckpt.pt                # a trained model's real sparsity, on its own val text
     python bench.py --json=bench.json                 # every row as JSON too
+    python bench.py --gate=silu --e2e=False           # the silu gate with a threshold (CATS) at each sparsity
 
 Weights are random; W1 is built so that exactly a fraction s of the hidden units is zero for x
 (for B > 1: zero for every row of the batch, the union, each active unit firing on each row with
@@ -42,6 +43,7 @@ sizes = ""  # d x h pairs; empty: the default model's FFN and 2048x8192
 batches = "1,4,16"
 sparsities = "0,50,80,90,95,99"  # percent of the hidden units that are zero (the union over a batch)
 dtypes = "float32,bfloat16"  # weight dtypes of the sparse kernels (x and y stay fp32 on the CPU)
+gate = "relu"  # the kernel rows' gate: relu, or silu with the threshold t that zeroes s% of the units (CATS)
 gather = True  # also time the pure-torch gather fallback
 min_time = 0.25  # seconds of timed calls per row (at least min_reps calls)
 min_reps = 10
@@ -76,7 +78,7 @@ def dxh_list(v):
 RULES = dict(
     devices=either(one_of(""), listed(["cpu"] + (["cuda"] if torch.cuda.is_available() else []))),
     sizes=either(one_of(""), dxh_list), batches=int_list(1), sparsities=int_list(0, 100),
-    dtypes=listed(["float32", "bfloat16", "float16"]), gather=one_of(True, False), min_time=between(0, lo_open=True),
+    dtypes=listed(["float32", "bfloat16", "float16"]), gate=one_of("relu", "silu"), gather=one_of(True, False), min_time=between(0, lo_open=True),
     min_reps=positive_int, rotate_mb=between(0), threads=between(0, integer=True), e2e=one_of(True, False),
     e2e_tokens=positive_int, ckpt=either(one_of(""), existing_file), data_dir=either(one_of(""), existing_dir),
     quick=one_of(True, False), json=either(one_of(""), new_file), seed=between(0, integer=True),
@@ -187,7 +189,7 @@ def make_case(d, h, B, s, gen):
     w1, w3 = torch.randn(h, d, generator=gen) / d**0.5, torch.randn(h, d, generator=gen) / d**0.5
     w2 = torch.randn(d, h, generator=gen) / h**0.5
     n_on = h - round(s * h)
-    q = 1.0 if s == 0 else (1 - s ** (1 / B)) / (1 - s)  # P(fires on a row | active for the batch)
+    q = 1.0 if s in (0, 1) else (1 - s ** (1 / B)) / (1 - s)  # P(fires on a row | active for the batch)
     fire = torch.rand(n_on, B, generator=gen) < q
     fire[torch.arange(n_on), torch.randint(B, (n_on,), generator=gen)] = True
     sign = -torch.ones(h, B, dtype=torch.float64)
@@ -211,13 +213,19 @@ def kernel_table(dev):
             dense_ms = {}
             for s in ints(sparsities):
                 x, w1, w3, w2, n_on, s_tok = make_case(d, h, B, s / 100, gen)
+                act, t = F.relu, 0.0
+                if gate == "silu":  # t halfway between the n_on-th and next largest |silu| (max over the batch)
+                    act = F.silu
+                    a = F.silu(x @ w1.T).abs().amax(0).sort(descending=True).values
+                    t = 0.0 if n_on == h else (a[n_on].item() + (a[n_on - 1].item() if n_on else 2 * a[0].item() + 1)) / 2
+                    s_tok = 100 * (F.silu(x @ w1.T).abs() <= t).float().mean().item()
                 x = x.to(dev)
                 if not dense_ms:  # dense does not depend on s: once per (size, batch), per dtype on GPU
                     for dt in ([torch.float32] if dev == "cpu" else dtype_list):
                         ws = copies(lambda: [w.to(dev, dt, copy=True) for w in (w1, w3, w2)], 3 * d * h * dt.itemsize)
                         xd = x.to(dt)
                         roof = roof_now(dev)
-                        fns = [lambda w=w: F.linear(F.relu(F.linear(xd, w[0])) * F.linear(xd, w[1]), w[2]) for w in ws]
+                        fns = [lambda w=w: F.linear(act(F.linear(xd, w[0])) * F.linear(xd, w[1]), w[2]) for w in ws]
                         # the baseline is timed twice and the faster median kept: one slow dense row (seen
                         # right after its weights were allocated) would inflate every speedup below it
                         t = min(bench(fns, dev), bench(fns, dev))
@@ -238,13 +246,14 @@ def kernel_table(dev):
                     xk = x.to(ks[0].in_dtype)
                     out = torch.empty_like(xk)
                     roof = roof_now(dev)
-                    t = bench([lambda k=k: k(xk, out=out) for k in ks], dev)
+                    tm = bench([lambda k=k: k(xk, out=out, gate=gate, t=t) for k in ks], dev)
                     by = d * h * dt.itemsize * (1 + 2 * n_on / h)
-                    assert ks[0].last_active in (None, n_on), (ks[0].last_active, n_on)
+                    # silu: t sits between two |silu| values that float rounding could swap, rarely
+                    assert ks[0].last_active is None or abs(ks[0].last_active - n_on) <= (gate == "silu"), (ks[0].last_active, n_on)
                     name = {"c": "C sparse", "cuda": "CUDA sparse", "torch": "torch gather"}[backend]
                     show(dict(device=dev, impl=name, dtype=str(dt)[6:], d=d, h=h, B=B, s=float(s), s_token=s_tok, roof_GBps=roof,
-                              active=n_on, time_ms=t * 1e3, GBps=by / t / 1e9, roof_pct=100 * by / t / 1e9 / roof,
-                              speedup=dense_ms[base] / t, ideal=3 * d * h * base.itemsize / by))
+                              active=n_on, time_ms=tm * 1e3, GBps=by / tm / 1e9, roof_pct=100 * by / tm / 1e9 / roof,
+                              speedup=dense_ms[base] / tm, ideal=3 * d * h * base.itemsize / by, gate=gate, t=t))
                     del ks
 
 # -----------------------------------------------------------------------------
@@ -321,6 +330,52 @@ def sparse_model(dev, prompt, n_new, d=2048, h=8192, n_layer=2, target=0.9):
     return model
 
 
+def breakdown(dev, model, prompt, s, wbytes):
+    """Where one decoded token's time goes: each part timed on its own, on the inputs it sees in a real
+    step (batch 1, the prompt in the KV cache), all layers in turn as in a step (so the weights come from
+    memory, not cache); 'rest' is the whole step minus the parts (norms, residuals, embedding, Python and
+    dispatch). Bytes: what the part must read (weights, the KV cache); wbytes: FFN bytes per weight."""
+    T = prompt.shape[1]
+    blocks = list(model.blocks)
+    model.setup_cache(1, T + 1)
+    tok = prompt[:, -1:]
+    attn_in, ffn_in, cos, sin = [], [], model.rope_cos[T:T + 1], model.rope_sin[T:T + 1]
+    hooks = [h for b in blocks for h in (b.attn.register_forward_hook(lambda m, a, y: attn_in.append(a[0])),
+                                         b.ffn.register_forward_hook(lambda m, a, y: ffn_in.append(a[0])))]
+    with torch.no_grad():
+        model(prompt[:, :-1], start_pos=0)
+        attn_in.clear(); ffn_in.clear()
+        model(tok, start_pos=T - 1)
+        for hk in hooks:
+            hk.remove()
+        attn_out = [b.attn.n_head * b.attn.head_dim for b in blocks]
+        y_in = [torch.randn(1, 1, n, device=dev) for n in attn_out]
+        last = torch.randn(1, 1, model.config.n_embd, device=dev)
+        step = bench([lambda: model(tok, start_pos=T - 1)], dev)
+        ffn = bench([lambda: [b.ffn(x) for b, x in zip(blocks, ffn_in)]], dev)
+        proj = bench([lambda: [(b.attn.wq(x), b.attn.wk(x), b.attn.wv(x), b.attn.wo(y))
+                               for b, x, y in zip(blocks, attn_in, y_in)]], dev)
+        attn = bench([lambda: [b.attn(x, cos, sin, T - 1) for b, x in zip(blocks, attn_in)]], dev)
+        head = bench([lambda: model.lm_head(model.norm(last))], dev)
+    model.clear_cache()
+    d, h, L = model.config.n_embd, model.config.ffn_hidden, len(blocks)
+    kv = model.config.n_kv_head * blocks[0].attn.head_dim
+    fbytes = L * d * h * (3 * 4 if wbytes is None else wbytes * (1 + 2 * (1 - s / 100)))
+    parts = [("FFN", ffn, fbytes), ("attention projections", proj, L * (2 * d * d + 2 * d * kv) * 4),
+             ("attention (RoPE, cache, softmax)", attn - proj, L * 2 * T * kv * 4),
+             ("output layer + final norm", head, model.lm_head.weight.numel() * 4)]
+    parts.append(("rest (norms, residuals, Python)", step - sum(p[1] for p in parts), 0))
+    roof = roof_now(dev)
+    for name, t, by in parts:
+        print(f"    {name:34s} {t * 1e3:7.3f} ms {100 * t / step:5.1f}%  {by / 1e6:8.2f} MB"
+              + (f" {by / max(t, 1e-9) / 1e9:6.1f} GB/s ({100 * by / max(t, 1e-9) / 1e9 / roof:3.0f}% of {roof:.1f})" if by else ""))
+    total = sum(p[2] for p in parts)
+    print(f"    {'one step':34s} {step * 1e3:7.3f} ms 100.0%  {total / 1e6:8.2f} MB {total / step / 1e9:6.1f} GB/s "
+          f"({100 * total / step / 1e9 / roof:3.0f}% of {roof:.1f}); at the roof: {roof * 1e9 / total:.0f} tokens/s")
+    return dict(step_ms=step * 1e3, roof_GBps=roof, bytes=total,
+                parts={name: dict(ms=t * 1e3, bytes=by) for name, t, by in parts})
+
+
 def e2e_table(dev, model, label, prompt):
     n = min(e2e_tokens, model.config.block_size - prompt.shape[1])
     with torch.no_grad(), model.ffn_stats() as stats:
@@ -337,12 +392,13 @@ def e2e_table(dev, model, label, prompt):
             sync(dev); t0 = time.perf_counter()
             out = model.generate(prompt, n, temperature=0.0)
             sync(dev); t = time.perf_counter() - t0
-        sparse_ffn.detach(model)
         ref = out if ref is None else ref
         same = "same tokens as dense" if torch.equal(out, ref) else "tokens differ from dense (rounding)"
         tps = n / t
-        rows.append(dict(device=dev, impl=f"e2e {name}", model=label, tokens_per_s=tps, sparsity=s))
-        print(f"  {name:16s} {tps:8.1f} tokens/s  {1e3 / tps:7.2f} ms/token  ({same})", flush=True)
+        print(f"  {name:16s} {tps:8.1f} tokens/s  {1e3 / tps:7.2f} ms/token  ({same}); one step, part by part:", flush=True)
+        parts = breakdown(dev, model, prompt, s, None if dt is None else dt.itemsize)
+        sparse_ffn.detach(model)
+        rows.append(dict(device=dev, impl=f"e2e {name}", model=label, tokens_per_s=tps, sparsity=s, breakdown=parts))
 
 # -----------------------------------------------------------------------------
 

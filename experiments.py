@@ -75,6 +75,8 @@ STRESS = [(f"lr x{m}, warmup {w}", f"--max_iters=400 --eval_interval=100 --lr={3
 # sparsity along one long run: 10,000 steps = 10.2M tokens, about 5.7 passes over the training text
 LONG = [("StochA p=0.5 + Swi+FT, 10.2M tokens", "--act=stoch --p=0.5 --alpha=0.1 --max_iters=10000 "
          "--eval_interval=500 --log_interval=50")]
+# the rows of the per-prompt diversity table
+PER_PROMPT = ("StochA p=0.5, greedy", "StochA p=0.7, greedy", "greedy", "temperature 0.5", "top-p 0.8")
 # diversity: (label, act, p, temperature, top_p); act None = the checkpoint's inference act
 SAMPLERS = ([(f"StochA p={p}, greedy", "stoch", p, 0.0, None) for p in (0.3, 0.5, 0.7, 1.0)]
             + [("greedy", None, None, 0.0, None)]
@@ -119,9 +121,11 @@ def run_train(run):
     if os.path.exists(os.path.join(d, "summary.json")):
         return f"skip {d} (done)"
     os.makedirs(d, exist_ok=True)
+    if os.path.exists(os.path.join(d, "ckpt.pt")):  # an interrupted run: continue it exactly
+        argv = [a for a in argv if not a.startswith("--init_from=")] + ["--init_from=resume"]
     env = dict(os.environ, OMP_NUM_THREADS="1") if jobs > 1 else None
     t0 = time.time()
-    with open(os.path.join(d, "stdout.txt"), "w") as f:
+    with open(os.path.join(d, "stdout.txt"), "a") as f:
         rc = subprocess.run([sys.executable, "train.py", *argv], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
         raise RuntimeError(f"python train.py {' '.join(argv)} failed (exit {rc}); see {d}/stdout.txt")
@@ -136,6 +140,107 @@ def train_runs(groups):
         with ThreadPoolExecutor(jobs) as pool:
             for msg in pool.map(run_train, batch):
                 print(msg, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# evaluating trained checkpoints: the threshold frontier, and unit health for the stress test
+
+# (curve, the quality row it thresholds, the gate): SILU + CATS against the relu models thresholded
+FRONTIER = [("SILU + CATS", SCRATCH[0][0], "silu"), ("RELU from scratch + t", SCRATCH[1][0], "relu"),
+            ("Swi+FT + t", SCRATCH[2][0], "relu"), ("StochA p=0.5 + Swi+FT + t", SCRATCH[4][0], "relu")]
+TARGETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)  # FFN sparsity, calibrated on training text
+CALIB_BATCHES = 8  # of 8 x 128 tokens from train.bin: 8k tokens (CATS used a few hundred thousand; flat here)
+VAL_BATCHES = 40  # the summaries' final evaluation: the same 41k validation tokens
+
+
+def _eval_setup(state):
+    """The checkpoint's model, its val/train paths, the eval settings and the token byte lengths."""
+    from types import SimpleNamespace
+
+    from data import checkpoint_data, token_bytes, tokenizer
+    from model import GPT
+    model = GPT.from_checkpoint(state).eval()
+    folder = checkpoint_data(state, "")
+    cfg = SimpleNamespace(batch_size=state["config"]["batch_size"], block_size=state["config"]["block_size"])
+    tbytes = torch.from_numpy(token_bytes(tokenizer(state["config"]["vocab"])))
+    return model, folder, cfg, tbytes
+
+
+def _evaluate(model, act, folder, cfg, tbytes, n=VAL_BATCHES):
+    from contextlib import nullcontext
+
+    from train import evaluate
+    return evaluate(model, act, 0.0, os.path.join(folder, "val.bin"), cfg, "cpu", nullcontext(), n, tbytes)
+
+
+def frontier():
+    """Val loss against FFN sparsity: each model at its own sparsity (t = 0), then with per-layer thresholds
+    calibrated on training text to each target sparsity above it. Writes out/frontier.json."""
+    from model import load_checkpoint
+    from train import get_batch
+    path = os.path.join(out, "frontier.json")
+    points = json.load(open(path))["points"] if os.path.exists(path) else []
+    done = {(p["curve"], p["seed"], p["target"]) for p in points}
+    for curve, row, gate in FRONTIER:
+        for seed in SEEDS:
+            ck = os.path.join(out, "quality", f"{slug(row)}-s{seed}", "ckpt.pt")
+            if not os.path.exists(os.path.join(os.path.dirname(ck), "summary.json")) or not os.path.exists(ck):
+                print(f"frontier: skip {curve}, seed {seed}: no finished run at {ck}")
+                continue
+            state = load_checkpoint(ck)
+            model, folder, cfg, tbytes = _eval_setup(state)
+            model.set_act(gate)
+            gen = torch.Generator().manual_seed(4321)  # the same calibration text for every model
+            calib = [get_batch(os.path.join(folder, "train.bin"), gen, cfg.batch_size, cfg.block_size, "cpu")[0]
+                     for _ in range(CALIB_BATCHES)]
+            natural = None
+            for target in (None, *TARGETS):
+                if (curve, seed, target) in done or (target is not None and natural is not None and target <= natural):
+                    continue
+                t0 = time.time()
+                ts = model.calibrate_thresholds(calib, target) if target is not None else model.set_thresholds(None) or []
+                res = _evaluate(model, gate, folder, cfg, tbytes)
+                if target is None:
+                    natural = res["sparsity"]
+                points.append(dict(curve=curve, seed=seed, target=target, gate=gate, thresholds=ts, val_loss=res["loss"],
+                                   val_bpb=res["bpb"], sparsity=res["sparsity"],
+                                   sparsity_per_layer=[l["sparsity"] for l in res["layers"]], ckpt=ck))
+                print(f"{curve:28s} seed {seed} target {'own' if target is None else f'{100 * target:.0f}%':>4s}: "
+                      f"sparsity {100 * res['sparsity']:5.1f}%, val {res['loss']:.4f} nats = {res['bpb']:.4f} bits/byte "
+                      f"({time.time() - t0:.0f} s)", flush=True)
+                with open(path + ".tmp", "w") as f:  # after every point: an interrupted stage continues
+                    json.dump(dict(calib_tokens=CALIB_BATCHES * cfg.batch_size * cfg.block_size,
+                                   val_tokens=VAL_BATCHES * cfg.batch_size * cfg.block_size, points=points), f, indent=1)
+                os.replace(path + ".tmp", path)
+            if natural is None:  # resumed past its own point: read it back
+                natural = next(p["sparsity"] for p in points if (p["curve"], p["seed"], p["target"]) == (curve, seed, None))
+
+
+COLLAPSED = 0.25  # a W1 row "collapsed": its norm below this fraction of its layer's median row norm
+
+
+def health():
+    """For every stress-test run: dead units per layer with relu at inference (for SILU too: units whose
+    W1 x is never positive on validation text), and the fraction of W1 rows whose norm collapsed.
+    Writes health.json beside each summary."""
+    from model import load_checkpoint
+    for group, name, seed, argv, d in quality_runs(("stress",)):
+        target, ck = os.path.join(d, "health.json"), os.path.join(d, "ckpt.pt")
+        if os.path.exists(target) or not os.path.exists(os.path.join(d, "summary.json")) or not os.path.exists(ck):
+            continue
+        state = load_checkpoint(ck)
+        model, folder, cfg, tbytes = _eval_setup(state)
+        res = _evaluate(model, "relu", folder, cfg, tbytes, n=12)
+        collapsed = []
+        for block in model.blocks:
+            norms = block.ffn.w1.weight.detach().norm(dim=1)
+            collapsed.append((norms < COLLAPSED * norms.median()).float().mean().item())
+        h = dict(relu_dead_per_layer=[l["dead"] for l in res["layers"]], relu_sparsity=res["sparsity"],
+                 relu_val_loss=res["loss"], w1_collapsed_per_layer=collapsed, collapsed_rule=COLLAPSED)
+        with open(target, "w") as f:
+            json.dump(h, f, indent=1)
+        print(f"{d}: relu dead {100 * np.mean(h['relu_dead_per_layer']):.1f}%, W1 rows collapsed "
+              f"{100 * np.mean(collapsed):.1f}%", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -168,7 +273,7 @@ def diversity():
                                    distinct_2=distinct_n(samples, 2), distinct_3=distinct_n(samples, 3),
                                    self_bleu=self_bleu(samples), unique=len(set(map(tuple, samples))) / len(samples)))
         row = dict(label=label, act=act or infer, p=p, temperature=temperature, top_p=top_p,
-                   **{k: float(np.mean([r[k] for r in per_prompt])) for k in per_prompt[0]})
+                   **{k: float(np.mean([r[k] for r in per_prompt])) for k in per_prompt[0]}, per_prompt=per_prompt)
         rows.append(row)
         print(f"{label:24s} log-lik avg {row['avg_ll']:.3f} best {row['best_ll']:.3f} | distinct-2 "
               f"{row['distinct_2']:.3f} self-BLEU {row['self_bleu']:.3f} unique {row['unique']:.2f} "
@@ -227,7 +332,7 @@ def alpha_axis(table):
     axis = []
     for (group, name), e in table.items():
         r = e["runs"][0]
-        if group != "cpt" and (r["act"] == "stoch" and r["p"] == 0.5 or r["act"] == "relu"):
+        if group in ("scratch", "alpha") and (r["act"] == "stoch" and r["p"] == 0.5 or r["act"] == "relu"):
             axis.append((r["alpha"] if r["act"] == "stoch" else 1.0, name, e))
     return sorted(axis, key=lambda a: a[0])
 
@@ -249,6 +354,116 @@ def at_least(rows, ref, key, families):
     return f"{c['label']}: {c['distinct_2']:.3f} / {c['self_bleu']:.3f} ({c[key]:.3f})"
 
 
+def layers_cell(runs, key="sparsity_per_layer"):
+    """per-layer percentages, mean over the runs"""
+    return " / ".join(f"{100 * v:.0f}" for v in np.mean([r[key] for r in runs], axis=0))
+
+
+def p_axis(table):
+    """StochA p + Swi+FT along p, as sorted (p, name, entry); p = 0 is RELU from scratch (the same function)."""
+    axis = []
+    for (group, name), e in table.items():
+        r = e["runs"][0]
+        if group in ("scratch", "p") and (r["act"] == "stoch" and r["alpha"] == 0.1 or r["act"] == "relu"):
+            axis.append((r["p"] if r["act"] == "stoch" else 0.0, name, e))
+    return sorted(axis, key=lambda a: a[0])
+
+
+def p_table(table):
+    """Sparsity and loss against p (all + Swi+FT; p = 0 is RELU itself, the same function)."""
+    axis = p_axis(table)
+    if len(axis) < 2:
+        return
+    silu = {r["seed"]: r["val_loss"] for r in table.get(("scratch", SCRATCH[0][0]), dict(runs=[]))["runs"]}
+    print("\n### Sparsity against p\n\nStochA p + Swi+FT (alpha=0.1), evaluated with RELU; p = 0 is RELU from "
+          "scratch (StochA with p = 0 is relu exactly). Seeds as listed.\n")
+    print("| p | row | seeds | val loss, nats | bits/byte | vs SILU | FFN sparsity | per layer, % | dead |\n" + "|---" * 9 + "|")
+    for p, name, e in axis:
+        runs = e["runs"]
+        paired = [r["val_loss"] - silu[r["seed"]] for r in runs if r["seed"] in silu]
+        print(f"| {p} | {name} | {len(runs)} | {pm([r['val_loss'] for r in runs])} | {pm([r['val_bpb'] for r in runs])} | "
+              f"{pm(paired, '+.3f') if paired else '-'} | {pm([r['sparsity'] for r in runs], '.1f', 100)}% | "
+              f"{layers_cell(runs)} | {pm([r['dead_fraction'] for r in runs], '.1f', 100)}% |")
+
+
+def stress_table(table):
+    rows = [(name, e) for (g, name), e in table.items() if g == "stress"]
+    if not rows:
+        return
+    print("\n### The dying-RELU stress test\n\n400 steps (410k tokens) per run, lr as listed (cosine to lr/10), "
+          f"seeds {', '.join(map(str, SEEDS[:2]))}. 'dead with RELU': units never positive on 98k validation tokens, "
+          f"for SILU too; 'W1 rows collapsed': row norm below {COLLAPSED} x its layer's median.\n")
+    print("| recipe | lr, warmup | val loss, nats (inference act) | bits/byte | vs 1x | inference act | FFN sparsity | "
+          "dead with RELU, per layer % | W1 rows collapsed |\n" + "|---" * 9 + "|")
+    base = {}
+    for name, e in rows:
+        recipe, setting = name.split(", lr ")
+        health_ = [json.load(open(os.path.join(r["dir"], "health.json"))) for r in e["runs"]
+                   if os.path.exists(os.path.join(r["dir"], "health.json"))]
+        losses = [r["val_loss"] for r in e["runs"]]
+        if setting.startswith("x1,"):
+            base[recipe] = {r["seed"]: r["val_loss"] for r in e["runs"]}
+        paired = [r["val_loss"] - base[recipe][r["seed"]] for r in e["runs"] if r["seed"] in base.get(recipe, {})]
+        dead = (f"{pm([np.mean(h['relu_dead_per_layer']) for h in health_], '.1f', 100)}% "
+                f"({layers_cell(health_, 'relu_dead_per_layer')})") if health_ else "-"
+        collapsed = pm([np.mean(h["w1_collapsed_per_layer"]) for h in health_], ".1f", 100) + "%" if health_ else "-"
+        print(f"| {recipe} | {setting} | {pm(losses)} | {pm([r['val_bpb'] for r in e['runs']])} | "
+              f"{pm(paired, '+.3f') if paired and not setting.startswith('x1,') else '-'} | {e['runs'][0]['eval_act']} | "
+              f"{pm([r['sparsity'] for r in e['runs']], '.1f', 100)}% | {dead} | {collapsed} |")
+
+
+def long_table(table):
+    e = next((e for (g, _), e in table.items() if g == "long"), None)
+    if e is None:
+        return
+    r = e["runs"][0]
+    evals = [x for x in read_log(os.path.join(r["dir"], "log.jsonl")) if x["kind"] == "eval"]
+    tok = r["tokens"] / r["iters"]
+    print(f"\n### Sparsity along one long run\n\n`python train.py {config} {e['flags']} --seed={r['seed']}`: "
+          f"{r['tokens'] / 1e6:.1f}M tokens ({r['tokens'] / 1.79e6:.1f} passes over the training text), "
+          f"{r['seconds'] / 60:.0f} min. Every evaluation with RELU (before the switch at step {r['switch_iter']} the "
+          "model is trained with StochA).\n")
+    print("| step | tokens | trained with | val loss with RELU, nats | bits/byte | FFN sparsity | per layer, % |\n" + "|---" * 7 + "|")
+    for x in evals:
+        per = " / ".join(f"{100 * l:.0f}" for l in x.get("sparsity_per_layer", [])) or "-"
+        print(f"| {x['iter']} | {x['iter'] * tok / 1e6:.2f}M | {x['act']} | {x['val_loss_infer']:.4f} | "
+              f"{x['val_bpb_infer']:.3f} | {100 * x['sparsity']:.1f}% | {per} |")
+
+
+def frontier_table():
+    path = os.path.join(out, "frontier.json")
+    if not os.path.exists(path):
+        return
+    rep = json.load(open(path))
+    speed = {}  # (gate, sparsity %) -> C kernel speedups over dense, fp32 and bf16, d=2048 h=8192 batch 1
+    for gate in ("relu", "silu"):
+        bp = os.path.join(out, f"bench_{gate}.json")
+        if os.path.exists(bp):
+            for r in json.load(open(bp))["rows"]:
+                if r.get("impl") == "C sparse" and r["B"] == 1:
+                    speed.setdefault((gate, r["s"]), {})[r["dtype"]] = r["speedup"]
+    print(f"\n### Quality against sparsity: retrain, or threshold?\n\nEach model at its own sparsity, then with "
+          f"per-layer thresholds calibrated on {rep['calib_tokens']:,} training tokens to each target sparsity; val loss "
+          f"on {rep['val_tokens']:,} validation tokens; mean over the seeds. 'vs SILU' is against the SILU model "
+          "itself (dense). Speedup: the C kernel at that sparsity and gate, d=2048 h=8192, batch 1, over PyTorch's "
+          "dense FFN (fp32; bf16 weights), from bench.py.\n")
+    print("| curve | target | seeds | FFN sparsity | val loss, nats | bits/byte | vs SILU, bits/byte | FFN speedup fp32 / bf16 |\n"
+          + "|---" * 8 + "|")
+    pts = rep["points"]
+    silu = {p["seed"]: p["val_bpb"] for p in pts if p["curve"] == FRONTIER[0][0] and p["target"] is None}
+    for curve, _, gate in FRONTIER:
+        for target in (None, *TARGETS):
+            sel = [p for p in pts if p["curve"] == curve and p["target"] == target]
+            if not sel:
+                continue
+            paired = [p["val_bpb"] - silu[p["seed"]] for p in sel if p["seed"] in silu]
+            sp = speed.get((gate, round(100 * target) if target else None), {})
+            sp = f"{sp['float32']:.2f}x / {sp.get('bfloat16', float('nan')):.2f}x" if sp else "-"
+            print(f"| {curve} | {'own' if target is None else f'{100 * target:.0f}%'} | {len(sel)} | "
+                  f"{pm([p['sparsity'] for p in sel], '.1f', 100)}% | {pm([p['val_loss'] for p in sel])} | "
+                  f"{pm([p['val_bpb'] for p in sel], '.4f')} | {pm(paired, '+.4f') if paired else '-'} | {sp} |")
+
+
 def tables():
     table = quality_rows()
     if table:
@@ -258,7 +473,8 @@ def tables():
         head = ("| row | flags | val loss, nats/token (inference act) | bits/byte | vs SILU | inference act | FFN sparsity | "
                 "dead units | RELU loss at the switch -> end | wall s | tokens |")
         silu = os.path.join(out, "quality", f"{slug(SCRATCH[0][0])}-sS", "ckpt.pt")
-        for group, title in (("scratch", None), ("alpha", "alpha, from 0 (StochA only) to 1 (RELU from scratch)"),
+        for group, title in (("scratch", None), ("alpha", "alpha, from 0 (StochA only) to 1 (RELU from scratch), "
+                                                     f"seeds {', '.join(map(str, SEEDS[:2]))}"),
                              ("cpt", f"continued pre-training: each seed's SILU run, then `--init_from={silu}`")):
             rows = [(name, e) for (g, name), e in table.items() if g == group]
             if not rows:
@@ -281,6 +497,10 @@ def tables():
         r0 = next(iter(table.values()))["runs"][0]
         print(f"\n{r0['params'] / 1e6:.1f}M parameters; {r0['device_name']}, {r0['threads']} thread(s) per run, "
               f"{r0['val_tokens']:,} validation tokens per loss.")
+        p_table(table)
+        stress_table(table)
+        long_table(table)
+    frontier_table()
     path = os.path.join(out, "diversity.json")
     if os.path.exists(path):
         rep = json.load(open(path))
@@ -291,6 +511,14 @@ def tables():
         for r in rep["rows"]:
             print(f"| {r['label']} | {r['avg_ll']:.3f} | {r['best_ll']:.3f} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} | "
                   f"{r['self_bleu']:.3f} | {r['unique']:.2f} |")
+        shown = [r for r in rep["rows"] if "per_prompt" in r and r["label"] in PER_PROMPT]
+        if shown:  # the mean hides how unevenly StochA's draws diversify: some prompts get 8 samples, some 1
+            print("\nPer prompt (samples that differ out of " f"{rep['num_samples']}, distinct-2, mean log-lik):\n")
+            print("| prompt | " + " | ".join(r["label"] for r in shown) + " |\n" + "|---" * (len(shown) + 1) + "|")
+            for i in range(rep["n_prompts"]):
+                print(f"| {i} | " + " | ".join(f"{round(r['per_prompt'][i]['unique'] * rep['num_samples'])}, "
+                                              f"{r['per_prompt'][i]['distinct_2']:.2f}, {r['per_prompt'][i]['avg_ll']:.2f}"
+                                              for r in shown) + " |")
         # The quality of temperature sampling is not monotone in T at this scale (T = 0.2 can beat greedy), so rather
         # than interpolating a curve: the most diverse setting of each family that is at least as good as StochA.
         print("\nAt equal or better quality: for each StochA row, the most diverse (by distinct-2) setting of each "
@@ -341,7 +569,7 @@ RULES = dict(
 def main(argv):
     global SEEDS
     stages = [a for a in argv if not a.startswith("--")]
-    known = dict(diversity=diversity, speed=speed, tables=tables)
+    known = dict(frontier=frontier, health=health, diversity=diversity, speed=speed, tables=tables)
     if not stages or set(stages) - set(known) - set(TRAIN_STAGES):
         raise ConfigError(f"usage: python experiments.py {{{'|'.join([*TRAIN_STAGES, *known])}}} [--key=value ...]; got {stages}")
     configure(globals(), [a for a in argv if a.startswith("--")], RULES)

@@ -1,8 +1,8 @@
 """
-Draws the README's figures from what experiments.py, train.py and bench.py wrote (out-exp/ by default):
+Draws the README's figures from what experiments.py, train.py and bench.py wrote (results/ by default):
 
     pip install matplotlib      # only this script needs it
-    python plot.py              # -> assets/*.png; --out=out-exp --assets=assets
+    python plot.py              # -> assets/*.png; --out=results --assets=assets
 
 A figure whose inputs are missing is skipped with a note, so it can be run after any stage.
 """
@@ -16,7 +16,7 @@ import numpy as np
 from configurator import cli, configure, existing_dir, existing_file, new_dir
 from train import read_log
 
-out = "out-exp"
+out = "results"
 config = "config/sweep.py"  # as experiments.py's --config
 assets = "assets"
 
@@ -52,13 +52,15 @@ def quality_figures(plt, experiments):
     # every row of one seed sees the same init and the same batches (train.py seeds its data order
     # apart from StochA's draws), so a row's loss minus SILU's cancels the batch-to-batch noise
     base = {r["seed"]: {t["iter"]: t["loss"] for t in load_log(r["dir"])[0]} for r in scratch[0][1]}
+    z0 = int(0.7 * scratch[0][1][0]["iters"])  # the zoom: the last 30% of the steps, around the switch
     for name, runs in scratch:
         steps, loss = seed_mean([r["dir"] for r in runs], "loss", "train")
-        k = 10
+        k = 5
         ax.plot(steps[k - 1:], smooth(loss, k), label=name, lw=1.2, color=color(name))
-        diff = np.mean([[t["loss"] - base[r["seed"]][t["iter"]] for t in load_log(r["dir"])[0] if t["iter"] >= 200]
+        zs = [i for i in steps if i >= z0]
+        diff = np.mean([[{t["iter"]: t["loss"] for t in load_log(r["dir"])[0]}[i] - base[r["seed"]][i] for i in zs]
                         for r in runs], axis=0)
-        zoom.plot(np.arange(200, 200 + len(diff))[2:], smooth(diff, 3), label=name, lw=1.2, color=color(name))
+        zoom.plot(zs[2:], smooth(diff, 3), label=name, lw=1.2, color=color(name))
     ft = table.get(("scratch", experiments.SCRATCH[4][0]))  # StochA p=0.5 + Swi+FT
     switch = ft["runs"][0]["switch_iter"] if ft else None
     for a in (ax, zoom):
@@ -67,8 +69,8 @@ def quality_figures(plt, experiments):
         a.set_xlabel("step")
         a.grid(alpha=0.3)
     ax.set_ylim(top=8)
-    ax.set_ylabel(f"training loss (mean of {n_seeds} seeds, 10-step moving average)")
-    zoom.set_title("steps 200-300" + (f"; the switch to RELU at step {switch} (dashed)" if switch else ""))
+    ax.set_ylabel(f"training loss (mean of {n_seeds} seeds, moving average of 5 logged steps)")
+    zoom.set_title(f"steps {z0}-{scratch[0][1][0]['iters']}" + (f"; the switch to RELU at step {switch} (dashed)" if switch else ""))
     zoom.set_ylabel("loss minus SILU's on the same batches")
     ax.legend(fontsize=8)
     s0 = scratch[0][1][0]
@@ -173,6 +175,84 @@ def speed_figure(plt):
     save(plt, fig, "speedup.png")
 
 
+def frontier_figure(plt, experiments):
+    """The practitioner's question: bits per byte against FFN sparsity, and against the FFN speedup measured
+    at that sparsity, for SILU + CATS and the RELU-trained models thresholded."""
+    rep = read_json("frontier.json", "the frontier figure")
+    if rep is None:
+        return
+    speed = {}
+    for gate in ("relu", "silu"):
+        path = os.path.join(out, f"bench_{gate}.json")
+        if os.path.exists(path):
+            sel = sorted((r["s"], r["speedup"]) for r in json.load(open(path))["rows"]
+                         if r.get("impl") == "C sparse" and r["B"] == 1 and r["dtype"] == "float32")
+            speed[gate] = np.array(sel).T
+    fig, axes = plt.subplots(1, 2 if speed else 1, figsize=(12 if speed else 7, 4.8), squeeze=False)
+    silu = [p["val_bpb"] for p in rep["points"] if p["curve"] == experiments.FRONTIER[0][0] and p["target"] is None]
+    for i, (curve, _, gate) in enumerate(experiments.FRONTIER):
+        groups = {}
+        for p in rep["points"]:
+            if p["curve"] == curve:
+                groups.setdefault(p["target"], []).append(p)
+        pts = sorted(((np.mean([p["sparsity"] for p in g]), np.mean([p["val_bpb"] for p in g]),
+                       (max(p["val_bpb"] for p in g) - min(p["val_bpb"] for p in g)) / 2) for g in groups.values()))
+        if not pts:
+            continue
+        x, y, err = (np.array(v) for v in zip(*pts))
+        axes[0][0].errorbar(100 * x, y, yerr=err, fmt="o-", ms=4, capsize=2, color=f"C{i}", label=curve)
+        if gate in speed:  # the speedup the C kernel measured at each point's sparsity (interpolated)
+            axes[0][1].plot(np.interp(100 * x, *speed[gate]), y, "o-", ms=4, color=f"C{i}", label=curve)
+    for ax in axes[0]:
+        if silu:
+            ax.axhline(np.mean(silu), color="gray", ls="--", lw=0.8, label="SILU, dense")
+        ax.set_ylabel("validation bits per byte (lower is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_xlabel("FFN sparsity at inference, % (thresholds calibrated on training text)")
+    axes[0][0].set_title(f"Retrain or threshold? mean of the seeds, bars: half the range", fontsize=10)
+    if speed:
+        axes[0][1].set_xlabel("FFN speedup of the C kernel at that sparsity (fp32, d=2048 h=8192, batch 1)")
+        axes[0][1].set_title("The same points against measured speed", fontsize=10)
+    save(plt, fig, "frontier.png")
+
+
+def science_figures(plt, experiments):
+    """Sparsity against p, and along the long run."""
+    table = experiments.quality_rows()
+    axis = experiments.p_axis(table)
+    if len(axis) > 2:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ps = [a[0] for a in axis]
+        sp = [100 * np.mean([r["sparsity"] for r in e["runs"]]) for _, _, e in axis]
+        bpb = [np.mean([r["val_bpb"] for r in e["runs"]]) for _, _, e in axis]
+        ax.plot(ps, sp, "o-", color="C0")
+        ax.set_xlabel("p (StochA: probability of silu for a negative input; p = 0 is RELU)")
+        ax.set_ylabel("FFN sparsity with RELU at inference, %", color="C0")
+        ax2 = ax.twinx()
+        ax2.plot(ps, bpb, "s--", color="C3")
+        ax2.set_ylabel("validation bits per byte", color="C3")
+        ax.set_title("StochA p + Swi+FT: sparsity and quality against p (mean of the seeds)", fontsize=10)
+        ax.grid(alpha=0.3)
+        save(plt, fig, "p_sweep.png")
+    long = next((e for (g, _), e in table.items() if g == "long"), None)
+    if long:
+        r = long["runs"][0]
+        evals = load_log(r["dir"])[1]
+        tok = r["tokens"] / r["iters"] / 1e6
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.plot([e["iter"] * tok for e in evals], [100 * e["sparsity"] for e in evals], "o-", color="C0")
+        ax.set_xlabel("training tokens, millions")
+        ax.set_ylabel("FFN sparsity with RELU at inference, %", color="C0")
+        ax2 = ax.twinx()
+        ax2.plot([e["iter"] * tok for e in evals], [e["val_bpb_infer"] for e in evals], "s--", color="C3")
+        ax2.set_ylabel("validation bits per byte with RELU", color="C3")
+        ax.axvline(r["switch_iter"] * tok, color="gray", ls="--", lw=0.8)
+        ax.set_title(f"One long run of StochA p=0.5 + Swi+FT (switch to RELU dashed)", fontsize=10)
+        ax.grid(alpha=0.3)
+        save(plt, fig, "sparsity_long.png")
+
+
 def save(plt, fig, name):
     fig.tight_layout()
     path = os.path.join(assets, name)
@@ -193,6 +273,8 @@ def main(argv):
     experiments.out, experiments.config = out, config
     os.makedirs(assets, exist_ok=True)
     quality_figures(plt, experiments)
+    science_figures(plt, experiments)
+    frontier_figure(plt, experiments)
     diversity_figure(plt)
     speed_figure(plt)
 
