@@ -234,14 +234,16 @@ def kernel_table(dev):
                         show(dict(device=dev, impl="torch dense", dtype=str(dt)[6:], d=d, h=h, B=B, s=None, roof_GBps=roof,
                                   time_ms=t * 1e3, GBps=by / t / 1e9, roof_pct=100 * by / t / 1e9 / roof, speedup=1.0))
                     del ws
-                impls = [("c" if dev == "cpu" else "cuda", dt) for dt in dtype_list]
+                impls = [("c" if dev == "cpu" else "cuda", dt, "sparse") for dt in dtype_list]
+                if dev == "cpu" and torch.float32 in dtype_list:  # the per-call choice: kernel or dense GEMMs
+                    impls.append(("c", torch.float32, "auto"))
                 if gather:
-                    impls.append(("torch", torch.float32 if dev == "cpu" else dtype_list[0]))
-                for backend, dt in impls:
+                    impls.append(("torch", torch.float32 if dev == "cpu" else dtype_list[0], "sparse"))
+                for backend, dt, mode in impls:
                     if backend != "torch" and sparse_ffn.backends()[backend] is not True:
                         continue
                     base = torch.float32 if dev == "cpu" else dt
-                    ks = copies(lambda: sparse_ffn.SparseFFN(w1, w3, w2, dtype=dt, device=dev, backend=backend),
+                    ks = copies(lambda: sparse_ffn.SparseFFN(w1, w3, w2, dtype=dt, device=dev, backend=backend, mode=mode),
                                 3 * d * h * dt.itemsize)
                     xk = x.to(ks[0].in_dtype)
                     out = torch.empty_like(xk)
@@ -251,6 +253,9 @@ def kernel_table(dev):
                     # silu: t sits between two |silu| values that float rounding could swap, rarely
                     assert ks[0].last_active is None or abs(ks[0].last_active - n_on) <= (gate == "silu"), (ks[0].last_active, n_on)
                     name = {"c": "C sparse", "cuda": "CUDA sparse", "torch": "torch gather"}[backend]
+                    if mode == "auto":  # which path the calls took (after the first, which measures)
+                        name = f"C auto:{ks[0].last_path}"
+                        by = d * h * dt.itemsize * (3 if ks[0].last_path == "dense" else 1 + 2 * n_on / h)
                     show(dict(device=dev, impl=name, dtype=str(dt)[6:], d=d, h=h, B=B, s=float(s), s_token=s_tok, roof_GBps=roof,
                               active=n_on, time_ms=tm * 1e3, GBps=by / tm / 1e9, roof_pct=100 * by / tm / 1e9 / roof,
                               speedup=dense_ms[base] / tm, ideal=3 * d * h * base.itemsize / by, gate=gate, t=t))

@@ -12,6 +12,13 @@ thresholding of a SILU model, Lee et al. 2024); t >= 0 is per call, so per layer
     sparse_ffn.attach(model)         # every relu FFN of an eval-mode model uses its kernel
     sparse_ffn.detach(model)
 
+Never slower than dense (mode="auto", the default on the CPU): a call whose batch leaves more units
+active than the break-even runs PyTorch's dense GEMMs on the same packed weights instead. The break-even
+is measured once per shape, dtype, batch size and thread count (the kernel with no unit active, with
+every unit active, and dense), and the choice for a call is predicted from the layer's previous call
+(consecutive tokens keep similar sparsity; the dense path measures it too). mode="sparse" / "dense"
+force one path.
+
 Packed weights are a snapshot: after training or editing the weights, attach again.
 Backends: the C kernel (_sparse_ffn_c) on CPU, built with cffi on first use (or by `python build.py`)
 and rebuilt when its source changes, the CUDA extension (_sparse_ffn_cuda, `python build.py`) on GPU,
@@ -21,6 +28,7 @@ Importing this file compiles nothing and needs no network; the first use of a ba
 
 import sys
 import threading
+import time
 
 import numpy as np
 import torch
@@ -29,6 +37,8 @@ import torch.nn.functional as F
 _c_lock = threading.Lock()
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # as in sparse_ffn.c
 GATES = {"relu": 0, "silu": 1}  # as in sparse_ffn.c and sparse_ffn.cu
+MODES = ("auto", "sparse", "dense")
+_BREAKEVEN = {}  # (d, h, dtype, batch, threads) -> active fraction above which dense is faster
 CUDA_MAX_BATCH = 16  # rows per launch of sparse_ffn.cu (its kMaxBatch); larger batches are split
 
 # -----------------------------------------------------------------------------
@@ -102,7 +112,7 @@ class SparseFFN:
     Inputs: x (B, d), contiguous, on `device`; fp32 on CPU (any weight dtype), the weight dtype on CUDA.
     """
 
-    def __init__(self, w1, w3=None, w2=None, dtype=None, device=None, backend=None):
+    def __init__(self, w1, w3=None, w2=None, dtype=None, device=None, backend=None, mode="auto"):
         if w3 is None and w2 is None and hasattr(w1, "w1"):
             w1, w3, w2 = w1.w1.weight, w1.w3.weight, w1.w2.weight
         w1, w3, w2 = (_as_tensor(w, n) for w, n in ((w1, "w1"), (w3, "w3"), (w2, "w2")))
@@ -128,7 +138,12 @@ class SparseFFN:
         if avail[backend] is not True:
             raise ValueError(f"backend {backend!r} is not available: {avail[backend]}")
         self.backend = backend
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
         self.last_active = None  # active units (union over the batch) of the last call, when known
+        self.last_path = None  # "sparse" or "dense": what the last call ran
+        self._recent = {}  # batch size -> the active fraction of the last call: the next call's prediction
 
         def packed(shape):  # huge pages first (before the memory is touched): fewer TLB misses
             t = torch.empty(shape, dtype=self.dtype, device=self.device)
@@ -196,7 +211,9 @@ class SparseFFN:
                 raise ValueError("out must not overlap x")
         if B == 0:
             return out
-        if self.backend == "c":
+        if self._choose(B, gate, t) == "dense":
+            self._dense(x, out, gate, t)
+        elif self.backend == "c":
             self._c(x, out, gate, t)
         elif self.backend == "cuda":
             for b0 in range(0, B, CUDA_MAX_BATCH):  # no host sync: the launches queue on the stream
@@ -204,7 +221,55 @@ class SparseFFN:
                                       out[b0:b0 + CUDA_MAX_BATCH], GATES[gate], t)
         else:
             self._torch(x, out, gate, t)
+        if self.last_active is not None:
+            self._recent[min(B, CUDA_MAX_BATCH)] = self.last_active / self.h
         return out
+
+    def _choose(self, B, gate, t):
+        """dense when the active fraction predicted from the last call of this batch size is above the
+        measured break-even; the sparse kernel otherwise (and always on the first call: it measures)."""
+        # fp32 weights only: with 16-bit weights the kernel reads half the bytes of fp32 dense, and PyTorch's
+        # 16-bit GEMMs on the CPU would round x and y to 16 bits
+        if self.mode != "auto" or self.backend != "c" or self.dtype != torch.float32:
+            self.last_path = "dense" if self.mode == "dense" else "sparse"
+            return self.last_path
+        B = min(B, CUDA_MAX_BATCH)  # larger batches run in calls of at most 16 rows
+        f = self._recent.get(B)
+        self.last_path = "dense" if f is not None and f > self.breakeven(B) else "sparse"
+        return self.last_path
+
+    def breakeven(self, B):
+        """The active fraction above which the dense path is faster for batch B (measured once per shape,
+        dtype, batch and thread count, then cached): the kernel's time is close to linear in the active
+        units, from its W1 pass alone (no unit active) to every unit active."""
+        key = (self.d, self.h, self.dtype, B, torch.get_num_threads())
+        if key not in _BREAKEVEN:
+            x, out = torch.randn(B, self.d), torch.empty(B, self.d)
+
+            def med(fn, n=5):
+                fn()
+                ts = []
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t0)
+                return sorted(ts)[n // 2]
+            t_dense = med(lambda: self._dense(x, out, "relu", 0.0))
+            t_none = med(lambda: self._c(x, out, "relu", 3e38))  # no unit active: W1 only
+            t_all = med(lambda: self._c(x, out, "silu", 0.0))  # every unit active
+            _BREAKEVEN[key] = min(1.0, max(0.0, (t_dense - t_none) / max(t_all - t_none, 1e-12)))
+        return _BREAKEVEN[key]
+
+    def _dense(self, x, out, gate, t):
+        """The dense FFN with PyTorch's GEMMs on the packed weights (W3 and W2^T are strided views of
+        the packed rows: BLAS reads them in place, no copy). With 16-bit weights (mode="dense" only),
+        x and the result are rounded to the weights' dtype."""
+        from model import gated
+        xd = x if x.dtype == self.dtype else x.to(self.dtype)
+        a = gated(F.linear(xd, self.w1), gate, t)
+        self.last_active = int((a != 0).any(0).sum())
+        y = torch.matmul(a * F.linear(xd, self.w3), self.w2t)
+        out.copy_(y)
 
     def _c(self, x, out, gate, t):
         ffi, lib = _mods["c"].ffi, _mods["c"].lib

@@ -852,7 +852,7 @@ def test_cpu_matches_reference(d, h, s, B, dtype, backend):
     with torch.no_grad():
         want = ref(x)
         u = x @ ref.w1.weight.T
-    kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend=backend)
+    kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend=backend, mode="sparse")
     y = kernel(x)
     assert y.shape == (B, d) and y.dtype == torch.float32
     check_close(y, want, atol=1e-5, rtol=1e-4, note=f"seed {seed}: ")
@@ -868,7 +868,7 @@ def test_out_is_overwritten(backend):
     ffn, x = ref_ffn(40, 97), torch.randn(5, 40)
     set_sparsity(ffn, x, 0.9, torch.Generator().manual_seed(1))
     out = torch.full((5, 40), float("nan"))
-    kernel = sparse_ffn.SparseFFN(ffn, backend=backend)
+    kernel = sparse_ffn.SparseFFN(ffn, backend=backend, mode="sparse")
     assert kernel(x, out=out) is out
     with torch.no_grad():
         check_close(out, ffn(x), atol=1e-5, rtol=1e-4)
@@ -882,7 +882,7 @@ def test_out_is_overwritten(backend):
 def test_nan_propagates_per_row(backend):
     ffn, x = ref_ffn(24, 50), torch.randn(3, 24)
     x[1, 5] = float("nan")
-    y = sparse_ffn.SparseFFN(ffn, backend=backend)(x)
+    y = sparse_ffn.SparseFFN(ffn, backend=backend, mode="sparse")(x)
     with torch.no_grad():
         ref = ffn(x)
     assert torch.equal(y.isnan(), ref.isnan()) and y[1].isnan().all() and not y[[0, 2]].isnan().any()
@@ -891,7 +891,7 @@ def test_nan_propagates_per_row(backend):
 @pytest_kernel
 def test_deterministic_and_thread_counts():
     ffn, x = ref_ffn(300, 1001), torch.randn(4, 300)
-    kernel = sparse_ffn.SparseFFN(ffn)
+    kernel = sparse_ffn.SparseFFN(ffn, mode="sparse")
     y = kernel(x)
     assert torch.equal(y, kernel(x))  # same threads, same sums in the same order
     threads = torch.get_num_threads()
@@ -907,7 +907,7 @@ def test_deterministic_and_thread_counts():
 @pytest_kernel
 def test_rejects_bad_inputs():
     ffn = ref_ffn(16, 40)
-    kernel = sparse_ffn.SparseFFN(ffn)
+    kernel = sparse_ffn.SparseFFN(ffn, mode="sparse")
     x = torch.randn(2, 16)
     bad_x = [
         (torch.randn(2, 15), ValueError),  # wrong d
@@ -965,7 +965,7 @@ def test_lazy_negated_views(backend):
     and weights are materialized), and an `out` that is such a view is refused."""
     ffn, x = ref_ffn(33, 70), torch.randn(3, 33)
     set_sparsity(ffn, -x, 0.8, torch.Generator().manual_seed(2))
-    kernel = sparse_ffn.SparseFFN(ffn, backend=backend)
+    kernel = sparse_ffn.SparseFFN(ffn, backend=backend, mode="sparse")
     with torch.no_grad():
         want = ffn(-x)
         neg = x._neg_view()
@@ -1036,7 +1036,7 @@ def test_threshold_matches_reference(d, h, s, B, gate, dtype, backend):
     ref = ref_thresholded(ref0, gate, t)
     with torch.no_grad():
         want = ref(x)
-    kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend=backend)
+    kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend=backend, mode="sparse")
     y = kernel(x, gate=gate, t=t)
     check_close(y, want, atol=1e-5, rtol=1e-4, note=f"seed {seed}, t {t}: ")
     if B <= 16:
@@ -1051,7 +1051,7 @@ def test_threshold_edge_values(backend):
     """t = 0 with relu is the plain kernel bit for bit; nan still propagates through a silu gate;
     -inf in W1 x gives silu 0, not nan; bad gates and thresholds are one clear error."""
     ffn, x = ref_ffn(40, 97), torch.randn(4, 40)
-    kernel = sparse_ffn.SparseFFN(ffn, backend=backend)
+    kernel = sparse_ffn.SparseFFN(ffn, backend=backend, mode="sparse")
     assert torch.equal(kernel(x), kernel(x, gate="relu", t=0.0))
     x[2, 3] = float("nan")
     y = kernel(x, gate="silu", t=0.01)
@@ -1059,12 +1059,70 @@ def test_threshold_edge_values(backend):
     big = torch.full((1, 40), -1e30)
     with torch.no_grad():
         w = ffn.w1.weight.abs().clone()
-    k2 = sparse_ffn.SparseFFN(w, ffn.w3.weight, ffn.w2.weight, backend=backend)
+    k2 = sparse_ffn.SparseFFN(w, ffn.w3.weight, ffn.w2.weight, backend=backend, mode="sparse")
     assert (k2(big, gate="silu", t=0.0) == 0).all()  # W1 x = -inf everywhere: silu -> 0
     for bad in (dict(gate="gelu"), dict(t=-0.1), dict(t=float("nan")), dict(t=float("inf")), dict(t="0.1"),
                 dict(t=True)):
         with pytest.raises(ValueError, match="gate|threshold"):
             kernel(x, **bad)
+
+
+# 16-bit weights round x to 16 bits on the dense path: a unit near t can cross it, a jump of ~t in y,
+# so those are checked where g_t is continuous (t = 0)
+DENSE_CASES = ([(torch.float32, g, s) for g, s in (("relu", 0.0), ("relu", 0.9), ("silu", 0.5))]
+               + [(dt, g, 0.0) for dt in HALF for g in ("relu", "silu")])
+
+
+@pytest_kernel
+@pytest.mark.parametrize("dtype,gate,s", DENSE_CASES, ids=str)
+@pytest.mark.parametrize("B", [1, 6, 20])
+def test_dense_path_matches_reference(B, dtype, gate, s):
+    """mode="dense": PyTorch's GEMMs on the packed (strided) weights, any gate and threshold; 16-bit
+    weights round x and y to 16 bits there, hence the looser tolerance."""
+    gen = torch.Generator().manual_seed(B)
+    ffn = ref_ffn(45, 515)
+    x = torch.randn(B, 45, generator=gen)
+    ref0 = rounded(ffn, dtype)
+    with torch.no_grad():
+        a = model_mod.gated(x @ ref0.w1.weight.T, gate)
+    t = 0.0 if s == 0 else threshold_for(a, s)
+    with torch.no_grad():
+        want = ref_thresholded(ref0, gate, t)(x)
+    kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, mode="dense")
+    y = kernel(x, gate=gate, t=t)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    check_close(y, want, atol=tol, rtol=tol)
+    n = (a.abs() > t).any(0).sum().item()  # x rounded to 16 bits moves units near t across it
+    assert kernel.last_path == "dense" and abs(kernel.last_active - n) <= (0 if dtype == torch.float32 else 10)
+
+
+@pytest_kernel
+def test_auto_mode_picks_dense_above_the_break_even():
+    """The first call runs the kernel; later calls go dense when the last call's active fraction was above
+    the break-even, and back to sparse when it falls below; every call matches the reference."""
+    ffn = ref_ffn(64, 300)
+    kernel = sparse_ffn.SparseFFN(ffn)
+    assert kernel.mode == "auto"
+    assert 0.0 <= kernel.breakeven(1) <= 1.0  # measured once, then cached for this shape
+    sparse_ffn._BREAKEVEN[(64, 300, torch.float32, 1, torch.get_num_threads())] = 0.5
+    gen = torch.Generator().manual_seed(0)
+    dense_x, sparse_x = torch.randn(1, 64, generator=gen), torch.randn(1, 64, generator=gen)
+    set_sparsity(ffn, dense_x, 0.1, gen)  # 90% of the units active for dense_x
+    kernel = sparse_ffn.SparseFFN(ffn)
+    paths = []
+    for x in (dense_x, dense_x, dense_x, sparse_x, sparse_x):
+        with torch.no_grad():
+            sparse_x_units = (x @ ffn.w1.weight.T > 0).float().mean().item()
+            want = ffn(x)
+        check_close(kernel(x), want, atol=1e-5, rtol=1e-4)
+        paths.append(kernel.last_path)
+    expect_last = "dense" if sparse_x_units > 0.5 else "sparse"  # after one sparse_x call, its own fraction decides
+    assert paths[:4] == ["sparse", "dense", "dense", "dense"] and paths[4] == expect_last, paths
+    bf = sparse_ffn.SparseFFN(ffn, dtype=torch.bfloat16)  # 16-bit weights: always the kernel in auto mode
+    bf(dense_x), bf(dense_x)
+    assert bf.last_path == "sparse"
+    with pytest.raises(ValueError, match="mode"):
+        sparse_ffn.SparseFFN(ffn, mode="fast")
 
 
 def test_calibrate_thresholds_reaches_target():
