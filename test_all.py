@@ -320,6 +320,7 @@ BAD_INPUTS = [  # (script, args, what the one line must say); every script, ever
     ("bench.py", ["--batches=0"], "batches must be"), ("bench.py", ["--sparsities=101"], "sparsities must be"),
     ("bench.py", ["--devices=cuda"], "devices must be"), ("bench.py", ["--dtypes=float64"], "dtypes must be"),
     ("bench.py", [f"--json={A_FILE}/rows.json"], "json must be"), ("bench.py", ["--min_time=0"], "min_time must be"),
+    ("bench.py", ["--gate=gelu"], "gate must be"),
     ("experiments.py", [], "usage: python experiments.py"), ("experiments.py", ["bogus"], "usage"),
     ("experiments.py", ["tables", "--jobs=0"], "jobs must be"), ("experiments.py", ["tables", f"--out={A_FILE}/x"], "out must be"),
     ("experiments.py", ["diversity", "--ckpt=missing.pt"], "no checkpoint at missing.pt"),
@@ -673,8 +674,11 @@ def test_experiment_runs_are_valid_train_commands():
         if group == "cpt":  # continued pre-training starts from the same seed's SILU run
             src = next(r for r in runs if r[0] == "scratch" and r[2] == seed and "--act=silu" in r[3] and "--alpha=0" in r[3])
             assert cfg["init_from"] == os.path.join(src[4], "ckpt.pt") and runs.index(src) < runs.index((group, name, seed, argv, d))
-    assert len(steps["scratch"] | steps["alpha"]) == 1  # matched compute: the same model, steps and tokens
-    assert len({s for _, _, s, _, _ in runs}) == 2  # at least 2 seeds per row
+    assert len(steps["scratch"] | steps["alpha"] | steps["p"]) == 1  # matched compute: the same model, steps, tokens
+    per_row = {}
+    for group, name, seed, *_ in runs:
+        per_row.setdefault((group, name), set()).add(seed)
+    assert all(len(v) >= (3 if g == "scratch" else 1 if g == "long" else 2) for (g, _), v in per_row.items())
     assert experiments.pm([1.0, 1.2]) == "1.100 ± 0.100" and experiments.pm([0.5], ".1f", 100) == "50.0"
     assert experiments.pm([-0.01, -0.02], "+.3f") == "-0.015 ± 0.005"
 
@@ -702,6 +706,46 @@ def test_quality_table_pairs_seeds_and_shows_the_switch(tmp_path, capsys, monkey
     # paired: +0.1 and +0.04, whereas the unpaired spreads overlap; RELU at step 270 (the switch) -> 300
     assert "| StochA p=0.5 + Swi+FT | `--act=stoch --p=0.5 --alpha=0.1` | 5.170 ± 0.070 | 2.585 ± 0.035 | +0.070 ± 0.030 | relu |" in text
     assert "| 5.500 -> 5.300 |" in text
+
+
+def test_frontier_and_health_from_a_checkpoint(tiny_run, tmp_path, capsys, monkeypatch):
+    """The frontier stage calibrates thresholds per model and target, reaches each target's sparsity on
+    validation text within a few points, resumes without redoing points, and prints its table; the
+    health stage writes dead units and collapsed W1 rows for a stress run."""
+    import experiments
+    monkeypatch.setattr(experiments, "out", str(tmp_path))
+    monkeypatch.setattr(experiments, "SEEDS", [1337])
+    monkeypatch.setattr(experiments, "TARGETS", (0.8, 0.95))
+    monkeypatch.setattr(experiments, "VAL_BATCHES", 4)
+    for name in (experiments.SCRATCH[0][0], experiments.SCRATCH[4][0]):  # SILU and StochA + Swi+FT
+        run = tmp_path / "quality" / f"{experiments.slug(name)}-s1337"
+        run.mkdir(parents=True)
+        for f in ("summary.json", "log.jsonl", "ckpt.pt"):
+            (run / f).write_bytes((tiny_run["out"] / f).read_bytes())
+    experiments.frontier()
+    pts = json.load(open(tmp_path / "frontier.json"))["points"]
+    silu = {p["target"]: p for p in pts if p["curve"] == "SILU + CATS"}
+    assert set(silu) == {None, 0.8, 0.95} and silu[None]["sparsity"] < 0.01 and silu[None]["thresholds"] == []
+    for target in (0.8, 0.95):
+        assert abs(silu[target]["sparsity"] - target) < 0.06 and all(t > 0 for t in silu[target]["thresholds"])
+        assert silu[target]["val_loss"] >= silu[None]["val_loss"] - 0.05
+    stoch = [p for p in pts if p["curve"] == "StochA p=0.5 + Swi+FT + t"]
+    own = next(p for p in stoch if p["target"] is None)  # its own RELU sparsity; targets below it are skipped
+    assert all(p["target"] is None or p["target"] > own["sparsity"] for p in stoch)
+    experiments.frontier()  # resumed: nothing is redone
+    assert len(json.load(open(tmp_path / "frontier.json"))["points"]) == len(pts)
+    capsys.readouterr()
+    experiments.frontier_table()
+    assert "| SILU + CATS | 80% | 1 |" in capsys.readouterr().out
+    group, name, seed, argv, d = experiments.quality_runs(("stress",))[0]
+    os.makedirs(d)
+    for f in ("summary.json", "log.jsonl", "ckpt.pt"):
+        with open(os.path.join(d, f), "wb") as g:
+            g.write((tiny_run["out"] / f).read_bytes())
+    experiments.health()
+    h = json.load(open(os.path.join(d, "health.json")))
+    assert len(h["relu_dead_per_layer"]) == len(h["w1_collapsed_per_layer"]) == 2
+    assert all(0 <= v <= 1 for v in h["relu_dead_per_layer"] + h["w1_collapsed_per_layer"])
 
 
 def test_diversity_at_equal_or_better_quality():
