@@ -1,17 +1,20 @@
 """
 The paper's claims in miniature: reruns every table and figure of the README's Results section.
 
-    python experiments.py quality --jobs=2   # matched compute, alpha, continued pre-training: 26 runs, 39 min on 2 cores
+    python experiments.py long quality psweep stress alpha --jobs=2   # every training run, 2 at a time (~3 h on 2 cores)
+    python experiments.py frontier health    # thresholds on the trained models; unit health of the stress runs
     python experiments.py diversity          # StochA sampling vs temperature and top-p, from one checkpoint (3 min)
-    python experiments.py speed              # bench.py on set sparsities and on the checkpoint's real activations (2 min)
+    python experiments.py speed              # bench.py on set sparsities, the checkpoint, and the frontier's sparsities
     python experiments.py tables             # the README's tables, as markdown, from what the stages wrote
     python plot.py                           # the figures (needs matplotlib), from the same files
 
-Every quality run is `python train.py config/sweep.py <its flags> --seed=S --out_dir=...`; the tables
-print each row's flags so any row can be rerun by hand. A run whose summary.json exists is skipped, so
-an interrupted stage continues where it stopped. Flags: --out=out-exp (where everything goes),
---config=config/sweep.py (the base of every quality run), --jobs=1 (quality runs at a time; with 2,
-each gets 1 thread), --seeds=1337,1338,
+Training stages: long (one 10M-token run), quality (the matched-compute rows, 3 seeds, then continued
+pre-training), psweep (p), stress (the dying-RELU learning-rate sweep), alpha; those named share one pool.
+Every run is `python train.py config/sweep.py <its flags> --seed=S --out_dir=...`; the tables print each
+row's flags so any row can be rerun by hand. A run whose summary.json exists is skipped and an interrupted
+one resumes exactly from its checkpoint, so a stage continues where it stopped. Flags: --out=results (where
+everything goes; summaries and logs are committed, checkpoints not), --config=config/sweep.py, --jobs=1
+(runs at a time; with 2, each gets 1 thread), --seeds=1337,1338,1339 (the other sweeps use the first two),
 --ckpt=out/ckpt.pt (the diversity and speed checkpoint: the main job's model).
 """
 
@@ -291,9 +294,14 @@ def diversity():
 
 
 def speed():
+    """bench.py's tables with the checkpoint, then the kernel at the frontier's sparsities with each gate."""
     subprocess.run([sys.executable, "build.py"], check=True)
     subprocess.run([sys.executable, "bench.py", f"--ckpt={ckpt}", *([f"--data_dir={data_dir}"] if data_dir else []),
                     f"--json={os.path.join(out, 'bench.json')}"], check=True)
+    for gate in ("relu", "silu"):
+        subprocess.run([sys.executable, "bench.py", "--sizes=2048x8192", "--batches=1", "--e2e=False", "--gather=False",
+                        f"--sparsities={','.join(str(round(100 * t)) for t in TARGETS)}", f"--gate={gate}",
+                        f"--json={os.path.join(out, f'bench_{gate}.json')}"], check=True)
 
 
 # -----------------------------------------------------------------------------
@@ -354,6 +362,12 @@ def at_least(rows, ref, key, families):
     return f"{c['label']}: {c['distinct_2']:.3f} / {c['self_bleu']:.3f} ({c[key]:.3f})"
 
 
+def cost(entries):
+    """What a table cost: its runs and their summed wall time (each on 1 thread, 2 at a time here)."""
+    runs = [r for e in entries for r in e["runs"]]
+    return f"cost: {len(runs)} runs, {sum(r['seconds'] for r in runs) / 3600:.1f} h of single-run wall time"
+
+
 def layers_cell(runs, key="sparsity_per_layer"):
     """per-layer percentages, mean over the runs"""
     return " / ".join(f"{100 * v:.0f}" for v in np.mean([r[key] for r in runs], axis=0))
@@ -376,7 +390,7 @@ def p_table(table):
         return
     silu = {r["seed"]: r["val_loss"] for r in table.get(("scratch", SCRATCH[0][0]), dict(runs=[]))["runs"]}
     print("\n### Sparsity against p\n\nStochA p + Swi+FT (alpha=0.1), evaluated with RELU; p = 0 is RELU from "
-          "scratch (StochA with p = 0 is relu exactly). Seeds as listed.\n")
+          f"scratch (StochA with p = 0 is relu exactly). Seeds as listed; {cost([e for *_, e in axis])}.\n")
     print("| p | row | seeds | val loss, nats | bits/byte | vs SILU | FFN sparsity | per layer, % | dead |\n" + "|---" * 9 + "|")
     for p, name, e in axis:
         runs = e["runs"]
@@ -392,7 +406,7 @@ def stress_table(table):
         return
     print("\n### The dying-RELU stress test\n\n400 steps (410k tokens) per run, lr as listed (cosine to lr/10), "
           f"seeds {', '.join(map(str, SEEDS[:2]))}. 'dead with RELU': units never positive on 98k validation tokens, "
-          f"for SILU too; 'W1 rows collapsed': row norm below {COLLAPSED} x its layer's median.\n")
+          f"for SILU too; 'W1 rows collapsed': row norm below {COLLAPSED} x its layer's median; {cost([e for _, e in rows])}.\n")
     print("| recipe | lr, warmup | val loss, nats (inference act) | bits/byte | vs 1x | inference act | FFN sparsity | "
           "dead with RELU, per layer % | W1 rows collapsed |\n" + "|---" * 9 + "|")
     base = {}
@@ -481,8 +495,7 @@ def tables():
                 continue
             if group == "alpha":  # the whole alpha axis, the rows from scratch included
                 rows = [(name, e) for _, name, e in alpha_axis(table)]
-            if title:
-                print(f"\n{title}:\n")
+            print(f"\n{title + ', ' if title else ''}{cost([e for _, e in rows])}:\n")
             print(head + "\n" + "|---" * 11 + "|")
             base = table.get(("cpt", CPT[0][0]) if group == "cpt" else ("scratch", SCRATCH[0][0]), dict(runs=[]))
             base = {r["seed"]: r["val_loss"] for r in base["runs"]}
