@@ -196,7 +196,8 @@ def frontier():
             gen = torch.Generator().manual_seed(4321)  # the same calibration text for every model
             calib = [get_batch(os.path.join(folder, "train.bin"), gen, cfg.batch_size, cfg.block_size, "cpu")[0]
                      for _ in range(CALIB_BATCHES)]
-            natural = None
+            # the model's own sparsity: targets at or below it need no threshold (also when resumed)
+            natural = next((p["sparsity"] for p in points if (p["curve"], p["seed"], p["target"]) == (curve, seed, None)), None)
             for target in (None, *TARGETS):
                 if (curve, seed, target) in done or (target is not None and natural is not None and target <= natural):
                     continue
@@ -215,8 +216,6 @@ def frontier():
                     json.dump(dict(calib_tokens=CALIB_BATCHES * cfg.batch_size * cfg.block_size,
                                    val_tokens=VAL_BATCHES * cfg.batch_size * cfg.block_size, points=points), f, indent=1)
                 os.replace(path + ".tmp", path)
-            if natural is None:  # resumed past its own point: read it back
-                natural = next(p["sparsity"] for p in points if (p["curve"], p["seed"], p["target"]) == (curve, seed, None))
 
 
 COLLAPSED = 0.25  # a W1 row "collapsed": its norm below this fraction of its layer's median row norm
