@@ -458,8 +458,9 @@ def frontier_table():
     print(f"\n### Quality against sparsity: retrain, or threshold?\n\nEach model at its own sparsity, then with "
           f"per-layer thresholds calibrated on {rep['calib_tokens']:,} training tokens to each target sparsity; val loss "
           f"on {rep['val_tokens']:,} validation tokens; mean over the seeds. 'vs SILU' is against the SILU model "
-          "itself (dense). Speedup: the C kernel at that sparsity and gate, d=2048 h=8192, batch 1, over PyTorch's "
-          "dense FFN (fp32; bf16 weights), from bench.py.\n")
+          "itself (dense), paired by seed. Speedup: the C kernel at the target sparsity with that gate, d=2048 h=8192, "
+          "batch 1, over PyTorch's dense FFN (fp32 weights / bf16 weights), from bench.py; the figure at the top "
+          "interpolates it at each point's measured sparsity.\n")
     print("| curve | target | seeds | FFN sparsity | val loss, nats | bits/byte | vs SILU, bits/byte | FFN speedup fp32 / bf16 |\n"
           + "|---" * 8 + "|")
     pts = rep["points"]
