@@ -737,6 +737,13 @@ def test_frontier_and_health_from_a_checkpoint(tiny_run, tmp_path, capsys, monke
     capsys.readouterr()
     experiments.frontier_table()
     assert "| SILU + CATS | 80% | 1 |" in capsys.readouterr().out
+    try:
+        import matplotlib  # noqa: F401  (optional: only plot.py needs it)
+        import plot
+        plot.main([f"--out={tmp_path}", f"--assets={tmp_path / 'assets'}"])
+        assert (tmp_path / "assets" / "frontier.png").stat().st_size > 1000
+    except ImportError:
+        pass
     group, name, seed, argv, d = experiments.quality_runs(("stress",))[0]
     os.makedirs(d)
     for f in ("summary.json", "log.jsonl", "ckpt.pt"):
