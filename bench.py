@@ -338,11 +338,12 @@ def sparse_model(dev, prompt, n_new, d=2048, h=8192, n_layer=2, target=0.9):
     return model
 
 
-def breakdown(dev, model, prompt, s, wbytes):
+def breakdown(dev, model, prompt, s, wbytes, lbytes=4):
     """Where one decoded token's time goes: each part timed on its own, on the inputs it sees in a real
     step (batch 1, the prompt in the KV cache), all layers in turn as in a step (so the weights come from
     memory, not cache); 'rest' is the whole step minus the parts (norms, residuals, embedding, Python and
-    dispatch). Bytes: what the part must read (weights, the KV cache); wbytes: FFN bytes per weight."""
+    dispatch). Bytes: what the part must read (weights, the KV cache); wbytes: FFN bytes per weight (None:
+    dense fp32), lbytes: the projections' and output layer's."""
     T = prompt.shape[1]
     blocks = list(model.blocks)
     model.setup_cache(1, T + 1)
@@ -369,9 +370,9 @@ def breakdown(dev, model, prompt, s, wbytes):
     d, h, L = model.config.n_embd, model.config.ffn_hidden, len(blocks)
     kv = model.config.n_kv_head * blocks[0].attn.head_dim
     fbytes = L * d * h * (3 * 4 if wbytes is None else wbytes * (1 + 2 * (1 - s / 100)))
-    parts = [("FFN", ffn, fbytes), ("attention projections", proj, L * (2 * d * d + 2 * d * kv) * 4),
+    parts = [("FFN", ffn, fbytes), ("attention projections", proj, L * (2 * d * d + 2 * d * kv) * lbytes),
              ("attention (RoPE, cache, softmax)", attn - proj, L * 2 * T * kv * 4),
-             ("output layer + final norm", head, model.lm_head.weight.numel() * 4)]
+             ("output layer + final norm", head, model.lm_head.weight.numel() * lbytes)]
     parts.append(("rest (norms, residuals, Python)", step - sum(p[1] for p in parts), 0))
     roof = roof_now(dev)
     for name, t, by in parts:
@@ -392,10 +393,14 @@ def e2e_table(dev, model, label, prompt):
     print(f"\nend to end, {label}: batch 1, {prompt.shape[1]}-token prompt + {n} new tokens, greedy, KV cache; "
           f"tokens/s over the whole generate() call; relu sparsity {s:.1f}% (mean over layers, on those tokens)")
     ref = None
-    for name, dt in [("dense", None)] + [(str(dt)[6:], dt) for dt in dtype_list]:
+    # dense; the sparse FFN per weight dtype; and on the CPU the same with the projections and the output
+    # layer through the C kernel's dense GEMV in that dtype too (attach(linear=True))
+    linear_ok = dev == "cpu" and sparse_ffn.backends()["c"] is True
+    for name, dt, linear in ([("dense", None, False)] + [(str(dt)[6:], dt, False) for dt in dtype_list]
+                             + [(str(dt)[6:], dt, True) for dt in dtype_list if linear_ok]):
         if dt is not None:
-            sparse_ffn.attach(model, dtype=dt)
-            name = f"sparse {model.blocks[0].ffn.kernel.packed.backend} {name}"
+            sparse_ffn.attach(model, dtype=dt, linear=linear)
+            name = f"sparse {model.blocks[0].ffn.kernel.packed.backend} {name}" + (" +linear" if linear else "")
         for _ in range(2):  # warm-up, then the timed run
             sync(dev); t0 = time.perf_counter()
             out = model.generate(prompt, n, temperature=0.0)
@@ -403,8 +408,8 @@ def e2e_table(dev, model, label, prompt):
         ref = out if ref is None else ref
         same = "same tokens as dense" if torch.equal(out, ref) else "tokens differ from dense (rounding)"
         tps = n / t
-        print(f"  {name:16s} {tps:8.1f} tokens/s  {1e3 / tps:7.2f} ms/token  ({same}); one step, part by part:", flush=True)
-        parts = breakdown(dev, model, prompt, s, None if dt is None else dt.itemsize)
+        print(f"  {name:24s} {tps:8.1f} tokens/s  {1e3 / tps:7.2f} ms/token  ({same}); one step, part by part:", flush=True)
+        parts = breakdown(dev, model, prompt, s, None if dt is None else dt.itemsize, 4 if not linear else dt.itemsize)
         sparse_ffn.detach(model)
         rows.append(dict(device=dev, impl=f"e2e {name}", model=label, tokens_per_s=tps, sparsity=s, breakdown=parts))
 

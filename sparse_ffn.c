@@ -350,6 +350,29 @@ static int work_f16(const Args* a, int t, int T) { return work(a, t, T, F16); }
 static int work_bf16(const Args* a, int t, int T) { return work(a, t, T, BF16); }
 
 // ----------------------------------------------------------------------------
+// the dense GEMV y[b] = W x[b] (W: [n, d]), for the attention projections and the output layer, so
+// that they read 16-bit weights as the FFN does. Thread t takes a contiguous block of rows, two at a
+// time, prefetching ahead as the FFN's W1 pass does; each y element is one dot: deterministic.
+
+INLINE void gemv_rows(const float* const* xb, int B, int d, int n, const char* w, float* y, int t, int T,
+                      const int dt) {
+    const size_t rowb = (size_t)d * (dt == F32 ? 4 : 2);
+    const int PF = (int)((PF_BYTES + rowb - 1) / rowb + 1);
+    const int j0 = (int)((long long)n * t / T) & ~1, j1 = t + 1 == T ? n : (int)((long long)n * (t + 1) / T) & ~1;
+    float o[2 * SFFN_MAX_B];
+    for (int j = j0; j < j1; j += 2) {
+        const int nr = j1 - j < 2 ? 1 : 2;
+        const void* rows[2] = {w + j * rowb, w + (j + nr - 1) * rowb};
+        dot_batch(rows, nr, xb, B, d, dt, j + PF < j1 ? w + (j + PF) * rowb : NULL, o);
+        for (int r = 0; r < nr; r++)
+            for (int b = 0; b < B; b++) y[(size_t)b * n + j + r] = o[r * B + b];
+    }
+}
+static void gemv_f32(const float* const* x, int B, int d, int n, const char* w, float* y, int t, int T) { gemv_rows(x, B, d, n, w, y, t, T, F32); }
+static void gemv_f16(const float* const* x, int B, int d, int n, const char* w, float* y, int t, int T) { gemv_rows(x, B, d, n, w, y, t, T, F16); }
+static void gemv_bf16(const float* const* x, int B, int d, int n, const char* w, float* y, int t, int T) { gemv_rows(x, B, d, n, w, y, t, T, BF16); }
+
+// ----------------------------------------------------------------------------
 // the API (declared in build.py's cdef)
 
 int sffn_max_batch(void) { return SFFN_MAX_B; }
@@ -378,6 +401,34 @@ void sffn_advise_hugepages(void* p, size_t bytes) {
 #else
     (void)p; (void)bytes;
 #endif
+}
+
+// y = W x for B <= SFFN_MAX_B rows: W [n, d] fp32 / fp16 / bf16, x [B, d] and y [B, n] fp32. Returns 0,
+// or -1 for arguments it cannot take. scratch: sffn_scratch_floats(B, d, 0) floats (the padded x).
+int sffn_gemv(const float* x, int B, int d, int n, const void* w, int dtype, float* y, float* scratch, int nthreads) {
+    if (B < 1 || B > SFFN_MAX_B || d < 1 || n < 1 || nthreads < 1 || dtype < F32 || dtype > BF16) return -1;
+#ifndef _OPENMP
+    nthreads = 1;
+#endif
+    size_t w_bytes = (size_t)n * d * (dtype == F32 ? 4 : 2);  // as in sffn_forward: a thread per 256 KB at most
+    if ((size_t)nthreads > 1 + w_bytes / (256 << 10)) nthreads = (int)(1 + w_bytes / (256 << 10));
+    const size_t ld = row_stride(d);
+    const float* xb[SFFN_MAX_B];
+    for (int b = 0; b < B; b++) {
+        memcpy(scratch + b * ld, x + (size_t)b * d, (size_t)d * sizeof(float));
+        xb[b] = scratch + b * ld;
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+        int t = 0, T = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num(), T = omp_get_num_threads();
+#endif
+        if (dtype == F32) gemv_f32(xb, B, d, n, (const char*)w, y, t, T);
+        else if (dtype == F16) gemv_f16(xb, B, d, n, (const char*)w, y, t, T);
+        else gemv_bf16(xb, B, d, n, (const char*)w, y, t, T);
+    }
+    return 0;
 }
 
 // y = W2 (g_t(W1 x) * (W3 x)) for B <= SFFN_MAX_B rows, gate RELU or SILU, threshold t >= 0.

@@ -307,6 +307,56 @@ class SparseFFN:
         y = self(x.to(self.in_dtype).contiguous(), gate=gate, t=t)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
+class DenseLinear:
+    """y = x W^T by the C kernel's dense GEMV, W packed once in `dtype` (a copy): with 16-bit weights the
+    attention projections and the output layer read half the bytes, as the FFN does. x: (N, d) fp32 on
+    the CPU, N rows in calls of at most 16."""
+
+    def __init__(self, weight, dtype=None):
+        weight = _as_tensor(weight, "weight")
+        if weight.dim() != 2 or 0 in weight.shape:
+            raise ValueError(f"weight must be a non-empty (n, d) matrix, got {tuple(weight.shape)}")
+        if weight.device.type != "cpu":
+            raise ValueError(f"DenseLinear runs on the CPU, the weight is on {weight.device}")
+        if backends()["c"] is not True:
+            raise ValueError(f"the C kernel is not available: {backends()['c']}")
+        self.dtype = weight.dtype if dtype is None else dtype
+        if self.dtype not in DTYPE_CODES:
+            raise TypeError(f"weight dtype must be one of {list(DTYPE_CODES)}, got {self.dtype}")
+        self.n, self.d = weight.shape
+        with torch.no_grad():
+            self.w = weight.detach().to(self.dtype, copy=True).contiguous()
+        self._scratch = torch.empty(0)
+
+    def __repr__(self):
+        return f"DenseLinear(d={self.d}, n={self.n}, dtype={self.dtype})"
+
+    def __call__(self, x):
+        x = _as_tensor(x, "x")
+        if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.d:
+            raise ValueError(f"x must be a (N, {self.d}) float32 CPU tensor, got {tuple(x.shape)} {x.dtype} on {x.device}")
+        x = x.resolve_neg().resolve_conj().contiguous()
+        out = torch.empty(x.shape[0], self.n)
+        ffi, lib = _mods["c"].ffi, _mods["c"].lib
+        max_b, T = lib.sffn_max_batch(), torch.get_num_threads()
+        with _c_lock:
+            need = lib.sffn_scratch_floats(max_b, self.d, 0)
+            if self._scratch.numel() < need:
+                self._scratch = torch.empty(need)
+            px, py = ffi.cast("float *", x.data_ptr()), ffi.cast("float *", out.data_ptr())
+            w, scratch = ffi.cast("void *", self.w.data_ptr()), ffi.cast("float *", self._scratch.data_ptr())
+            for b0 in range(0, x.shape[0], max_b):
+                nb = min(max_b, x.shape[0] - b0)
+                if lib.sffn_gemv(px + b0 * self.d, nb, self.d, self.n, w, DTYPE_CODES[self.dtype], py + b0 * self.n,
+                                 scratch, T) != 0:
+                    raise RuntimeError("sffn_gemv rejected its arguments")
+        return out
+
+    def apply(self, x):
+        """Any (..., d) x: y in x's dtype and shape (..., n)."""
+        y = self(x.reshape(-1, self.d).to(torch.float32))
+        return y.view(*x.shape[:-1], self.n).to(x.dtype)
+
 # -----------------------------------------------------------------------------
 # attaching to a model
 
@@ -326,17 +376,36 @@ class Attached:
         return f"Attached({self.packed})"
 
 
-def attach(model, enable=True, dtype=None, backend=None):
+def _linear_forward(m):
+    """The forward a projection gets from attach(linear=True): the C GEMV at inference, else its own."""
+    def forward(x):
+        if m.training or (x.requires_grad and torch.is_grad_enabled()):
+            return F.linear(x, m.weight, m.bias)
+        return m.dense_kernel.apply(x)
+    return forward
+
+
+def attach(model, enable=True, dtype=None, backend=None, linear=False):
     """Pack every FeedForward of `model` and set its .kernel, which the module uses in eval mode
-    with act == "relu", or act == "silu" with a threshold > 0 (CATS). dtype: how the weights are stored (default: the model's); backend: as in
-    SparseFFN. The packed weights are a snapshot: after training or loading new weights, attach
-    again. attach(model, False) clears the kernels. Returns the number of FFNs touched."""
-    from model import FeedForward
+    with act == "relu", or act == "silu" with a threshold > 0 (CATS). dtype: how the weights are
+    stored (default: the model's); backend: as in SparseFFN. linear=True (CPU): the attention
+    projections and the output layer also run through the C kernel's dense GEMV, in the same dtype.
+    The packed weights are a snapshot: after training or loading new weights, attach again.
+    attach(model, False) clears the kernels. Returns the number of FFNs touched."""
+    from model import Attention, FeedForward
     n = 0
     for m in model.modules():
         if isinstance(m, FeedForward):
             m.kernel = Attached(SparseFFN(m, dtype=dtype, backend=backend)) if enable else None
             n += 1
+    heads = [l for a in model.modules() if isinstance(a, Attention) for l in (a.wq, a.wk, a.wv, a.wo)]
+    heads += [model.lm_head] if hasattr(model, "lm_head") else []
+    for l in heads:
+        if enable and linear and l.bias is None:
+            l.dense_kernel = DenseLinear(l.weight, dtype)
+            l.forward = _linear_forward(l)
+        elif "forward" in l.__dict__:  # detach: back to nn.Linear's own forward
+            del l.forward, l.dense_kernel
     return n
 
 

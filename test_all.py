@@ -1223,6 +1223,52 @@ def test_attach_with_thresholds_matches_model(act):
     assert torch.equal(tokens, want_tokens)
 
 
+@pytest_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 5, 20])
+@pytest.mark.parametrize("n,d", [(101, 37), (512, 192), (3, 45), (1, 8)])
+def test_dense_gemv_matches_linear(n, d, B, dtype):
+    """The C kernel's dense GEMV (attention projections, output layer) against F.linear on the rounded weights."""
+    gen = torch.Generator().manual_seed(n * d + B)
+    w, x = torch.randn(n, d, generator=gen), torch.randn(B, d, generator=gen)
+    lin = sparse_ffn.DenseLinear(w, dtype)
+    check_close(lin(x), F.linear(x, w.to(dtype).float()), atol=1e-5, rtol=1e-4)
+    y3 = lin.apply(x.view(1, B, d).to(torch.bfloat16))  # any leading shape and dtype
+    assert y3.shape == (1, B, n) and y3.dtype == torch.bfloat16
+    for bad in (torch.randn(B, d + 1), torch.randn(B, d, dtype=torch.float64), torch.randn(d)):
+        with pytest.raises(ValueError, match="x must be"):
+            lin(bad)
+    with pytest.raises(ValueError, match="non-empty"):
+        sparse_ffn.DenseLinear(torch.randn(0, d))
+
+
+@pytest_kernel
+def test_attach_linear_matches_model():
+    """attach(linear=True): projections and output layer through the C GEMV; fp32 gives the same logits
+    and greedy tokens, bf16 close ones; training and autograd keep nn.Linear; detaching restores it."""
+    torch.manual_seed(int(torch.randint(1 << 30, ())))
+    model = GPT(GPTConfig(vocab_size=97, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, act="relu")).eval()
+    idx = torch.randint(97, (2, 20))
+    with torch.no_grad():
+        want, _ = model(idx, targets=idx)
+        want_tokens = model.generate(idx[:1, :8], 12, temperature=0)
+        sparse_ffn.attach(model, linear=True)
+        assert all("forward" in l.__dict__ for l in (model.blocks[0].attn.wq, model.lm_head))
+        got, _ = model(idx, targets=idx)
+        tokens = model.generate(idx[:1, :8], 12, temperature=0)
+        sparse_ffn.attach(model, dtype=torch.bfloat16, linear=True)
+        half, _ = model(idx, targets=idx)
+    check_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, want_tokens)
+    check_close(half, want, atol=5e-2, rtol=5e-2)
+    model.train()  # training: nn.Linear's own forward, with gradients
+    loss = model(idx, targets=idx)[1]
+    loss.backward()
+    assert model.blocks[0].attn.wq.weight.grad is not None
+    sparse_ffn.detach(model)
+    assert not any("forward" in l.__dict__ for l in (model.blocks[0].attn.wq, model.lm_head))
+
+
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="no nvcc")
 def test_cuda_source_compiles(tmp_path):
     """sparse_ffn.cu compiles with nvcc against this (CPU) torch's headers, so an interface change
