@@ -334,14 +334,20 @@ def quality_rows():
     return table
 
 
-def alpha_axis(table):
-    """StochA p=0.5 from scratch along alpha, as sorted (alpha, name, entry): 0 = no switch ... 1 = RELU from scratch."""
+def stoch_axis(table, groups, fixed, along, relu_at):
+    """StochA rows of these groups with `fixed` settings, and RELU from scratch at `relu_at`, as sorted
+    (value of `along`, name, entry)."""
     axis = []
     for (group, name), e in table.items():
         r = e["runs"][0]
-        if group in ("scratch", "alpha") and (r["act"] == "stoch" and r["p"] == 0.5 or r["act"] == "relu"):
-            axis.append((r["alpha"] if r["act"] == "stoch" else 1.0, name, e))
+        if group in groups and (r["act"] == "stoch" and all(r[k] == v for k, v in fixed.items()) or r["act"] == "relu"):
+            axis.append((r[along] if r["act"] == "stoch" else relu_at, name, e))
     return sorted(axis, key=lambda a: a[0])
+
+
+def alpha_axis(table):
+    """StochA p=0.5 from scratch along alpha: 0 = no switch ... 1 = RELU from scratch."""
+    return stoch_axis(table, ("scratch", "alpha"), dict(p=0.5), "alpha", 1.0)
 
 
 def switch_gap(runs):
@@ -373,13 +379,8 @@ def layers_cell(runs, key="sparsity_per_layer"):
 
 
 def p_axis(table):
-    """StochA p + Swi+FT along p, as sorted (p, name, entry); p = 0 is RELU from scratch (the same function)."""
-    axis = []
-    for (group, name), e in table.items():
-        r = e["runs"][0]
-        if group in ("scratch", "p") and (r["act"] == "stoch" and r["alpha"] == 0.1 or r["act"] == "relu"):
-            axis.append((r["p"] if r["act"] == "stoch" else 0.0, name, e))
-    return sorted(axis, key=lambda a: a[0])
+    """StochA p + Swi+FT along p; p = 0 is RELU from scratch (the same function)."""
+    return stoch_axis(table, ("scratch", "p"), dict(alpha=0.1), "p", 0.0)
 
 
 def p_table(table):
