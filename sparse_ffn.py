@@ -102,6 +102,26 @@ def _as_tensor(a, name):
     return a
 
 
+def _c_chunks(owner, call, x, out, d_in, d_out, scratch_floats, name):
+    """Run a C kernel over x (N, d_in) -> out (N, d_out) in the row chunks it takes, with owner's scratch
+    (grown rarely, sized for the largest chunk) under the lock. Returns the largest result of a call."""
+    ffi, lib = _mods["c"].ffi, _mods["c"].lib
+    T = torch.get_num_threads()  # torch's thread count, so the kernel shares torch's cores
+    max_b = lib.sffn_max_batch()
+    with _c_lock:  # cffi releases the GIL during the call, and the scratch is per instance
+        need = scratch_floats(max_b, d_in, T)
+        if owner._scratch.numel() < need:
+            owner._scratch = torch.empty(need)
+        px, py = ffi.cast("float *", x.data_ptr()), ffi.cast("float *", out.data_ptr())
+        scratch, most = ffi.cast("float *", owner._scratch.data_ptr()), 0
+        for b0 in range(0, x.shape[0], max_b):
+            n = call(px + b0 * d_in, min(max_b, x.shape[0] - b0), py + b0 * d_out, scratch, T)
+            if n < 0:  # the Python checks should make this unreachable
+                raise RuntimeError(f"{name} rejected its arguments")
+            most = max(most, n)
+    return most  # sffn_forward: for N > max_b, the largest union of one call
+
+
 class SparseFFN:
     """The weights of one gated relu FFN, packed once for the sparse kernels (a copy: a snapshot).
 
@@ -273,23 +293,10 @@ class SparseFFN:
 
     def _c(self, x, out, gate, t):
         ffi, lib = _mods["c"].ffi, _mods["c"].lib
-        T = torch.get_num_threads()  # torch's thread count, so the kernel shares torch's cores
-        max_b = lib.sffn_max_batch()
-        ptr = lambda t, type_="float *": ffi.cast(type_, t.data_ptr())
-        with _c_lock:  # cffi releases the GIL during the call, and the scratch is per instance
-            need = lib.sffn_scratch_floats(max_b, self.d, T)
-            if self._scratch.numel() < need:  # sized for the largest batch per call: grown rarely
-                self._scratch = torch.empty(need)
-            px, py, w1, w32, scratch = ptr(x), ptr(out), ptr(self.w1, "void *"), ptr(self.w32, "void *"), ptr(self._scratch)
-            active = 0
-            for b0 in range(0, x.shape[0], max_b):  # the batch in chunks the kernel takes
-                nb = min(max_b, x.shape[0] - b0)
-                n = lib.sffn_forward(px + b0 * self.d, nb, self.d, self.h, w1, w32, DTYPE_CODES[self.dtype],
-                                     GATES[gate], t, py + b0 * self.d, scratch, T)
-                if n < 0:  # the checks in __call__ should make this unreachable
-                    raise RuntimeError("sffn_forward rejected its arguments")
-                active = max(active, n)
-            self.last_active = active  # for B > max_b: the largest union of one call
+        w1, w32 = ffi.cast("void *", self.w1.data_ptr()), ffi.cast("void *", self.w32.data_ptr())
+        call = lambda px, nb, py, scratch, T: lib.sffn_forward(px, nb, self.d, self.h, w1, w32, DTYPE_CODES[self.dtype],
+                                                               GATES[gate], t, py, scratch, T)
+        self.last_active = _c_chunks(self, call, x, out, self.d, self.d, lib.sffn_scratch_floats, "sffn_forward")
 
     def _torch(self, x, out, gate, t):
         """The same sparse computation with torch ops: gather the active rows, then two matmuls."""
@@ -338,18 +345,9 @@ class DenseLinear:
         x = x.resolve_neg().resolve_conj().contiguous()
         out = torch.empty(x.shape[0], self.n)
         ffi, lib = _mods["c"].ffi, _mods["c"].lib
-        max_b, T = lib.sffn_max_batch(), torch.get_num_threads()
-        with _c_lock:
-            need = lib.sffn_scratch_floats(max_b, self.d, 0)
-            if self._scratch.numel() < need:
-                self._scratch = torch.empty(need)
-            px, py = ffi.cast("float *", x.data_ptr()), ffi.cast("float *", out.data_ptr())
-            w, scratch = ffi.cast("void *", self.w.data_ptr()), ffi.cast("float *", self._scratch.data_ptr())
-            for b0 in range(0, x.shape[0], max_b):
-                nb = min(max_b, x.shape[0] - b0)
-                if lib.sffn_gemv(px + b0 * self.d, nb, self.d, self.n, w, DTYPE_CODES[self.dtype], py + b0 * self.n,
-                                 scratch, T) != 0:
-                    raise RuntimeError("sffn_gemv rejected its arguments")
+        w = ffi.cast("void *", self.w.data_ptr())
+        call = lambda px, nb, py, scratch, T: lib.sffn_gemv(px, nb, self.d, self.n, w, DTYPE_CODES[self.dtype], py, scratch, T)
+        _c_chunks(self, call, x, out, self.d, self.n, lambda b, d, T: lib.sffn_scratch_floats(b, d, 0), "sffn_gemv")
         return out
 
     def apply(self, x):
