@@ -52,7 +52,8 @@ Run:    python bench.py      (timings);  python -m pytest -q test_all.py  (vs mo
 #ifndef PF_BYTES
 #define PF_BYTES 16384  // how far ahead to prefetch W1 (tuned on the 2-core EPYC, flat from 16 to 64 KB)
 #endif
-enum { F32 = 0, F16 = 1, BF16 = 2 };
+enum { F32 = 0, F16 = 1, BF16 = 2, I8 = 3 };
+#define ES(dt) ((dt) == F32 ? 4 : (dt) == I8 ? 1 : 2)  // bytes per weight
 enum { RELU = 0, SILU = 1 };
 #define INLINE static inline __attribute__((always_inline))
 
@@ -73,6 +74,7 @@ static float f16_to_f32(uint16_t v) {  // portable IEEE half -> float, subnormal
 
 INLINE float ld1(const void* w, size_t i, int dt) {
     if (dt == F32) return ((const float*)w)[i];
+    if (dt == I8) return (float)((const int8_t*)w)[i];  // its row's scale is applied to the sums
     uint16_t v = ((const uint16_t*)w)[i];
     if (dt == F16) return f16_to_f32(v);
     uint32_t f = (uint32_t)v << 16; float r; memcpy(&r, &f, 4); return r;  // bf16: top half of fp32
@@ -81,6 +83,7 @@ INLINE float ld1(const void* w, size_t i, int dt) {
 #if SFFN_AVX2
 INLINE __m256 ld8(const void* w, size_t i, int dt) {
     if (dt == F32) return _mm256_loadu_ps((const float*)w + i);
+    if (dt == I8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)((const int8_t*)w + i))));
     __m128i v = _mm_loadu_si128((const __m128i*)((const uint16_t*)w + i));
     if (dt == F16) return _mm256_cvtph_ps(v);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
@@ -110,7 +113,7 @@ INLINE void prefetch_lines(const char* pf, size_t i, int es, const int NR) {
 // out[r * NB + b] = w[r] . x[b] over d elements
 INLINE void dot_k(const void* const* w, const float* const* x, int d, int dt, const char* pf,
                   float* out, const int NR, const int NB) {
-    const int es = dt == F32 ? 4 : 2;
+    const int es = ES(dt);
     int i = 0;
 #if SFFN_AVX2
     enum { U = 4 };  // up to 4 accumulators per (row, input) pair, to hide the FMA latency
@@ -169,7 +172,7 @@ INLINE void dot_k(const void* const* w, const float* const* x, int d, int dt, co
 // y[b] += g[b] * w over d elements, for NB outputs
 INLINE void axpy_k(const void* w, const float* g, float* const* y, int d, int dt, const char* pf,
                    const int NB) {
-    const int es = dt == F32 ? 4 : 2;
+    const int es = ES(dt);
     int i = 0;
 #if SFFN_AVX2
     __m256 gv[4];
@@ -212,7 +215,7 @@ INLINE void axpy(const void* w, const float* g, float* const* y, int nb, int d, 
 // acc[r * SFFN_MAX_B + b] += w[r] . x[b] over elements [i0, i1), a multiple of 8 long
 INLINE void dot_acc_k(const void* const* w, const float* const* x, int i0, int i1, int dt,
                       const char* pf, __m256* acc, const int NR, const int NB) {
-    const int es = dt == F32 ? 4 : 2;
+    const int es = ES(dt);
     __m256 a[2][4];
     for (int r = 0; r < NR; r++)
         for (int b = 0; b < NB; b++) a[r][b] = acc[r * SFFN_MAX_B + b];
@@ -275,6 +278,7 @@ typedef struct {
     const float* x; int B, d, ld, h, chunk; const char* w1; const char* w32;  // x: [B, ld]
     float* part;  // [T, B, ld] partial y per thread
     int gate; float t;
+    const float* scales;  // int8 only: per-row scales of W1, W3 and W2^T, h each; else NULL
 } Args;
 
 // g(u) as model.py computes it: relu keeps nan; silu is clamped at -1e4 (which changes no value) so
@@ -288,7 +292,7 @@ INLINE int is_on(float v, float t) { return !(fabsf(v) <= t); }  // nan is activ
 
 INLINE int work(const Args* a, int t, int T, const int dt) {
     const int B = a->B, d = a->d, h = a->h, chunk = a->chunk, nchunks = (h + chunk - 1) / chunk;
-    const int es = dt == F32 ? 4 : 2;
+    const int es = ES(dt);
     const size_t rowb = (size_t)d * es;  // bytes of one weight row
     const int PF = (int)((PF_BYTES + rowb - 1) / rowb + 1) & ~1;  // W1 rows ahead, even
     const float* xb[SFFN_MAX_B];
@@ -316,7 +320,7 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
                 float* ur = u + (j - j0 + r) * B;
                 int on = 0;
                 for (int b = 0; b < B; b++) {
-                    ur[b] = gate_value(ur[b], a->gate);
+                    ur[b] = gate_value(a->scales ? ur[b] * a->scales[j + r] : ur[b], a->gate);
                     on |= is_on(ur[b], a->t);
                 }
                 if (on) list[n++] = j + r;
@@ -336,6 +340,8 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
             const void* w[1] = {row};
             dot_batch(w, 1, xs, m, d, dt, next, g);
             for (int b = 0; b < m; b++) g[b] *= ub[b];  // g(u), or nan, as in torch
+            if (a->scales)  // int8: the W3 row's scale, and the W2^T row's, applied once to g
+                for (int b = 0; b < m; b++) g[b] *= a->scales[h + j] * a->scales[2 * h + j];
             for (int b0 = 0; b0 < m; b0 += 4) {
                 const int nb = m - b0 < 4 ? m - b0 : 4;
                 axpy(row + rowb, g + b0, ys + b0, nb, d, dt, b0 || !next ? NULL : next + rowb);
@@ -348,15 +354,16 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
 static int work_f32(const Args* a, int t, int T) { return work(a, t, T, F32); }
 static int work_f16(const Args* a, int t, int T) { return work(a, t, T, F16); }
 static int work_bf16(const Args* a, int t, int T) { return work(a, t, T, BF16); }
+static int work_i8(const Args* a, int t, int T) { return work(a, t, T, I8); }
 
 // ----------------------------------------------------------------------------
 // the dense GEMV y[b] = W x[b] (W: [n, d]), for the attention projections and the output layer, so
 // that they read 16-bit weights as the FFN does. Thread t takes a contiguous block of rows, two at a
 // time, prefetching ahead as the FFN's W1 pass does; each y element is one dot: deterministic.
 
-INLINE void gemv_rows(const float* const* xb, int B, int d, int n, const char* w, float* y, int t, int T,
-                      const int dt) {
-    const size_t rowb = (size_t)d * (dt == F32 ? 4 : 2);
+INLINE void gemv_rows(const float* const* xb, int B, int d, int n, const char* w, const float* sc, float* y,
+                      int t, int T, const int dt) {
+    const size_t rowb = (size_t)d * ES(dt);
     const int PF = (int)((PF_BYTES + rowb - 1) / rowb + 1);
     const int j0 = (int)((long long)n * t / T) & ~1, j1 = t + 1 == T ? n : (int)((long long)n * (t + 1) / T) & ~1;
     float o[2 * SFFN_MAX_B];
@@ -365,12 +372,12 @@ INLINE void gemv_rows(const float* const* xb, int B, int d, int n, const char* w
         const void* rows[2] = {w + j * rowb, w + (j + nr - 1) * rowb};
         dot_batch(rows, nr, xb, B, d, dt, j + PF < j1 ? w + (j + PF) * rowb : NULL, o);
         for (int r = 0; r < nr; r++)
-            for (int b = 0; b < B; b++) y[(size_t)b * n + j + r] = o[r * B + b];
+            for (int b = 0; b < B; b++) y[(size_t)b * n + j + r] = sc ? o[r * B + b] * sc[j + r] : o[r * B + b];
     }
 }
-static void gemv_f32(const float* const* x, int B, int d, int n, const char* w, float* y, int t, int T) { gemv_rows(x, B, d, n, w, y, t, T, F32); }
-static void gemv_f16(const float* const* x, int B, int d, int n, const char* w, float* y, int t, int T) { gemv_rows(x, B, d, n, w, y, t, T, F16); }
-static void gemv_bf16(const float* const* x, int B, int d, int n, const char* w, float* y, int t, int T) { gemv_rows(x, B, d, n, w, y, t, T, BF16); }
+#define GEMV(name, DT) static void name(const float* const* x, int B, int d, int n, const char* w, const float* sc, \
+                                         float* y, int t, int T) { gemv_rows(x, B, d, n, w, sc, y, t, T, DT); }
+GEMV(gemv_f32, F32) GEMV(gemv_f16, F16) GEMV(gemv_bf16, BF16) GEMV(gemv_i8, I8)
 
 // ----------------------------------------------------------------------------
 // the API (declared in build.py's cdef)
@@ -403,14 +410,17 @@ void sffn_advise_hugepages(void* p, size_t bytes) {
 #endif
 }
 
-// y = W x for B <= SFFN_MAX_B rows: W [n, d] fp32 / fp16 / bf16, x [B, d] and y [B, n] fp32. Returns 0,
-// or -1 for arguments it cannot take. scratch: sffn_scratch_floats(B, d, 0) floats (the padded x).
-int sffn_gemv(const float* x, int B, int d, int n, const void* w, int dtype, float* y, float* scratch, int nthreads) {
-    if (B < 1 || B > SFFN_MAX_B || d < 1 || n < 1 || nthreads < 1 || dtype < F32 || dtype > BF16) return -1;
+// y = W x for B <= SFFN_MAX_B rows: W [n, d] fp32 / fp16 / bf16 / int8 (then scales: n floats, else NULL),
+// x [B, d] and y [B, n] fp32. Returns 0, or -1 for arguments it cannot take.
+// scratch: sffn_scratch_floats(B, d, 0) floats (the padded x).
+int sffn_gemv(const float* x, int B, int d, int n, const void* w, int dtype, const float* scales, float* y,
+              float* scratch, int nthreads) {
+    if (B < 1 || B > SFFN_MAX_B || d < 1 || n < 1 || nthreads < 1 || dtype < F32 || dtype > I8
+        || (dtype == I8) != (scales != NULL)) return -1;
 #ifndef _OPENMP
     nthreads = 1;
 #endif
-    size_t w_bytes = (size_t)n * d * (dtype == F32 ? 4 : 2);  // as in sffn_forward: a thread per 256 KB at most
+    size_t w_bytes = (size_t)n * d * ES(dtype);  // as in sffn_forward: a thread per 256 KB at most
     if ((size_t)nthreads > 1 + w_bytes / (256 << 10)) nthreads = (int)(1 + w_bytes / (256 << 10));
     const size_t ld = row_stride(d);
     const float* xb[SFFN_MAX_B];
@@ -424,26 +434,30 @@ int sffn_gemv(const float* x, int B, int d, int n, const void* w, int dtype, flo
 #ifdef _OPENMP
         t = omp_get_thread_num(), T = omp_get_num_threads();
 #endif
-        if (dtype == F32) gemv_f32(xb, B, d, n, (const char*)w, y, t, T);
-        else if (dtype == F16) gemv_f16(xb, B, d, n, (const char*)w, y, t, T);
-        else gemv_bf16(xb, B, d, n, (const char*)w, y, t, T);
+        const char* wc = (const char*)w;
+        if (dtype == F32) gemv_f32(xb, B, d, n, wc, NULL, y, t, T);
+        else if (dtype == F16) gemv_f16(xb, B, d, n, wc, NULL, y, t, T);
+        else if (dtype == BF16) gemv_bf16(xb, B, d, n, wc, NULL, y, t, T);
+        else gemv_i8(xb, B, d, n, wc, scales, y, t, T);
     }
     return 0;
 }
 
 // y = W2 (g_t(W1 x) * (W3 x)) for B <= SFFN_MAX_B rows, gate RELU or SILU, threshold t >= 0.
-// Returns the number of active units (the union over the batch), or -1 for arguments it cannot
-// take (sparse_ffn.py checks them first). scratch: sffn_scratch_floats(B, d, nthreads) floats.
+// int8 weights (dtype I8) take scales: 3h floats, the per-row scales of W1, then W3, then W2^T (the
+// weight is q * scale); NULL for the other dtypes. Returns the number of active units (the union over
+// the batch), or -1 for arguments it cannot take (sparse_ffn.py checks them first).
+// scratch: sffn_scratch_floats(B, d, nthreads) floats.
 int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void* w32, int dtype,
-                 int gate, float t, float* y, float* scratch, int nthreads) {
-    if (B < 1 || B > SFFN_MAX_B || d < 1 || h < 1 || nthreads < 1 || dtype < F32 || dtype > BF16
-        || (gate != RELU && gate != SILU) || !(t >= 0.0f) || isinf(t))
+                 const float* scales, int gate, float t, float* y, float* scratch, int nthreads) {
+    if (B < 1 || B > SFFN_MAX_B || d < 1 || h < 1 || nthreads < 1 || dtype < F32 || dtype > I8
+        || (dtype == I8) != (scales != NULL) || (gate != RELU && gate != SILU) || !(t >= 0.0f) || isinf(t))
         return -1;
 #ifndef _OPENMP
     nthreads = 1;
 #endif
     // a thread per 256 KB of W1 at most: waking a thread for less costs more than it saves
-    size_t w1_bytes = (size_t)h * d * (dtype == F32 ? 4 : 2);
+    size_t w1_bytes = (size_t)h * d * ES(dtype);
     if ((size_t)nthreads > 1 + w1_bytes / (256 << 10)) nthreads = (int)(1 + w1_bytes / (256 << 10));
     // about 16 chunks per thread, so that round-robin chunks balance the threads
     int chunk = (h + 16 * nthreads - 1) / (16 * nthreads);
@@ -451,7 +465,7 @@ int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void
     const size_t ld = row_stride(d), N = (size_t)B * ld;
     float* xpad = scratch + (size_t)nthreads * N;
     for (int b = 0; b < B; b++) memcpy(xpad + b * ld, x + (size_t)b * d, (size_t)d * sizeof(float));
-    Args a = {xpad, B, d, (int)ld, h, chunk, (const char*)w1, (const char*)w32, scratch, gate, t};
+    Args a = {xpad, B, d, (int)ld, h, chunk, (const char*)w1, (const char*)w32, scratch, gate, t, scales};
     int total = 0, T = 1;
 #pragma omp parallel num_threads(nthreads) reduction(+ : total)
     {
@@ -460,7 +474,8 @@ int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void
         t = omp_get_thread_num(), Tn = omp_get_num_threads();  // Tn may be fewer than asked
 #endif
         if (t == 0) T = Tn;
-        total += dtype == F32 ? work_f32(&a, t, Tn) : dtype == F16 ? work_f16(&a, t, Tn) : work_bf16(&a, t, Tn);
+        total += dtype == F32 ? work_f32(&a, t, Tn) : dtype == F16 ? work_f16(&a, t, Tn)
+               : dtype == BF16 ? work_bf16(&a, t, Tn) : work_i8(&a, t, Tn);
     }
     // y = the sum of the partials: B*d floats per thread, small next to the weights
     for (int b = 0; b < B; b++)

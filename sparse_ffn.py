@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 _c_lock = threading.Lock()
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # as in sparse_ffn.c
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}  # as in sparse_ffn.c
 GATES = {"relu": 0, "silu": 1}  # as in sparse_ffn.c and sparse_ffn.cu
 MODES = ("auto", "sparse", "dense")
 _BREAKEVEN = {}  # (d, h, dtype, batch, threads) -> active fraction above which dense is faster
@@ -94,6 +94,23 @@ def c_info():
 # the packed weights
 
 
+def quantize_rows(w):
+    """Symmetric per-row int8: w ~ q * scale[:, None], q in [-127, 127], scale = max|row| / 127 (fp32).
+    A row of zeros gets scale 0 and q 0; a row with nan or inf cannot be quantized (ValueError)."""
+    w = w.detach().float()
+    if not torch.isfinite(w).all():
+        raise ValueError("int8 weights need finite values: this weight has nan or inf")
+    scale = w.abs().amax(1) / 127
+    q = torch.round(w / torch.where(scale > 0, scale, 1.0)[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantized(w):
+    """The weight an int8 kernel computes with: quantize_rows(w), multiplied back (fp32)."""
+    q, scale = quantize_rows(w)
+    return q.float() * scale[:, None]
+
+
 def _as_tensor(a, name):
     if isinstance(a, np.ndarray):
         return torch.from_numpy(a)  # shares memory, so `out` works for arrays too
@@ -146,6 +163,8 @@ class SparseFFN:
         if self.dtype not in DTYPE_CODES:
             raise TypeError(f"weight dtype must be one of {list(DTYPE_CODES)}, got {self.dtype}")
         self.device = torch.device(device) if device is not None else w1.device
+        if self.dtype == torch.int8 and self.device.type != "cpu":
+            raise TypeError("int8 weights run on the CPU only (the C kernel, or the torch path)")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.in_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
@@ -173,7 +192,12 @@ class SparseFFN:
             return t
 
         h, d = self.h, self.d
+        self.scales = None  # int8: the per-row scales of W1, W3 and W2^T, (3, h) fp32
         with torch.no_grad():
+            if self.dtype == torch.int8:  # quantized once, here: a row of W1, W3 or W2^T has one scale
+                (q1, s1), (q3, s3), (q2, s2) = (quantize_rows(w) for w in (w1, w3, w2.t()))
+                self.scales = torch.stack([s1, s3, s2]).contiguous()
+                w1, w3, w2 = q1, q3, q2.t()
             self.w1 = packed((h, d))
             self.w1.copy_(w1)
             if self.device.type == "cpu":  # row j = [W3_j | W2^T_j]: one contiguous read per active unit
@@ -280,32 +304,46 @@ class SparseFFN:
             _BREAKEVEN[key] = min(1.0, max(0.0, (t_dense - t_none) / max(t_all - t_none, 1e-12)))
         return _BREAKEVEN[key]
 
+    def _weights(self, rows=None):
+        """w1, w3, w2t as torch computes with them (rows: an index of units, or all): the packed
+        tensors themselves, or for int8 their dequantized fp32 copies."""
+        w = [self.w1, self.w3, self.w2t]
+        if rows is not None:
+            w = [m.index_select(0, rows) for m in w]
+        if self.scales is not None:
+            sc = self.scales if rows is None else self.scales.index_select(1, rows)
+            w = [m.float() * s[:, None] for m, s in zip(w, sc)]
+        return w
+
     def _dense(self, x, out, gate, t):
         """The dense FFN with PyTorch's GEMMs on the packed weights (W3 and W2^T are strided views of
         the packed rows: BLAS reads them in place, no copy). With 16-bit weights (mode="dense" only),
-        x and the result are rounded to the weights' dtype."""
+        x and the result are rounded to the weights' dtype; int8 weights are dequantized (a copy)."""
         from model import gated
-        xd = x if x.dtype == self.dtype else x.to(self.dtype)
-        a = gated(F.linear(xd, self.w1), gate, t)
+        w1, w3, w2t = self._weights()
+        xd = x if x.dtype == w1.dtype else x.to(w1.dtype)
+        a = gated(F.linear(xd, w1), gate, t)
         self.last_active = int((a != 0).any(0).sum())
-        y = torch.matmul(a * F.linear(xd, self.w3), self.w2t)
+        y = torch.matmul(a * F.linear(xd, w3), w2t)
         out.copy_(y)
 
     def _c(self, x, out, gate, t):
         ffi, lib = _mods["c"].ffi, _mods["c"].lib
         w1, w32 = ffi.cast("void *", self.w1.data_ptr()), ffi.cast("void *", self.w32.data_ptr())
+        sc = ffi.NULL if self.scales is None else ffi.cast("float *", self.scales.data_ptr())
         call = lambda px, nb, py, scratch, T: lib.sffn_forward(px, nb, self.d, self.h, w1, w32, DTYPE_CODES[self.dtype],
-                                                               GATES[gate], t, py, scratch, T)
+                                                               sc, GATES[gate], t, py, scratch, T)
         self.last_active = _c_chunks(self, call, x, out, self.d, self.d, lib.sffn_scratch_floats, "sffn_forward")
 
     def _torch(self, x, out, gate, t):
         """The same sparse computation with torch ops: gather the active rows, then two matmuls."""
         from model import gated
-        w1 = self.w1 if self.w1.dtype == x.dtype else self.w1.to(x.dtype)
+        w1 = self._weights()[0] if self.scales is not None else self.w1
+        w1 = w1 if w1.dtype == x.dtype else w1.to(x.dtype)
         a = gated(F.linear(x, w1), gate, t)  # (B, h)
         idx = (a != 0).any(0).nonzero().squeeze(1)  # the union of active units; nan counts as active
         self.last_active = idx.numel()
-        w3, w2t = self.w3.index_select(0, idx), self.w2t.index_select(0, idx)  # (n, d) each
+        _, w3, w2t = self._weights(idx)  # (n, d) each
         g = a.index_select(1, idx) * F.linear(x, w3.to(x.dtype))
         torch.matmul(g, w2t.to(x.dtype), out=out)
 
@@ -331,8 +369,12 @@ class DenseLinear:
         if self.dtype not in DTYPE_CODES:
             raise TypeError(f"weight dtype must be one of {list(DTYPE_CODES)}, got {self.dtype}")
         self.n, self.d = weight.shape
+        self.scales = None
         with torch.no_grad():
-            self.w = weight.detach().to(self.dtype, copy=True).contiguous()
+            if self.dtype == torch.int8:
+                self.w, self.scales = quantize_rows(weight)
+            else:
+                self.w = weight.detach().to(self.dtype, copy=True).contiguous()
         self._scratch = torch.empty(0)
 
     def __repr__(self):
@@ -346,7 +388,9 @@ class DenseLinear:
         out = torch.empty(x.shape[0], self.n)
         ffi, lib = _mods["c"].ffi, _mods["c"].lib
         w = ffi.cast("void *", self.w.data_ptr())
-        call = lambda px, nb, py, scratch, T: lib.sffn_gemv(px, nb, self.d, self.n, w, DTYPE_CODES[self.dtype], py, scratch, T)
+        sc = ffi.NULL if self.scales is None else ffi.cast("float *", self.scales.data_ptr())
+        call = lambda px, nb, py, scratch, T: lib.sffn_gemv(px, nb, self.d, self.n, w, DTYPE_CODES[self.dtype], sc,
+                                                            py, scratch, T)
         _c_chunks(self, call, x, out, self.d, self.n, lambda b, d, T: lib.sffn_scratch_floats(b, d, 0), "sffn_gemv")
         return out
 

@@ -826,6 +826,7 @@ def test_torchrun_ddp_on_cpu(tiny_run, tmp_path):
 
 HALF = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32,) + HALF
+CPU_DTYPES = DTYPES + (torch.int8,)  # int8 weights: the CPU kernel only
 
 
 @pytest.fixture(scope="module")
@@ -864,12 +865,20 @@ def set_sparsity(ffn, x, s, gen):
     return n_on
 
 
+def as_stored(w, dtype, rows_of_t=False):
+    """w rounded to dtype and back: what a kernel with dtype weights computes with. int8: per-row
+    quantized and dequantized (rows_of_t: per row of w.T, as W2 is stored, transposed)."""
+    if dtype == torch.int8:
+        return sparse_ffn.dequantized(w.t()).t() if rows_of_t else sparse_ffn.dequantized(w)
+    return w.to(dtype).float()
+
+
 def rounded(ffn, dtype):
-    """The reference on the weights rounded to dtype and back: what a half-precision kernel computes."""
+    """The reference on the weights as a dtype kernel stores them: what a half-precision or int8 kernel computes."""
     ref = ref_ffn(ffn.w1.in_features, ffn.w1.out_features, ffn.w1.weight.device)
     with torch.no_grad():
         for name in ("w1", "w3", "w2"):
-            getattr(ref, name).weight.copy_(getattr(ffn, name).weight.to(dtype).float())
+            getattr(ref, name).weight.copy_(as_stored(getattr(ffn, name).weight, dtype, rows_of_t=name == "w2"))
     return ref
 
 
@@ -889,7 +898,7 @@ pytest_kernel = pytest.mark.usefixtures("c_kernel")
 
 @pytest_kernel
 @pytest.mark.parametrize("backend", ["c", "torch"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("B", [1, 3, 20])  # 20 > the C kernel's 16 rows per call: split in two calls
 @pytest.mark.parametrize("s", [0.0, 0.5, 0.95, 1.0])
 @pytest.mark.parametrize("d,h", [(37, 101), (256, 683), (45, 515), (21, 2)])
@@ -1067,7 +1076,7 @@ def test_gated_matches_its_definition():
 
 @pytest_kernel
 @pytest.mark.parametrize("backend", ["c", "torch"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("gate", ["relu", "silu"])
 @pytest.mark.parametrize("B", [1, 5, 20])
 @pytest.mark.parametrize("s", [0.0, 0.5, 0.95, 1.0])
@@ -1121,7 +1130,8 @@ def test_threshold_edge_values(backend):
 # 16-bit weights round x to 16 bits on the dense path: a unit near t can cross it, a jump of ~t in y,
 # so those are checked where g_t is continuous (t = 0)
 DENSE_CASES = ([(torch.float32, g, s) for g, s in (("relu", 0.0), ("relu", 0.9), ("silu", 0.5))]
-               + [(dt, g, 0.0) for dt in HALF for g in ("relu", "silu")])
+               + [(dt, g, 0.0) for dt in HALF for g in ("relu", "silu")]
+               + [(torch.int8, "relu", 0.9), (torch.int8, "silu", 0.5)])  # int8: dequantized, x stays fp32
 
 
 @pytest_kernel
@@ -1141,10 +1151,10 @@ def test_dense_path_matches_reference(B, dtype, gate, s):
         want = ref_thresholded(ref0, gate, t)(x)
     kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, mode="dense")
     y = kernel(x, gate=gate, t=t)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = 1e-5 if dtype not in HALF else 2e-2
     check_close(y, want, atol=tol, rtol=tol)
     n = (a.abs() > t).any(0).sum().item()  # x rounded to 16 bits moves units near t across it
-    assert kernel.last_path == "dense" and abs(kernel.last_active - n) <= (0 if dtype == torch.float32 else 10)
+    assert kernel.last_path == "dense" and abs(kernel.last_active - n) <= (10 if dtype in HALF else 0)
 
 
 @pytest_kernel
@@ -1224,7 +1234,7 @@ def test_attach_with_thresholds_matches_model(act):
 
 
 @pytest_kernel
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("B", [1, 5, 20])
 @pytest.mark.parametrize("n,d", [(101, 37), (512, 192), (3, 45), (1, 8)])
 def test_dense_gemv_matches_linear(n, d, B, dtype):
@@ -1232,7 +1242,7 @@ def test_dense_gemv_matches_linear(n, d, B, dtype):
     gen = torch.Generator().manual_seed(n * d + B)
     w, x = torch.randn(n, d, generator=gen), torch.randn(B, d, generator=gen)
     lin = sparse_ffn.DenseLinear(w, dtype)
-    check_close(lin(x), F.linear(x, w.to(dtype).float()), atol=1e-5, rtol=1e-4)
+    check_close(lin(x), F.linear(x, as_stored(w, dtype)), atol=1e-5, rtol=1e-4)
     y3 = lin.apply(x.view(1, B, d).to(torch.bfloat16))  # any leading shape and dtype
     assert y3.shape == (1, B, n) and y3.dtype == torch.bfloat16
     for bad in (torch.randn(B, d + 1), torch.randn(B, d, dtype=torch.float64), torch.randn(d)):
@@ -1267,6 +1277,42 @@ def test_attach_linear_matches_model():
     assert model.blocks[0].attn.wq.weight.grad is not None
     sparse_ffn.detach(model)
     assert not any("forward" in l.__dict__ for l in (model.blocks[0].attn.wq, model.lm_head))
+
+
+@pytest_kernel
+def test_int8_quantization_and_attach():
+    """quantize_rows: q in [-127, 127], each row's largest |w| maps to 127, |w - q scale| <= scale / 2,
+    zero rows stay zero, nan is refused. attach(dtype=int8, linear=True) gives the logits of the model
+    whose every weight is dequantized (W2 per column: its rows as packed), and the same greedy tokens."""
+    w = torch.randn(7, 33) * torch.logspace(-3, 2, 7)[:, None]
+    w[3] = 0
+    q, scale = sparse_ffn.quantize_rows(w)
+    assert q.dtype == torch.int8 and scale.shape == (7,) and q.abs().max() <= 127 and scale[3] == 0
+    assert (q[[0, 1, 2, 4, 5, 6]].abs().amax(1) == 127).all() and (q[3] == 0).all()
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 * (1 + 1e-6)).all()
+    with pytest.raises(ValueError, match="finite"):
+        sparse_ffn.quantize_rows(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(TypeError, match="CPU only"):
+        sparse_ffn.SparseFFN(ref_ffn(8, 16), dtype=torch.int8, device="cuda")
+    torch.manual_seed(int(torch.randint(1 << 30, ())))
+    model = GPT(GPTConfig(vocab_size=97, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, act="relu")).eval()
+    twin = GPT(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if p.dim() == 2 and "tok_emb" not in name:
+                p.copy_(as_stored(p, torch.int8, rows_of_t=name.endswith("w2.weight")))
+        twin.lm_head.weight = torch.nn.Parameter(as_stored(model.lm_head.weight, torch.int8))  # untied: the
+        # output layer reads int8, the embedding lookup stays as it is
+    idx = torch.randint(97, (2, 20))
+    with torch.no_grad():
+        want, _ = twin(idx, targets=idx)
+        want_tokens = twin.generate(idx[:1, :8], 12, temperature=0)
+        sparse_ffn.attach(model, dtype=torch.int8, linear=True)
+        got, _ = model(idx, targets=idx)
+        tokens = model.generate(idx[:1, :8], 12, temperature=0)
+    check_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, want_tokens)
 
 
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="no nvcc")
@@ -1467,3 +1513,27 @@ def test_cuda_side_stream_and_graph_replay(cuda_ext):
         graph.replay()
         with torch.no_grad():
             check_cuda(out, rounded(ffn, torch.bfloat16)(x_new.float()), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gate", ["relu", "silu"])
+def test_cuda_threshold_matches_reference(cuda_ext, gate, dtype):
+    """The CUDA kernel's gate and threshold against FeedForward's thresholded path (CATS on a GPU)."""
+    seed = int(torch.randint(1 << 30, ()))
+    gen = torch.Generator().manual_seed(seed)
+    for d, h in ((37, 101), (256, 683)):
+        for s in (0.0, 0.5, 0.95, 1.0):
+            for B in (1, 4, 20):
+                ffn = ref_ffn(d, h)
+                x = torch.randn(B, d, generator=gen).to(dtype)
+                ref0 = rounded(ffn, dtype)
+                with torch.no_grad():
+                    a = model_mod.gated(x.float() @ ref0.w1.weight.T, gate)
+                    t = 0.0 if gate == "relu" and (a == 0).float().mean() >= s else threshold_for(a, s)
+                    want = ref_thresholded(ref0, gate, t)(x.float())
+                kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, device="cuda")
+                out = torch.full((B, d), float("nan"), dtype=dtype, device="cuda")
+                y = kernel(x.cuda(), out=out, gate=gate, t=t)
+                check_cuda(y, want, dtype, note=f"seed {seed}, d={d}, s={s}, B={B}, t={t}: ")
+                if s == 1.0:
+                    assert (y == 0).all()
