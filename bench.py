@@ -42,7 +42,7 @@ devices = ""  # "cpu", "cuda" or "cpu,cuda"; empty: cpu, and cuda when there is 
 sizes = ""  # d x h pairs; empty: the default model's FFN and 2048x8192
 batches = "1,4,16"
 sparsities = "0,50,80,90,95,99"  # percent of the hidden units that are zero (the union over a batch)
-dtypes = "float32,bfloat16"  # weight dtypes of the sparse kernels (x and y stay fp32 on the CPU)
+dtypes = "float32,bfloat16,int8"  # weight dtypes of the sparse kernels (x and y stay fp32 on the CPU; int8: CPU only)
 gate = "relu"  # the kernel rows' gate: relu, or silu with the threshold t that zeroes s% of the units (CATS)
 gather = True  # also time the pure-torch gather fallback
 min_time = 0.25  # seconds of timed calls per row (at least min_reps calls)
@@ -78,7 +78,7 @@ def dxh_list(v):
 RULES = dict(
     devices=either(one_of(""), listed(["cpu"] + (["cuda"] if torch.cuda.is_available() else []))),
     sizes=either(one_of(""), dxh_list), batches=int_list(1), sparsities=int_list(0, 100),
-    dtypes=listed(["float32", "bfloat16", "float16"]), gate=one_of("relu", "silu"), gather=one_of(True, False), min_time=between(0, lo_open=True),
+    dtypes=listed(["float32", "bfloat16", "float16", "int8"]), gate=one_of("relu", "silu"), gather=one_of(True, False), min_time=between(0, lo_open=True),
     min_reps=positive_int, rotate_mb=between(0), threads=between(0, integer=True), e2e=one_of(True, False),
     e2e_tokens=positive_int, ckpt=either(one_of(""), existing_file), data_dir=either(one_of(""), existing_dir),
     quick=one_of(True, False), json=either(one_of(""), new_file), seed=between(0, integer=True),
@@ -100,6 +100,17 @@ default = GPTConfig()
 size_list = [tuple(int(v) for v in s.split("x")) for s in (sizes or f"{default.n_embd}x{default.ffn_hidden},2048x8192").split(",")]
 device_list = devices.split(",") if devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 dtype_list = [getattr(torch, n) for n in dtypes.split(",")]
+if "cuda" in device_list and dtype_list == [torch.int8]:
+    sys.exit("error: int8 weights run on the CPU only: give --dtypes another dtype for cuda")
+
+
+def dev_dtypes(dev):  # int8 weights run on the CPU only
+    return [dt for dt in dtype_list if dev == "cpu" or dt != torch.int8]
+
+
+def ffn_bytes(d, h, dt, active):
+    """Bytes a sparse FFN call must read: W1, and W3 row + W2 column of each active unit (int8: + their fp32 scales)."""
+    return (d * dt.itemsize + (4 if dt == torch.int8 else 0)) * (h + 2 * active)
 rows = []
 
 # -----------------------------------------------------------------------------
@@ -221,7 +232,7 @@ def kernel_table(dev):
                     s_tok = 100 * (F.silu(x @ w1.T).abs() <= thr).float().mean().item()
                 x = x.to(dev)
                 if not dense_ms:  # dense does not depend on s: once per (size, batch), per dtype on GPU
-                    for dt in ([torch.float32] if dev == "cpu" else dtype_list):
+                    for dt in ([torch.float32] if dev == "cpu" else dev_dtypes(dev)):
                         ws = copies(lambda: [w.to(dev, dt, copy=True) for w in (w1, w3, w2)], 3 * d * h * dt.itemsize)
                         xd = x.to(dt)
                         roof = roof_now(dev)
@@ -234,11 +245,11 @@ def kernel_table(dev):
                         show(dict(device=dev, impl="torch dense", dtype=str(dt)[6:], d=d, h=h, B=B, s=None, roof_GBps=roof,
                                   time_ms=t * 1e3, GBps=by / t / 1e9, roof_pct=100 * by / t / 1e9 / roof, speedup=1.0))
                     del ws
-                impls = [("c" if dev == "cpu" else "cuda", dt, "sparse") for dt in dtype_list]
+                impls = [("c" if dev == "cpu" else "cuda", dt, "sparse") for dt in dev_dtypes(dev)]
                 if dev == "cpu" and torch.float32 in dtype_list:  # the per-call choice: kernel or dense GEMMs
                     impls.append(("c", torch.float32, "auto"))
                 if gather:
-                    impls.append(("torch", torch.float32 if dev == "cpu" else dtype_list[0], "sparse"))
+                    impls.append(("torch", torch.float32 if dev == "cpu" else dev_dtypes(dev)[0], "sparse"))
                 for backend, dt, mode in impls:
                     if backend != "torch" and sparse_ffn.backends()[backend] is not True:
                         continue
@@ -249,16 +260,16 @@ def kernel_table(dev):
                     out = torch.empty_like(xk)
                     roof = roof_now(dev)
                     tm = bench([lambda k=k: k(xk, out=out, gate=gate, t=thr) for k in ks], dev)
-                    by = d * h * dt.itemsize * (1 + 2 * n_on / h)
+                    by = ffn_bytes(d, h, dt, n_on)
                     # silu: 16-bit weights move W1 x, so units near the threshold can cross it: count what ran
                     assert ks[0].last_active is None or abs(ks[0].last_active - n_on) <= (gate == "silu") * h // 100, \
                         (ks[0].last_active, n_on)
                     if gate == "silu" and ks[0].last_active is not None:
-                        by = d * h * dt.itemsize * (1 + 2 * ks[0].last_active / h)
+                        by = ffn_bytes(d, h, dt, ks[0].last_active)
                     name = {"c": "C sparse", "cuda": "CUDA sparse", "torch": "torch gather"}[backend]
                     if mode == "auto":  # which path the calls took (after the first, which measures)
                         name = f"C auto:{ks[0].last_path}"
-                        by = d * h * dt.itemsize * (3 if ks[0].last_path == "dense" else 1 + 2 * n_on / h)
+                        by = ffn_bytes(d, h, dt, h if ks[0].last_path == "dense" else n_on)
                     show(dict(device=dev, impl=name, dtype=str(dt)[6:], d=d, h=h, B=B, s=float(s), s_token=s_tok, roof_GBps=roof,
                               active=n_on, time_ms=tm * 1e3, GBps=by / tm / 1e9, roof_pct=100 * by / tm / 1e9 / roof,
                               speedup=dense_ms[base] / tm, ideal=3 * d * h * base.itemsize / by, gate=gate, t=thr))
@@ -288,7 +299,7 @@ def ckpt_table(dev):
     print("s% = zero units per token, dead% = zero on every token, B=4 / B=16 s% = zero for all of 4 / 16\n"
           "consecutive tokens (the union a batch would see); times: batch 1, 64 of the real tokens in turn")
     print(f"{'layer':>5s} {'s%':>6s} {'dead%':>6s} {'B=4 s%':>8s} {'B=16 s%':>9s} {'dense ms':>9s} "
-          + " ".join(f"{'sparse ' + str(dt)[6:]:>16s}" for dt in dtype_list))
+          + " ".join(f"{'sparse ' + str(dt)[6:]:>16s}" for dt in dev_dtypes(dev)))
     for l, (block, st, xs) in enumerate(zip(model.blocks, stats, inputs)):
         u = (xs @ block.ffn.w1.weight.T) > 0  # (tokens, h) active
         union = lambda B: 100 * (1 - u[: len(u) // B * B].view(-1, B, u.shape[1]).any(1).float().mean().item())
@@ -298,7 +309,7 @@ def ckpt_table(dev):
         row = dict(device=dev, impl="ckpt layer", layer=l, s=100 * st["sparsity"], dead=100 * st["dead"],
                    union4=union(4), union16=union(16), dense_ms=td * 1e3)
         cells = []
-        for dt in dtype_list:
+        for dt in dev_dtypes(dev):
             k = sparse_ffn.SparseFFN(block.ffn, dtype=dt)
             t = bench([lambda r=r.to(k.in_dtype): k(r) for r in rows_], dev)
             row[f"sparse_{str(dt)[6:]}_ms"] = t * 1e3
@@ -396,8 +407,8 @@ def e2e_table(dev, model, label, prompt):
     # dense; the sparse FFN per weight dtype; and on the CPU the same with the projections and the output
     # layer through the C kernel's dense GEMV in that dtype too (attach(linear=True))
     linear_ok = dev == "cpu" and sparse_ffn.backends()["c"] is True
-    for name, dt, linear in ([("dense", None, False)] + [(str(dt)[6:], dt, False) for dt in dtype_list]
-                             + [(str(dt)[6:], dt, True) for dt in dtype_list if linear_ok]):
+    for name, dt, linear in ([("dense", None, False)] + [(str(dt)[6:], dt, False) for dt in dev_dtypes(dev)]
+                             + [(str(dt)[6:], dt, True) for dt in dev_dtypes(dev) if linear_ok]):
         if dt is not None:
             sparse_ffn.attach(model, dtype=dt, linear=linear)
             name = f"sparse {model.blocks[0].ffn.kernel.packed.backend} {name}" + (" +linear" if linear else "")
