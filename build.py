@@ -66,8 +66,10 @@ def find_c_compiler():
     return None
 
 
-def build_c(verbose=False):
-    """Compile _sparse_ffn_c; returns (ok, message). Never raises for a failed compile."""
+def build_c(verbose=False, flag_sets=None, name="_sparse_ffn_c", dest_dir=HERE):
+    """Compile _sparse_ffn_c; returns (ok, message). Never raises for a failed compile.
+    flag_sets, name, dest_dir: another build of the same source (the tests build the AVX2 and the
+    portable paths this way, next to the native one), as its own module in dest_dir."""
     try:
         import cffi
     except ImportError:
@@ -77,20 +79,21 @@ def build_c(verbose=False):
         return False, "no C compiler found (looked for $CC, cc, gcc, clang): install gcc or clang"
     if "CC" not in os.environ and cc != sysconfig.get_config_var("CC"):  # Python's own compiler is missing
         os.environ["CC"], os.environ["LDSHARED"] = cc, cc + " -shared"
-    os.makedirs(BUILD_DIR, exist_ok=True)
+    build_dir = BUILD_DIR if name == "_sparse_ffn_c" else os.path.join(dest_dir, "build_" + name)
+    os.makedirs(build_dir, exist_ok=True)
     errors = []
-    for cflags, ldflags, note in C_FLAG_SETS:
+    for cflags, ldflags, note in flag_sets or C_FLAG_SETS:
         ffi = cffi.FFI()
         ffi.cdef(CDEF)
-        ffi.set_source("_sparse_ffn_c", CDEF, sources=[os.path.join(HERE, "sparse_ffn.c")],
+        ffi.set_source(name, CDEF, sources=[os.path.join(HERE, "sparse_ffn.c")],
                        extra_compile_args=cflags, extra_link_args=ldflags, libraries=["m"])
         try:
             # cffi's output is the compiler's; keep it quiet unless asked, a failed try is retried
-            so = _quiet(lambda: ffi.compile(tmpdir=BUILD_DIR, verbose=verbose), verbose)
+            so = _quiet(lambda: ffi.compile(tmpdir=build_dir, verbose=verbose), verbose)
         except Exception as e:  # cffi.VerificationError, distutils/setuptools CompileError, ...
             errors.append(f"{' '.join(cflags)}: {type(e).__name__}: {str(e).strip().splitlines()[-1:]}")
             continue
-        dest = os.path.join(HERE, os.path.basename(so))
+        dest = os.path.join(dest_dir, os.path.basename(so))
         shutil.copy2(so, dest + ".tmp")
         os.replace(dest + ".tmp", dest)  # atomic: another process never imports half a module
         flags = " ".join(cflags + [f for f in ldflags if f not in cflags])
@@ -102,6 +105,7 @@ def _quiet(fn, verbose):
     """Run fn with stdout/stderr (the fds, compilers write there) sent to a log file unless verbose."""
     if verbose:
         return fn()
+    os.makedirs(BUILD_DIR, exist_ok=True)
     log = os.path.join(BUILD_DIR, "build.log")
     sys.stdout.flush(); sys.stderr.flush()
     saved = os.dup(1), os.dup(2)

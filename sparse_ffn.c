@@ -80,19 +80,47 @@ INLINE float ld1(const void* w, size_t i, int dt) {
     uint32_t f = (uint32_t)v << 16; float r; memcpy(&r, &f, 4); return r;  // bf16: top half of fp32
 }
 
-#if SFFN_AVX2
-INLINE __m256 ld8(const void* w, size_t i, int dt) {
+#if SFFN_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__)
+// AVX-512: 16 lanes, twice the work per instruction, and 32 registers
+#define VW 16
+typedef __m512 vec;
+INLINE vec ldw(const void* w, size_t i, int dt) {  // VW weights from i, as fp32
+    if (dt == F32) return _mm512_loadu_ps((const float*)w + i);
+    if (dt == I8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)((const int8_t*)w + i))));
+    __m256i v = _mm256_loadu_si256((const __m256i*)((const uint16_t*)w + i));
+    if (dt == F16) return _mm512_cvtph_ps(v);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+#define vzero() _mm512_setzero_ps()
+#define vset1(v) _mm512_set1_ps(v)
+#define vload(p) _mm512_loadu_ps(p)
+#define vstore(p, v) _mm512_storeu_ps(p, v)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vadd(a, b) _mm512_add_ps(a, b)
+INLINE float vhsum(vec v) { return _mm512_reduce_add_ps(v); }
+#elif SFFN_AVX2
+#define VW 8
+typedef __m256 vec;
+INLINE vec ldw(const void* w, size_t i, int dt) {  // VW weights from i, as fp32
     if (dt == F32) return _mm256_loadu_ps((const float*)w + i);
     if (dt == I8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)((const int8_t*)w + i))));
     __m128i v = _mm_loadu_si128((const __m128i*)((const uint16_t*)w + i));
     if (dt == F16) return _mm256_cvtph_ps(v);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
-INLINE float hsum8(__m256 v) {
+#define vzero() _mm256_setzero_ps()
+#define vset1(v) _mm256_set1_ps(v)
+#define vload(p) _mm256_loadu_ps(p)
+#define vstore(p, v) _mm256_storeu_ps(p, v)
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vadd(a, b) _mm256_add_ps(a, b)
+INLINE float vhsum(vec v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+#else
+#define VW 8  // the portable loops' lanes
 #endif
 
 // at offset i of NR rows being read, prefetch NR lines of the NR rows at pf: keeps pace with the reads
@@ -118,34 +146,34 @@ INLINE void dot_k(const void* const* w, const float* const* x, int d, int dt, co
 #if SFFN_AVX2
     enum { U = 4 };  // up to 4 accumulators per (row, input) pair, to hide the FMA latency
     const int u_n = NR * NB <= 2 ? 4 : NR * NB <= 4 ? 2 : 1;
-    __m256 acc[U][2][4];
+    vec acc[U][2][4];
     for (int u = 0; u < u_n; u++)
         for (int r = 0; r < NR; r++)
-            for (int b = 0; b < NB; b++) acc[u][r][b] = _mm256_setzero_ps();
-    for (; i + 8 * u_n <= d; i += 8 * u_n) {
+            for (int b = 0; b < NB; b++) acc[u][r][b] = vzero();
+    for (; i + VW * u_n <= d; i += VW * u_n) {
         for (int u = 0; u < u_n; u++) {  // each weight and each x vector loaded once: NR + NB loads
-            prefetch_lines(pf, i + 8 * u, es, NR);
-            __m256 wv[2];
-            for (int r = 0; r < NR; r++) wv[r] = ld8(w[r], i + 8 * u, dt);
+            prefetch_lines(pf, i + VW * u, es, NR);
+            vec wv[2];
+            for (int r = 0; r < NR; r++) wv[r] = ldw(w[r], i + VW * u, dt);
             for (int b = 0; b < NB; b++) {
-                __m256 xv = _mm256_loadu_ps(x[b] + i + 8 * u);
-                for (int r = 0; r < NR; r++) acc[u][r][b] = _mm256_fmadd_ps(wv[r], xv, acc[u][r][b]);
+                vec xv = vload(x[b] + i + VW * u);
+                for (int r = 0; r < NR; r++) acc[u][r][b] = vfma(wv[r], xv, acc[u][r][b]);
             }
         }
     }
-    for (; i + 8 <= d; i += 8) {
-        __m256 wv[2];
-        for (int r = 0; r < NR; r++) wv[r] = ld8(w[r], i, dt);
+    for (; i + VW <= d; i += VW) {
+        vec wv[2];
+        for (int r = 0; r < NR; r++) wv[r] = ldw(w[r], i, dt);
         for (int b = 0; b < NB; b++) {
-            __m256 xv = _mm256_loadu_ps(x[b] + i);
-            for (int r = 0; r < NR; r++) acc[0][r][b] = _mm256_fmadd_ps(wv[r], xv, acc[0][r][b]);
+            vec xv = vload(x[b] + i);
+            for (int r = 0; r < NR; r++) acc[0][r][b] = vfma(wv[r], xv, acc[0][r][b]);
         }
     }
     for (int r = 0; r < NR; r++)
         for (int b = 0; b < NB; b++) {
-            __m256 s = acc[0][r][b];
-            for (int u = 1; u < u_n; u++) s = _mm256_add_ps(s, acc[u][r][b]);
-            out[r * NB + b] = hsum8(s);
+            vec s = acc[0][r][b];
+            for (int u = 1; u < u_n; u++) s = vadd(s, acc[u][r][b]);
+            out[r * NB + b] = vhsum(s);
         }
 #else
     float acc[2][4][8] = {{{0}}};  // 8 lanes the compiler can vectorize
@@ -175,13 +203,12 @@ INLINE void axpy_k(const void* w, const float* g, float* const* y, int d, int dt
     const int es = ES(dt);
     int i = 0;
 #if SFFN_AVX2
-    __m256 gv[4];
-    for (int b = 0; b < NB; b++) gv[b] = _mm256_set1_ps(g[b]);
-    for (; i + 8 <= d; i += 8) {
+    vec gv[4];
+    for (int b = 0; b < NB; b++) gv[b] = vset1(g[b]);
+    for (; i + VW <= d; i += VW) {
         prefetch_lines(pf, i, es, 1);
-        __m256 wv = ld8(w, i, dt);
-        for (int b = 0; b < NB; b++)
-            _mm256_storeu_ps(y[b] + i, _mm256_fmadd_ps(gv[b], wv, _mm256_loadu_ps(y[b] + i)));
+        vec wv = ldw(w, i, dt);
+        for (int b = 0; b < NB; b++) vstore(y[b] + i, vfma(gv[b], wv, vload(y[b] + i)));
     }
 #endif
     for (; i < d; i++) {
@@ -212,20 +239,20 @@ INLINE void axpy(const void* w, const float* g, float* const* y, int nb, int d, 
 }
 
 #if SFFN_AVX2
-// acc[r * SFFN_MAX_B + b] += w[r] . x[b] over elements [i0, i1), a multiple of 8 long
+// acc[r * SFFN_MAX_B + b] += w[r] . x[b] over elements [i0, i1), a multiple of VW long
 INLINE void dot_acc_k(const void* const* w, const float* const* x, int i0, int i1, int dt,
-                      const char* pf, __m256* acc, const int NR, const int NB) {
+                      const char* pf, vec* acc, const int NR, const int NB) {
     const int es = ES(dt);
-    __m256 a[2][4];
+    vec a[2][4];
     for (int r = 0; r < NR; r++)
         for (int b = 0; b < NB; b++) a[r][b] = acc[r * SFFN_MAX_B + b];
-    for (int i = i0; i < i1; i += 8) {
+    for (int i = i0; i < i1; i += VW) {
         prefetch_lines(pf, i, es, NR);
-        __m256 wv[2];
-        for (int r = 0; r < NR; r++) wv[r] = ld8(w[r], i, dt);
+        vec wv[2];
+        for (int r = 0; r < NR; r++) wv[r] = ldw(w[r], i, dt);
         for (int b = 0; b < NB; b++) {
-            __m256 xv = _mm256_loadu_ps(x[b] + i);
-            for (int r = 0; r < NR; r++) a[r][b] = _mm256_fmadd_ps(wv[r], xv, a[r][b]);
+            vec xv = vload(x[b] + i);
+            for (int r = 0; r < NR; r++) a[r][b] = vfma(wv[r], xv, a[r][b]);
         }
     }
     for (int r = 0; r < NR; r++)
@@ -241,9 +268,9 @@ INLINE void dot_batch(const void* const* w, int nr, const float* const* x, int n
                       const char* pf, float* out) {
 #if SFFN_AVX2
     if (nb > 4) {
-        __m256 acc[2 * SFFN_MAX_B];
-        for (int k = 0; k < 2 * SFFN_MAX_B; k++) acc[k] = _mm256_setzero_ps();
-        const int dv = d & ~7;
+        vec acc[2 * SFFN_MAX_B];
+        for (int k = 0; k < 2 * SFFN_MAX_B; k++) acc[k] = vzero();
+        const int dv = d / VW * VW;
         for (int i0 = 0; i0 < dv; i0 += IB) {
             const int i1 = i0 + IB < dv ? i0 + IB : dv;
             for (int b0 = 0; b0 < nb; b0 += 4) {
@@ -255,7 +282,7 @@ INLINE void dot_batch(const void* const* w, int nr, const float* const* x, int n
         }
         for (int r = 0; r < nr; r++)
             for (int b = 0; b < nb; b++) {
-                float s = hsum8(acc[r * SFFN_MAX_B + b]);
+                float s = vhsum(acc[r * SFFN_MAX_B + b]);
                 for (int i = dv; i < d; i++) s += ld1(w[r], i, dt) * x[b][i];
                 out[r * nb + b] = s;
             }
@@ -383,7 +410,7 @@ GEMV(gemv_f32, F32) GEMV(gemv_f16, F16) GEMV(gemv_bf16, BF16) GEMV(gemv_i8, I8)
 // the API (declared in build.py's cdef)
 
 int sffn_max_batch(void) { return SFFN_MAX_B; }
-int sffn_simd(void) { return SFFN_AVX2; }  // 1: AVX2+FMA+F16C intrinsics, 0: portable loops
+int sffn_simd(void) { return SFFN_AVX2 ? (VW == 16 ? 2 : 1) : 0; }  // 2: AVX-512, 1: AVX2+FMA+F16C, 0: portable loops
 int sffn_openmp(void) {  // 0 without OpenMP, else the most threads it would give
 #ifdef _OPENMP
     return omp_get_max_threads();

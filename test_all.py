@@ -1060,6 +1060,8 @@ def threshold_for(a, s):
         return 0.0
     if k == v.numel():
         return v[-1].item() * 2 + 1
+    lo, hi = max(1, k - v.numel() // 100), min(v.numel() - 1, k + v.numel() // 100)  # the widest gap near k
+    k = lo + int((v[lo:hi + 1] - v[lo - 1:hi]).argmax())
     return (v[k - 1].item() + v[k].item()) / 2
 
 
@@ -1277,6 +1279,55 @@ def test_attach_linear_matches_model():
     assert model.blocks[0].attn.wq.weight.grad is not None
     sparse_ffn.detach(model)
     assert not any("forward" in l.__dict__ for l in (model.blocks[0].attn.wq, model.lm_head))
+
+
+# the same source built for the SIMD paths this machine's native build skips: AVX2 (on an AVX-512 CPU)
+# and the portable loops; each must match the reference as the native build does
+VARIANTS = {"avx2": ["-O3", "-march=native", "-mno-avx512f", "-fopenmp"], "portable": ["-O3", "-fopenmp"]}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def c_variant(request, tmp_path_factory, c_kernel):
+    import importlib.util
+    name = f"_sparse_ffn_c_{request.param}"
+    where = str(tmp_path_factory.mktemp(name))
+    ok, msg = build.build_c(flag_sets=[(VARIANTS[request.param], ["-fopenmp"], "")], name=name, dest_dir=where)
+    assert ok, msg
+    so = next(os.path.join(where, f) for f in os.listdir(where) if f.startswith(name) and f.endswith(".so"))
+    spec = importlib.util.spec_from_file_location(name, so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    want = {"avx2": 1, "portable": 0}[request.param]
+    if request.param == "avx2" and mod.lib.sffn_simd() != 1:
+        pytest.skip(f"no AVX2 build here (simd {mod.lib.sffn_simd()})")
+    assert mod.lib.sffn_simd() == want
+    return mod
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_simd_variants_match_reference(c_variant, dtype, monkeypatch):
+    """The AVX2 and portable builds of sparse_ffn.c: the sparse FFN (relu and silu with a threshold, odd
+    sizes, batches, 0-100% sparsity) and the dense GEMV against the reference."""
+    monkeypatch.setitem(sparse_ffn._mods, "c", c_variant)
+    seed = int(torch.randint(1 << 30, ()))
+    gen = torch.Generator().manual_seed(seed)
+    for d, h in ((37, 101), (256, 683), (45, 515)):
+        for s in (0.0, 0.5, 0.95, 1.0):
+            for B in (1, 5, 16):
+                ffn = ref_ffn(d, h)
+                x = torch.randn(B, d, generator=gen)
+                n_on = set_sparsity(ffn, x, s, gen)
+                ref = rounded(ffn, dtype)
+                kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend="c", mode="sparse")
+                with torch.no_grad():
+                    check_close(kernel(x), ref(x), atol=1e-5, rtol=1e-4, note=f"seed {seed}, {d}x{h} B={B} s={s}: ")
+                    assert kernel.last_active == n_on
+                    a = model_mod.gated(x @ ref.w1.weight.T, "silu")
+                    t = threshold_for(a, s)
+                    want = ref_thresholded(ref, "silu", t)(x)
+                check_close(kernel(x, gate="silu", t=t), want, atol=1e-5, rtol=1e-4, note=f"seed {seed}, silu t={t}: ")
+                lin = sparse_ffn.DenseLinear(ffn.w1.weight, dtype)
+                check_close(lin(x), F.linear(x, as_stored(ffn.w1.weight, dtype)), atol=1e-5, rtol=1e-4)
 
 
 @pytest_kernel
