@@ -218,6 +218,39 @@ def frontier():
                 os.replace(path + ".tmp", path)
 
 
+INT8 = [SCRATCH[1][0], SCRATCH[2][0], SCRATCH[4][0]]  # the relu-sparse recipes: what int8 weights do to them
+
+
+def int8():
+    """Val loss and relu sparsity of each relu-sparse model as trained (fp32), with int8 FFN weights, and with
+    every linear layer int8 (FFN, attention projections, output layer): per-row symmetric, as the C kernel
+    stores them (sparse_ffn.int8_twin). Writes out/int8.json, after every point."""
+    import sparse_ffn
+    from model import load_checkpoint
+    path = os.path.join(out, "int8.json")
+    points = json.load(open(path))["points"] if os.path.exists(path) else []
+    done = {(p["row"], p["seed"], p["weights"]) for p in points}
+    for row in INT8:
+        for seed in SEEDS:
+            ck = os.path.join(out, "quality", f"{slug(row)}-s{seed}", "ckpt.pt")
+            if not os.path.exists(ck) or all((row, seed, w) in done for w in ("fp32", "int8 FFN", "int8 all")):
+                continue
+            state = load_checkpoint(ck)
+            model, folder, cfg, tbytes = _eval_setup(state)
+            for weights, m in (("fp32", model), ("int8 FFN", sparse_ffn.int8_twin(model)),
+                               ("int8 all", sparse_ffn.int8_twin(model, linear=True))):
+                if (row, seed, weights) in done:
+                    continue
+                res = _evaluate(m, "relu", folder, cfg, tbytes)
+                points.append(dict(row=row, seed=seed, weights=weights, val_loss=res["loss"], val_bpb=res["bpb"],
+                                   sparsity=res["sparsity"], dead=res["dead"], ckpt=ck))
+                print(f"{row:28s} seed {seed} {weights:9s}: val {res['loss']:.4f} nats = {res['bpb']:.4f} bits/byte, "
+                      f"sparsity {100 * res['sparsity']:.2f}%", flush=True)
+                with open(path + ".tmp", "w") as f:
+                    json.dump(dict(val_tokens=VAL_BATCHES * cfg.batch_size * cfg.block_size, points=points), f, indent=1)
+                os.replace(path + ".tmp", path)
+
+
 COLLAPSED = 0.25  # a W1 row "collapsed": its norm below this fraction of its layer's median row norm
 
 
@@ -587,7 +620,7 @@ RULES = dict(
 def main(argv):
     global SEEDS
     stages = [a for a in argv if not a.startswith("--")]
-    known = dict(frontier=frontier, health=health, diversity=diversity, speed=speed, tables=tables)
+    known = dict(frontier=frontier, health=health, int8=int8, diversity=diversity, speed=speed, tables=tables)
     if not stages or set(stages) - set(known) - set(TRAIN_STAGES):
         raise ConfigError(f"usage: python experiments.py {{{'|'.join([*TRAIN_STAGES, *known])}}} [--key=value ...]; got {stages}")
     configure(globals(), [a for a in argv if a.startswith("--")], RULES)

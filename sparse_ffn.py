@@ -399,6 +399,28 @@ class DenseLinear:
         y = self(x.reshape(-1, self.d).to(torch.float32))
         return y.view(*x.shape[:-1], self.n).to(x.dtype)
 
+def int8_twin(model, linear=False):
+    """A copy of `model` whose FFN weights (and with linear=True, its attention projections and output
+    layer) are what the int8 kernels compute with: per-row quantized and dequantized, W2 per column
+    (as packed). Plain PyTorch, any device: how int8 weights change the loss and the sparsity.
+    The tied output layer gets its own weight; the embedding lookup keeps the original."""
+    import copy
+
+    from model import Attention, FeedForward
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in twin.modules():
+            if isinstance(m, FeedForward):
+                m.w1.weight.copy_(dequantized(m.w1.weight))
+                m.w3.weight.copy_(dequantized(m.w3.weight))
+                m.w2.weight.copy_(dequantized(m.w2.weight.t()).t())
+            elif isinstance(m, Attention) and linear:
+                for l in (m.wq, m.wk, m.wv, m.wo):
+                    l.weight.copy_(dequantized(l.weight))
+        if linear and hasattr(twin, "lm_head"):
+            twin.lm_head.weight = torch.nn.Parameter(dequantized(twin.lm_head.weight))
+    return twin
+
 # -----------------------------------------------------------------------------
 # attaching to a model
 

@@ -1355,6 +1355,9 @@ def test_int8_quantization_and_attach():
                 p.copy_(as_stored(p, torch.int8, rows_of_t=name.endswith("w2.weight")))
         twin.lm_head.weight = torch.nn.Parameter(as_stored(model.lm_head.weight, torch.int8))  # untied: the
         # output layer reads int8, the embedding lookup stays as it is
+    for name, p in sparse_ffn.int8_twin(model, linear=True).named_parameters():  # the library's own copy
+        assert torch.equal(p, dict(twin.named_parameters())[name]), name
+    assert torch.equal(sparse_ffn.int8_twin(model).blocks[0].attn.wq.weight, model.blocks[0].attn.wq.weight)
     idx = torch.randint(97, (2, 20))
     with torch.no_grad():
         want, _ = twin(idx, targets=idx)
