@@ -50,6 +50,7 @@ min_reps = 10
 rotate_mb = 256  # weight copies per implementation, up to this many MB: out of the 32 MB-ish caches
 threads = 0  # torch threads; 0 = torch's default
 e2e = True  # decoding tokens/s through model.generate, dense vs sparse
+llama = True  # and llama.cpp on the same weights, where llama-cpp-python and gguf are installed
 e2e_tokens = 32
 ckpt = ""  # a train.py checkpoint: its per-layer sparsity on real text, and kernel times on its inputs
 data_dir = ""  # the checkpoint's tokenized text; empty = the one it was trained on
@@ -80,7 +81,7 @@ RULES = dict(
     sizes=either(one_of(""), dxh_list), batches=int_list(1), sparsities=int_list(0, 100),
     dtypes=listed(["float32", "bfloat16", "float16", "int8"]), gate=one_of("relu", "silu"), gather=one_of(True, False), min_time=between(0, lo_open=True),
     min_reps=positive_int, rotate_mb=between(0), threads=between(0, integer=True), e2e=one_of(True, False),
-    e2e_tokens=positive_int, ckpt=either(one_of(""), existing_file), data_dir=either(one_of(""), existing_dir),
+    e2e_tokens=positive_int, llama=one_of(True, False), ckpt=either(one_of(""), existing_file), data_dir=either(one_of(""), existing_dir),
     quick=one_of(True, False), json=either(one_of(""), new_file), seed=between(0, integer=True),
 )
 try:  # every setting, and the checkpoint and its data, checked before minutes of benchmarking
@@ -423,6 +424,98 @@ def e2e_table(dev, model, label, prompt):
         parts = breakdown(dev, model, prompt, s, None if dt is None else dt.itemsize, 4 if not linear else dt.itemsize)
         sparse_ffn.detach(model)
         rows.append(dict(device=dev, impl=f"e2e {name}", model=label, tokens_per_s=tps, sparsity=s, breakdown=parts))
+    if llama and dev == "cpu":
+        llama_table(model, label, prompt, n, ref)
+
+# -----------------------------------------------------------------------------
+# llama.cpp on the same weights: the engine a user who wants fast CPU decoding runs
+
+
+def write_gguf(model, path, qtype):
+    """model as a Llama GGUF (llama.cpp's own layout): norms in f32, every matrix in qtype (F32, F16 or
+    Q8_0). wq and wk rows are permuted from our half-split RoPE to llama.cpp's adjacent pairs, as
+    llama.cpp's convert_hf_to_gguf.py does. The vocabulary is placeholder names: we feed token ids."""
+    import gguf
+    c = model.config
+    hd = c.n_embd // c.n_head
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(max(c.block_size, 256))  # llama.cpp's smallest cache; a longer one costs nothing here
+    w.add_embedding_length(c.n_embd); w.add_block_count(c.n_layer)
+    w.add_feed_forward_length(c.ffn_hidden); w.add_head_count(c.n_head); w.add_head_count_kv(c.n_kv_head)
+    w.add_rope_dimension_count(hd); w.add_rope_freq_base(c.rope_theta); w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7}[qtype]); w.add_vocab_size(c.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, c.vocab_size)])
+    w.add_token_scores([0.0] * c.vocab_size); w.add_token_types([2, 3, 3] + [1] * (c.vocab_size - 3))
+    w.add_bos_token_id(1); w.add_eos_token_id(2)
+
+    def pairs(t, heads):  # half-split rows -> adjacent pairs, per head
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, -1).transpose(1, 2).reshape(t.shape)
+
+    def add(name, t):
+        a = t.detach().float().cpu().numpy()
+        if a.ndim == 1 or qtype == "F32":
+            w.add_tensor(name, a.astype(np.float32))
+        else:
+            kind = getattr(gguf.GGMLQuantizationType, qtype)
+            w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
+    add("token_embd.weight", model.tok_emb.weight[:c.vocab_size])
+    for i, b in enumerate(model.blocks):
+        add(f"blk.{i}.attn_norm.weight", b.attn_norm.weight)
+        add(f"blk.{i}.attn_q.weight", pairs(b.attn.wq.weight, c.n_head))
+        add(f"blk.{i}.attn_k.weight", pairs(b.attn.wk.weight, c.n_kv_head))
+        add(f"blk.{i}.attn_v.weight", b.attn.wv.weight); add(f"blk.{i}.attn_output.weight", b.attn.wo.weight)
+        add(f"blk.{i}.ffn_norm.weight", b.ffn_norm.weight)
+        add(f"blk.{i}.ffn_gate.weight", b.ffn.w1.weight); add(f"blk.{i}.ffn_up.weight", b.ffn.w3.weight)
+        add(f"blk.{i}.ffn_down.weight", b.ffn.w2.weight)
+    add("output_norm.weight", model.norm.weight)
+    add("output.weight", model.lm_head.weight[:c.vocab_size])
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+
+
+def llama_table(model, label, prompt, n, ours):
+    """llama.cpp's greedy decode of the same weights, same threads, prompt and token count; tokens/s over
+    prefill + n steps as for ours. ours: our dense greedy tokens, to check the export (f32 should agree)."""
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp
+    except ImportError as e:
+        print(f"\n  llama.cpp: skipped ({e.name} is not installed; `pip install llama-cpp-python gguf` builds "
+              "llama.cpp from source, ~20 min on 2 cores)")
+        return
+    import tempfile
+    T = torch.get_num_threads()
+    c = model.config
+    weights = sum(p.numel() for n_, p in model.named_parameters() if p.dim() == 2 and "tok_emb" not in n_)
+    weights += c.vocab_size * c.n_embd  # the output layer (tied: tok_emb is read as the output layer)
+    print(f"\n  llama.cpp {llama_cpp.__version__} on the same weights ({label}), {T} threads:")
+    for qtype, bytes_per in (("F32", 4), ("F16", 2), ("Q8_0", 34 / 32)):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, f"model-{qtype}.gguf")
+            write_gguf(model, path, qtype)
+            llm = llama_cpp.Llama(model_path=path, n_ctx=max(c.block_size, 256), n_batch=c.block_size, n_threads=T,
+                                  n_threads_batch=T, verbose=False)
+            V = llm.n_vocab()
+            for _ in range(2):  # warm-up, then the timed run
+                llm.reset()
+                t0 = time.perf_counter()
+                llm.eval(prompt[0].tolist())
+                out = []
+                for _ in range(n):
+                    tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(V,))))
+                    out.append(tok)
+                    llm.eval([tok])
+                t = time.perf_counter() - t0
+            del llm
+        tps = n / t
+        same = sum(a == b for a, b in zip(out, ours[0, prompt.shape[1]:].tolist()))
+        by = weights * bytes_per
+        roof = roof_now("cpu")
+        print(f"  {'llama.cpp ' + qtype.lower():24s} {tps:8.1f} tokens/s  {1e3 / tps:7.2f} ms/token  "
+              f"({same}/{n} greedy tokens as our dense fp32; weights {by / 1e6:.1f} MB, {by * tps / 1e9:.1f} GB/s "
+              f"= {100 * by * tps / 1e9 / roof:.0f}% of {roof:.1f})", flush=True)
+        rows.append(dict(device="cpu", impl=f"e2e llama.cpp {qtype.lower()}", model=label, tokens_per_s=tps,
+                         weight_bytes=by, same_tokens=same, n_tokens=n, llama_cpp=llama_cpp.__version__))
 
 # -----------------------------------------------------------------------------
 

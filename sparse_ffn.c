@@ -239,11 +239,20 @@ INLINE void axpy(const void* w, const float* g, float* const* y, int nb, int d, 
 }
 
 #if SFFN_AVX2
+// inputs per block of the batched dot: 2 rows x NBLK inputs of accumulators fit the register file
+// (16 of AVX-512's 32 registers, 8 of AVX2's 16)
+#define NBLK (VW == 16 ? 8 : 4)
+#define SWITCH_NR_NB8(nr, nb, K) switch ((nr) * 8 + (nb)) { \
+    case 9: K(1, 1); break; case 10: K(1, 2); break; case 11: K(1, 3); break; case 12: K(1, 4); break; \
+    case 13: K(1, 5); break; case 14: K(1, 6); break; case 15: K(1, 7); break; case 16: K(1, 8); break; \
+    case 17: K(2, 1); break; case 18: K(2, 2); break; case 19: K(2, 3); break; case 20: K(2, 4); break; \
+    case 21: K(2, 5); break; case 22: K(2, 6); break; case 23: K(2, 7); break; case 24: K(2, 8); break; }
+
 // acc[r * SFFN_MAX_B + b] += w[r] . x[b] over elements [i0, i1), a multiple of VW long
 INLINE void dot_acc_k(const void* const* w, const float* const* x, int i0, int i1, int dt,
                       const char* pf, vec* acc, const int NR, const int NB) {
     const int es = ES(dt);
-    vec a[2][4];
+    vec a[2][8];
     for (int r = 0; r < NR; r++)
         for (int b = 0; b < NB; b++) a[r][b] = acc[r * SFFN_MAX_B + b];
     for (int i = i0; i < i1; i += VW) {
@@ -261,7 +270,7 @@ INLINE void dot_acc_k(const void* const* w, const float* const* x, int i0, int i
 #endif
 
 // out[r * nb + b] = w[r] . x[b] for nr <= 2 rows and any nb <= SFFN_MAX_B inputs. Past 4 inputs
-// the 8 accumulators cannot hold them all: the inputs go in blocks of 4 over slices of IB
+// the accumulators cannot hold them all: the inputs go in blocks of NBLK over slices of IB
 // elements, so that the slice of every x row stays in L1 while the blocks reread it
 #define IB 256
 INLINE void dot_batch(const void* const* w, int nr, const float* const* x, int nb, int d, int dt,
@@ -273,10 +282,14 @@ INLINE void dot_batch(const void* const* w, int nr, const float* const* x, int n
         const int dv = d / VW * VW;
         for (int i0 = 0; i0 < dv; i0 += IB) {
             const int i1 = i0 + IB < dv ? i0 + IB : dv;
-            for (int b0 = 0; b0 < nb; b0 += 4) {
+            for (int b0 = 0; b0 < nb; b0 += NBLK) {
                 const char* p = b0 ? NULL : pf;
 #define DOT_ACC_K(NR, NB) dot_acc_k(w, x + b0, i0, i1, dt, p, acc + b0, NR, NB)
-                SWITCH_NR_NB(nr, nb - b0 < 4 ? nb - b0 : 4, DOT_ACC_K)
+#if VW == 16
+                SWITCH_NR_NB8(nr, nb - b0 < NBLK ? nb - b0 : NBLK, DOT_ACC_K)
+#else
+                SWITCH_NR_NB(nr, nb - b0 < NBLK ? nb - b0 : NBLK, DOT_ACC_K)
+#endif
 #undef DOT_ACC_K
             }
         }

@@ -290,17 +290,17 @@ class SparseFFN:
         if key not in _BREAKEVEN:
             x, out = torch.randn(B, self.d), torch.empty(B, self.d)
 
-            def best(fn, n=7):  # the fastest of n after a warm-up: the least disturbed by neighbours
-                fn()
-                ts = []
-                for _ in range(n):
+            fns = [lambda: self._dense(x, out, "relu", 0.0),  # dense
+                   lambda: self._c(x, out, "relu", 3e38),  # the kernel with no unit active: W1 only
+                   lambda: self._c(x, out, "silu", 0.0)]  # the kernel with every unit active, for every row
+            ts = [[] for _ in fns]
+            for i in range(12):  # interleaved rounds, so that a noisy neighbour hits all three alike
+                for f, tl in zip(fns, ts):
                     t0 = time.perf_counter()
-                    fn()
-                    ts.append(time.perf_counter() - t0)
-                return min(ts)
-            t_dense = best(lambda: self._dense(x, out, "relu", 0.0))
-            t_none = best(lambda: self._c(x, out, "relu", 3e38))  # no unit active: W1 only
-            t_all = best(lambda: self._c(x, out, "silu", 0.0))  # every unit active
+                    f()
+                    if i >= 2:  # the first two rounds warm up
+                        tl.append(time.perf_counter() - t0)
+            t_dense, t_none, t_all = (float(np.median(tl)) for tl in ts)
             _BREAKEVEN[key] = min(1.0, max(0.0, (t_dense - t_none) / max(t_all - t_none, 1e-12)))
         return _BREAKEVEN[key]
 
