@@ -47,7 +47,7 @@ gate = "relu"  # the kernel rows' gate: relu, or silu with the threshold t that 
 gather = True  # also time the pure-torch gather fallback
 min_time = 0.25  # seconds of timed calls per row (at least min_reps calls)
 min_reps = 10
-rotate_mb = 256  # weight copies per implementation, up to this many MB: out of the 32 MB-ish caches
+rotate_mb = 1024  # weight copies per implementation, up to this many MB: out of the caches (some hosts have 100+ MB)
 threads = 0  # torch threads; 0 = torch's default
 e2e = True  # decoding tokens/s through model.generate, dense vs sparse
 llama = True  # and llama.cpp on the same weights, where llama-cpp-python and gguf are installed
@@ -183,10 +183,11 @@ def copies(make, nbytes):
 
 
 def show(row):
+    row["gib_pct"] = 100 * row["GBps"] / meta[f"roof_{row['device']}"]["read_GBps"]  # against the 1 GiB read
     rows.append(row)
     fmt = lambda v, f, w: format(v, f).rjust(w) if v is not None else "-".rjust(w)
     print(f"{row['impl']:13s} {row['dtype']:8s} {row['d']:5d} {row['h']:5d} {row['B']:3d} {fmt(row['s'], '.1f', 5)} "
-          f"{fmt(row.get('s_token'), '.1f', 5)} {row['time_ms']:8.3f} {row['GBps']:6.1f} {row['roof_GBps']:6.1f} {row['roof_pct']:5.0f}% "
+          f"{fmt(row.get('s_token'), '.1f', 5)} {row['time_ms']:8.3f} {row['GBps']:6.1f} {row['roof_GBps']:6.1f} {row['roof_pct']:5.0f}% {row['gib_pct']:5.0f}% "
           f"{fmt(row.get('speedup'), '.2f', 6)}x {fmt(row.get('ideal'), '.2f', 5)}x", flush=True)
 
 # -----------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def kernel_table(dev):
     if sparse_ffn.backends()[native] is not True:
         print(f"(no {native.upper()} sparse rows: {sparse_ffn.backends()[native]})")
     print(f"\n{'impl':13s} {'dtype':8s} {'d':>5s} {'h':>5s} {'B':>3s} {'s%':>5s} {'tok%':>5s} {'ms':>8s} {'GB/s':>6s} "
-          f"{'roof':>6s} {'%roof':>6s} {'speedup':>7s} {'ideal':>6s}")
+          f"{'roof':>6s} {'%roof':>6s} {'%1GiB':>6s} {'speedup':>7s} {'ideal':>6s}")
     gen = torch.Generator().manual_seed(seed)
     for d, h in size_list:
         for B in ints(batches):
@@ -532,7 +533,7 @@ for dev in device_list:
     meta[f"roof_{dev}"] = dict(read_GBps=rd, copy_GBps=cp)
     print(f"\n[{dev}] memory: read {rd:.1f} GB/s (1 GiB sum), copy {cp:.1f} GB/s (1 GiB copy, read + write "
           f"counted). The kernels only\nread: 'roof' below is the read GB/s of a 256 MiB sum measured just before "
-          f"each row (it drifts on a shared host)")
+          f"each row (it drifts on a shared host), '%1GiB' the same GB/s against the 1 GiB read")
     print("s% = hidden units zero for the whole batch (the union), tok% = zero per token; GB/s = bytes that\n"
           "must move / median time (W1 + the active W3 rows and W2 columns); speedup over torch dense "
           f"({'fp32' if dev == 'cpu' else 'same dtype'});\nideal = dense bytes / these bytes (the speedup at equal "
