@@ -548,6 +548,21 @@ def tables():
         stress_table(table)
         long_table(table)
     frontier_table()
+    path = os.path.join(out, "int8.json")
+    if os.path.exists(path):
+        pts = json.load(open(path))["points"]
+        print(f"\n### int8 weights\n\n`experiments.py int8`: each relu-sparse model as trained (fp32), with int8 FFN weights, "
+              f"and with every linear layer int8 (per-row symmetric, as the C kernel stores them); RELU at inference; "
+              f"seeds {', '.join(map(str, SEEDS))}; mean ± half the range; 'vs fp32' paired by seed.\n")
+        print("| recipe | weights | val loss, nats | bits/byte | vs fp32, nats | FFN sparsity |\n" + "|---" * 6 + "|")
+        for row in INT8:
+            base = {p["seed"]: p["val_loss"] for p in pts if p["row"] == row and p["weights"] == "fp32"}
+            for w in ("fp32", "int8 FFN", "int8 all"):
+                ps = [p for p in pts if p["row"] == row and p["weights"] == w]
+                if ps:
+                    print(f"| {row} | {w} | {pm([p['val_loss'] for p in ps], '.4f')} | {pm([p['val_bpb'] for p in ps], '.4f')} | "
+                          f"{pm([p['val_loss'] - base[p['seed']] for p in ps if p['seed'] in base], '+.4f')} | "
+                          f"{pm([p['sparsity'] for p in ps], '.2f', 100)}% |")
     path = os.path.join(out, "diversity.json")
     if os.path.exists(path):
         rep = json.load(open(path))
@@ -585,19 +600,35 @@ def tables():
         print(f"\n### Speed\n\nbench.py {' '.join(b['argv'])}: torch {b['torch']}, {b['threads']} threads, {b['cpu']}; "
               f"1 GiB read {b['roof_cpu']['read_GBps']:.1f} GB/s, copy {b['roof_cpu']['copy_GBps']:.1f} GB/s; "
               f"other processes {b.get('others_cpu_pct', float('nan')):.0f}% CPU.\n")
-        print("| d x h | batch | sparsity | dense ms | C fp32 ms | GB/s (roof) | speedup | ideal | C bf16 ms | speedup | "
-              "auto (fp32): path, speedup |\n" + "|---" * 11 + "|")
+        print("Each kernel cell: ms, speedup over torch dense fp32, and GB/s as % of the 1 GiB read; 'ideal' = the fp32 "
+              "speedup at equal GB/s, 3 / (1 + 2(1 - s)).\n")
+        dts = [dt for dt in ("float32", "bfloat16", "int8") if any(x.get("dtype") == dt and x.get("impl") == "C sparse" for x in rows)]
+        print("| d x h | batch | sparsity | dense ms | " + " | ".join(f"C {dt}" for dt in dts)
+              + " | ideal | auto (fp32): path, speedup |\n" + "|---" * (6 + len(dts)) + "|")
         for r in rows:
             if r.get("impl") == "C sparse" and r["dtype"] == "float32":
+                key = lambda x: (x["d"], x["h"], x["B"], x["s"])
                 dense = next(x for x in rows if x.get("impl") == "torch dense" and (x["d"], x["h"], x["B"]) == (r["d"], r["h"], r["B"]))
-                bf = next((x for x in rows if x.get("impl") == "C sparse" and x["dtype"] == "bfloat16"
-                           and (x["d"], x["h"], x["B"], x["s"]) == (r["d"], r["h"], r["B"], r["s"])), None)
-                auto = next((x for x in rows if x.get("impl", "").startswith("C auto")
-                             and (x["d"], x["h"], x["B"], x["s"]) == (r["d"], r["h"], r["B"], r["s"])), None)
-                print(f"| {r['d']}x{r['h']} | {r['B']} | {r['s']:.0f}% | {dense['time_ms']:.3f} | {r['time_ms']:.3f} | "
-                      f"{r['GBps']:.1f} ({r['roof_GBps']:.1f}) | {r['speedup']:.2f}x | {r['ideal']:.2f}x | "
-                      + (f"{bf['time_ms']:.3f} | {bf['speedup']:.2f}x |" if bf else "- | - |")
-                      + (f" {auto['impl'][7:]}, {auto['speedup']:.2f}x |" if auto else " - |"))
+                cells = []
+                for dt in dts:
+                    k = next((x for x in rows if x.get("impl") == "C sparse" and x["dtype"] == dt and key(x) == key(r)), None)
+                    pct = k and k.get("gib_pct", 100 * k["GBps"] / b["roof_cpu"]["read_GBps"])
+                    cells.append(f"{k['time_ms']:.3f}, {k['speedup']:.2f}x, {pct:.0f}%" if k else "-")
+                auto = next((x for x in rows if x.get("impl", "").startswith("C auto") and key(x) == key(r)), None)
+                print(f"| {r['d']}x{r['h']} | {r['B']} | {r['s']:.0f}% | {dense['time_ms']:.3f} | " + " | ".join(cells)
+                      + f" | {r['ideal']:.2f}x |" + (f" {auto['impl'][7:]}, {auto['speedup']:.2f}x |" if auto else " - |"))
+        e2e = [r for r in rows if r.get("impl", "").startswith("e2e")]
+        for model in dict.fromkeys(r["model"] for r in e2e):
+            mine = [r for r in e2e if r["model"] == model]
+            dense = next((r["tokens_per_s"] for r in mine if r["impl"] == "e2e dense"), None)
+            print(f"\nEnd to end, {model}: batch 1, greedy, KV cache, tokens/s over the whole generate() call:\n")
+            print("| engine | tokens/s | vs our dense | one step, ms: FFN / projections / attention / output layer / rest |\n"
+                  + "|---" * 4 + "|")
+            for r in mine:
+                parts = r.get("breakdown", {}).get("parts")
+                cell = " / ".join(f"{v['ms']:.2f}" for v in parts.values()) if parts else (
+                    f"llama.cpp {r['llama_cpp']}; {r['same_tokens']}/{r['n_tokens']} tokens as ours" if "llama_cpp" in r else "-")
+                print(f"| {r['impl'][4:]} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / dense:.2f}x | {cell} |")
         layers = [r for r in rows if r.get("impl") == "ckpt layer"]
         if layers:
             print("\nThe checkpoint's real activations (per layer; batch 1 times on 64 real FFN inputs):\n")
