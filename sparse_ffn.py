@@ -39,7 +39,6 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8
 GATES = {"relu": 0, "silu": 1}  # as in sparse_ffn.c and sparse_ffn.cu
 MODES = ("auto", "sparse", "dense")
 _BREAKEVEN = {}  # (d, h, dtype, batch, threads) -> active fraction above which dense is faster
-TIE = 1.05  # the kernel with every unit active must beat dense by 5% for a call near 100% active to stay sparse
 CUDA_MAX_BATCH = 16  # rows per launch of sparse_ffn.cu (its kMaxBatch); larger batches are split
 
 # -----------------------------------------------------------------------------
@@ -302,7 +301,6 @@ class SparseFFN:
                     if i >= 2:  # the first two rounds warm up
                         tl.append(time.perf_counter() - t0)
             t_dense, t_none, t_all = (float(np.median(tl)) for tl in ts)
-            t_all *= TIE  # near a tie the dense path wins: it is the reference, and a miss costs little
             _BREAKEVEN[key] = min(1.0, max(0.0, (t_dense - t_none) / max(t_all - t_none, 1e-12)))
         return _BREAKEVEN[key]
 
