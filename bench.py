@@ -51,6 +51,7 @@ rotate_mb = 1024  # weight copies per implementation, up to this many MB: out of
 threads = 0  # torch threads; 0 = torch's default
 e2e = True  # decoding tokens/s through model.generate, dense vs sparse
 llama = True  # and llama.cpp on the same weights, where llama-cpp-python and gguf are installed
+compiled = True  # and the same decoded through model.generate(compile=True) (torch.compile; ~30 s per row to compile)
 e2e_tokens = 32
 ckpt = ""  # a train.py checkpoint: its per-layer sparsity on real text, and kernel times on its inputs
 data_dir = ""  # the checkpoint's tokenized text; empty = the one it was trained on
@@ -81,7 +82,7 @@ RULES = dict(
     sizes=either(one_of(""), dxh_list), batches=int_list(1), sparsities=int_list(0, 100),
     dtypes=listed(["float32", "bfloat16", "float16", "int8"]), gate=one_of("relu", "silu"), gather=one_of(True, False), min_time=between(0, lo_open=True),
     min_reps=positive_int, rotate_mb=between(0), threads=between(0, integer=True), e2e=one_of(True, False),
-    e2e_tokens=positive_int, llama=one_of(True, False), ckpt=either(one_of(""), existing_file), data_dir=either(one_of(""), existing_dir),
+    e2e_tokens=positive_int, llama=one_of(True, False), compiled=one_of(True, False), ckpt=either(one_of(""), existing_file), data_dir=either(one_of(""), existing_dir),
     quick=one_of(True, False), json=either(one_of(""), new_file), seed=between(0, integer=True),
 )
 try:  # every setting, and the checkpoint and its data, checked before minutes of benchmarking
@@ -408,21 +409,30 @@ def e2e_table(dev, model, label, prompt):
     ref = None
     # dense; the sparse FFN per weight dtype; and on the CPU the same with the projections and the output
     # layer through the C kernel's dense GEMV in that dtype too (attach(linear=True))
+    # compiled: the same through model.generate(compile=True), dense and with everything in the C kernel
     linear_ok = dev == "cpu" and sparse_ffn.backends()["c"] is True
-    for name, dt, linear in ([("dense", None, False)] + [(str(dt)[6:], dt, False) for dt in dev_dtypes(dev)]
-                             + [(str(dt)[6:], dt, True) for dt in dev_dtypes(dev) if linear_ok]):
+    configs = ([("dense", None, False, False)] + [(str(dt)[6:], dt, False, False) for dt in dev_dtypes(dev)]
+               + [(str(dt)[6:], dt, True, False) for dt in dev_dtypes(dev) if linear_ok])
+    if compiled:
+        configs += [("dense", None, False, True)] + [(str(dt)[6:], dt, linear_ok, True) for dt in dev_dtypes(dev)]
+    for name, dt, linear, comp in configs:
         if dt is not None:
             sparse_ffn.attach(model, dtype=dt, linear=linear)
             name = f"sparse {model.blocks[0].ffn.kernel.packed.backend} {name}" + (" +linear" if linear else "")
-        for _ in range(2):  # warm-up, then the timed run
+        if comp:
+            name += " compiled"
+            torch._dynamo.reset()  # one configuration's graphs at a time (dynamo's recompile limit)
+        for _ in range(2):  # warm-up (and the compile), then the timed run
             sync(dev); t0 = time.perf_counter()
-            out = model.generate(prompt, n, temperature=0.0)
+            out = model.generate(prompt, n, temperature=0.0, compile=comp)
             sync(dev); t = time.perf_counter() - t0
         ref = out if ref is None else ref
         same = "same tokens as dense" if torch.equal(out, ref) else "tokens differ from dense (rounding)"
         tps = n / t
-        print(f"  {name:24s} {tps:8.1f} tokens/s  {1e3 / tps:7.2f} ms/token  ({same}); one step, part by part:", flush=True)
-        parts = breakdown(dev, model, prompt, s, None if dt is None else dt.itemsize, 4 if not linear else dt.itemsize)
+        print(f"  {name:33s} {tps:8.1f} tokens/s  {1e3 / tps:7.2f} ms/token  ({same})"
+              + ("" if comp else "; one step, part by part:"), flush=True)
+        parts = None if comp else breakdown(dev, model, prompt, s, None if dt is None else dt.itemsize,
+                                            4 if not linear else dt.itemsize)
         sparse_ffn.detach(model)
         rows.append(dict(device=dev, impl=f"e2e {name}", model=label, tokens_per_s=tps, sparsity=s, breakdown=parts))
     if llama and dev == "cpu":

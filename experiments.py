@@ -628,7 +628,7 @@ def tables():
                 if "failed" in r:
                     print(f"| {r['impl'][4:]} | failed ({r['failed']}) | - | - |")
                     continue
-                parts = r.get("breakdown", {}).get("parts")
+                parts = (r.get("breakdown") or {}).get("parts")
                 cell = " / ".join(f"{v['ms']:.2f}" for v in parts.values()) if parts else (
                     f"llama.cpp {r['llama_cpp']}; {r['same_tokens']}/{r['n_tokens']} greedy tokens as ours with silu" if "llama_cpp" in r else "-")
                 print(f"| {r['impl'][4:]} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / dense:.2f}x | {cell} |")

@@ -13,6 +13,7 @@ so at inference only W1 must be read in full (see sparse_ffn.c / sparse_ffn.cu).
 
 import math
 import os
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
@@ -224,6 +225,9 @@ def check_p(p):
         raise ValueError(f"p must be a number in [0, 1], got {p!r}")
 
 
+_COMPILED = weakref.WeakKeyDictionary()  # model -> its compiled self (not an attribute: it is a Module too)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -353,22 +357,31 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.cache_k = block.attn.cache_v = None
 
+    def compiled(self):
+        """This model under torch.compile (dynamic shapes: one compile serves every position), made
+        once and kept; the C kernels that sparse_ffn.attach() adds run inside it as custom ops."""
+        if self not in _COMPILED:
+            _COMPILED[self] = torch.compile(self, dynamic=True)
+        return _COMPILED[self]
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, compile=False):
         """Continue the (B, T) prompt by max_new_tokens tokens, one forward per new token after the
         prompt. temperature 0 is greedy. `generator` drives the sampling (StochA has its own, see
-        set_act). Returns (B, T + max_new_tokens)."""
+        set_act). compile=True: each step runs through self.compiled() (the first call compiles, tens of
+        seconds; Python's per-op overhead is then gone from a decode step). Returns (B, T + max_new_tokens)."""
         B, T = idx.shape
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed block_size={self.config.block_size}")
+        step = self.compiled() if compile else self
         self.setup_cache(B, T + max_new_tokens)
         try:
-            logits, _ = self(idx, start_pos=0)  # the prompt in one pass
+            logits, _ = step(idx, start_pos=0)  # the prompt in one pass
             for pos in range(T, T + max_new_tokens):
                 next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
                 idx = torch.cat((idx, next_id), dim=1)
                 if pos + 1 < T + max_new_tokens:
-                    logits, _ = self(next_id, start_pos=pos)
+                    logits, _ = step(next_id, start_pos=pos)
             return idx
         finally:
             self.clear_cache()

@@ -29,6 +29,7 @@ Importing this file compiles nothing and needs no network; the first use of a ba
 import sys
 import threading
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -425,16 +426,70 @@ def int8_twin(model, linear=False):
 # attaching to a model
 
 
+# -----------------------------------------------------------------------------
+# the C kernels as torch custom ops: opaque to torch.compile, so a compiled decode step (model.generate(...,
+# compile=True)) keeps them in one graph instead of breaking it at every cffi call
+
+
+class _Scratch:  # the ops' shared scratch (under _c_lock)
+    _scratch = torch.empty(0)
+
+
+@torch.library.custom_op("sparse_ffn::c_ffn", mutates_args=())
+def c_ffn_op(x: torch.Tensor, w1: torch.Tensor, w32: torch.Tensor, scales: Optional[torch.Tensor],
+             gate: int, t: float) -> torch.Tensor:
+    """The C sparse FFN on packed weights (SparseFFN's w1, w32, scales); x (N, d) fp32 contiguous."""
+    ffi, lib = _mods["c"].ffi, _mods["c"].lib
+    h, d = w1.shape
+    out = torch.empty_like(x)
+    pw1, pw32 = ffi.cast("void *", w1.data_ptr()), ffi.cast("void *", w32.data_ptr())
+    sc = ffi.NULL if scales is None else ffi.cast("float *", scales.data_ptr())
+    code = DTYPE_CODES[w1.dtype]
+    _c_chunks(_Scratch, lambda px, nb, py, scratch, T: lib.sffn_forward(px, nb, d, h, pw1, pw32, code, sc, gate, t,
+                                                                        py, scratch, T),
+              x, out, d, d, lib.sffn_scratch_floats, "sffn_forward")
+    return out
+
+
+@c_ffn_op.register_fake
+def _(x, w1, w32, scales, gate, t):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("sparse_ffn::c_gemv", mutates_args=())
+def c_gemv_op(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
+    """The C dense GEMV y = x W^T on DenseLinear's packed w (and int8 scales); x (N, d) fp32 contiguous."""
+    ffi, lib = _mods["c"].ffi, _mods["c"].lib
+    n, d = w.shape
+    out = x.new_empty(x.shape[0], n)
+    pw = ffi.cast("void *", w.data_ptr())
+    sc = ffi.NULL if scales is None else ffi.cast("float *", scales.data_ptr())
+    code = DTYPE_CODES[w.dtype]
+    _c_chunks(_Scratch, lambda px, nb, py, scratch, T: lib.sffn_gemv(px, nb, d, n, pw, code, sc, py, scratch, T),
+              x, out, d, n, lambda b, d_, T: lib.sffn_scratch_floats(b, d_, 0), "sffn_gemv")
+    return out
+
+
+@c_gemv_op.register_fake
+def _(x, w, scales):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
 class Attached:
     """What attach() puts in FeedForward.kernel: the packed sparse FFN. FeedForward itself decides
     when to call it (relu, or silu with a threshold; eval mode, no autograd, no stats) and otherwise
-    runs its own ops."""
+    runs its own ops. Under torch.compile the C kernel runs as the custom op sparse_ffn::c_ffn, always
+    sparse (auto's per-call choice is Python state that a compiled graph cannot keep)."""
 
     def __init__(self, packed):
         self.packed = packed
 
     def __call__(self, x, gate="relu", t=0.0):
-        return self.packed.apply(x, gate, t)
+        k = self.packed
+        if torch.compiler.is_compiling() and k.backend == "c":
+            y = c_ffn_op(x.to(torch.float32).contiguous(), k.w1, k.w32, k.scales, GATES[gate], float(t))
+            return y.to(x.dtype)
+        return k.apply(x, gate, t)
 
     def __repr__(self):
         return f"Attached({self.packed})"
@@ -445,7 +500,11 @@ def _linear_forward(m):
     def forward(x):
         if m.training or (x.requires_grad and torch.is_grad_enabled()):
             return F.linear(x, m.weight, m.bias)
-        return m.dense_kernel.apply(x)
+        k = m.dense_kernel
+        if torch.compiler.is_compiling():
+            y = c_gemv_op(x.reshape(-1, k.d).to(torch.float32).contiguous(), k.w, k.scales)
+            return y.view(*x.shape[:-1], k.n).to(x.dtype)
+        return k.apply(x)
     return forward
 
 

@@ -1331,6 +1331,27 @@ def test_simd_variants_match_reference(c_variant, dtype, monkeypatch):
 
 
 @pytest_kernel
+def test_generate_compiled_matches_eager():
+    """generate(compile=True): torch.compile'd decode steps give eager's greedy tokens, dense and with the C
+    kernels attached (their custom ops inside the graph: FFN fp32 and int8, the GEMV with linear=True)."""
+    torch.manual_seed(int(torch.randint(1 << 30, ())))
+    model = GPT(GPTConfig(vocab_size=97, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, act="relu")).eval()
+    prompt = torch.randint(97, (1, 8))
+    for dtype, linear in ((None, False), (torch.float32, False), (torch.int8, True)):
+        if dtype is not None:
+            sparse_ffn.attach(model, dtype=dtype, linear=linear)
+        torch._dynamo.reset()
+        want = model.generate(prompt, 12, temperature=0)
+        assert torch.equal(model.generate(prompt, 12, temperature=0, compile=True), want), (dtype, linear)
+        sparse_ffn.detach(model)
+    x = torch.randn(3, 64)  # the ops themselves, called directly, against the eager kernels
+    k = sparse_ffn.SparseFFN(model.blocks[0].ffn, dtype=torch.int8, mode="sparse")
+    check_close(sparse_ffn.c_ffn_op(x, k.w1, k.w32, k.scales, 0, 0.0), k(x), atol=0, rtol=0)
+    lin = sparse_ffn.DenseLinear(model.lm_head.weight, torch.bfloat16)
+    check_close(sparse_ffn.c_gemv_op(x, lin.w, lin.scales), lin(x), atol=0, rtol=0)
+
+
+@pytest_kernel
 def test_int8_quantization_and_attach():
     """quantize_rows: q in [-127, 127], each row's largest |w| maps to 127, |w - q scale| <= scale / 2,
     zero rows stay zero, nan is refused. attach(dtype=int8, linear=True) gives the logits of the model
