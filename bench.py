@@ -414,7 +414,8 @@ def e2e_table(dev, model, label, prompt):
     configs = ([("dense", None, False, False)] + [(str(dt)[6:], dt, False, False) for dt in dev_dtypes(dev)]
                + [(str(dt)[6:], dt, True, False) for dt in dev_dtypes(dev) if linear_ok])
     if compiled:
-        configs += [("dense", None, False, True)] + [(str(dt)[6:], dt, linear_ok, True) for dt in dev_dtypes(dev)]
+        configs += ([("dense", None, False, True)] + [(str(dt)[6:], dt, False, True) for dt in dev_dtypes(dev)]
+                    + [(str(dt)[6:], dt, True, True) for dt in dev_dtypes(dev) if linear_ok])
     for name, dt, linear, comp in configs:
         if dt is not None:
             sparse_ffn.attach(model, dtype=dt, linear=linear)
