@@ -32,9 +32,9 @@ batch rows per step (in slices of IB elements, NBLK batch rows per block, past 4
 loaded serves every row of the batch; in pass 2 a unit's rows are read once for the batch rows where
 it fires. Where it stands (2-core Xeon with AVX-512, d=2048 h=8192, 2 threads, 2026-11-24; bench.py,
 against the 1 GiB read, ~25 GB/s): batch 1 fp32 at the roof (it reads the same bytes as PyTorch's
-GEMV at 95-98% of its speed), bf16 ~85%, int8 ~75% (the conversions fill the two vCPUs' issue
-slots); batch 4 fp32 77-95%, bf16 ~75%; batch 16 ~60% fp32, ~50% bf16: compute-bound, 16 FMAs per
-W1 weight at ~60-90 GFMA/s on this host.
+GEMV at 95-97% of its speed), bf16 ~88%, int8 ~78% (the conversions fill the two vCPUs' issue
+slots); batch 4 fp32 77-96%, bf16 ~78%; batch 16 61-67% fp32, 46-54% bf16: compute-bound, 16 FMAs
+per W1 weight at ~60-90 GFMA/s on this host.
 
 Build:  python build.py      (cffi API mode -> _sparse_ffn_c; -O3 -march=native -fopenmp, with
                               fallbacks that it reports)
