@@ -140,6 +140,29 @@ def _c_chunks(owner, call, x, out, d_in, d_out, scratch_floats, name):
     return most  # sffn_forward: for N > max_b, the largest union of one call
 
 
+def _ptr(ffi, t, kind="void *"):
+    return ffi.NULL if t is None else ffi.cast(kind, t.data_ptr())
+
+
+def _ffn_c(owner, x, out, w1, w32, scales, gate, t):
+    """sffn_forward over x (N, d) -> out on packed w1 (h, d), w32 (h, 2d), int8 scales or None; gate a
+    GATES code. Returns the largest union of active units of one call."""
+    ffi, lib = _mods["c"].ffi, _mods["c"].lib
+    (h, d), code = w1.shape, DTYPE_CODES[w1.dtype]
+    pw1, pw32, sc = _ptr(ffi, w1), _ptr(ffi, w32), _ptr(ffi, scales, "float *")
+    call = lambda px, nb, py, scratch, T: lib.sffn_forward(px, nb, d, h, pw1, pw32, code, sc, gate, t, py, scratch, T)
+    return _c_chunks(owner, call, x, out, d, d, lib.sffn_scratch_floats, "sffn_forward")
+
+
+def _gemv_c(owner, x, out, w, scales):
+    """sffn_gemv: out (N, n) = x (N, d) W^T on packed w (n, d), int8 scales or None."""
+    ffi, lib = _mods["c"].ffi, _mods["c"].lib
+    (n, d), code = w.shape, DTYPE_CODES[w.dtype]
+    pw, sc = _ptr(ffi, w), _ptr(ffi, scales, "float *")
+    call = lambda px, nb, py, scratch, T: lib.sffn_gemv(px, nb, d, n, pw, code, sc, py, scratch, T)
+    _c_chunks(owner, call, x, out, d, n, lambda b, d_, T: lib.sffn_scratch_floats(b, d_, 0), "sffn_gemv")
+
+
 class SparseFFN:
     """The weights of one gated relu FFN, packed once for the sparse kernels (a copy: a snapshot).
 
@@ -329,12 +352,7 @@ class SparseFFN:
         out.copy_(y)
 
     def _c(self, x, out, gate, t):
-        ffi, lib = _mods["c"].ffi, _mods["c"].lib
-        w1, w32 = ffi.cast("void *", self.w1.data_ptr()), ffi.cast("void *", self.w32.data_ptr())
-        sc = ffi.NULL if self.scales is None else ffi.cast("float *", self.scales.data_ptr())
-        call = lambda px, nb, py, scratch, T: lib.sffn_forward(px, nb, self.d, self.h, w1, w32, DTYPE_CODES[self.dtype],
-                                                               sc, GATES[gate], t, py, scratch, T)
-        self.last_active = _c_chunks(self, call, x, out, self.d, self.d, lib.sffn_scratch_floats, "sffn_forward")
+        self.last_active = _ffn_c(self, x, out, self.w1, self.w32, self.scales, GATES[gate], t)
 
     def _torch(self, x, out, gate, t):
         """The same sparse computation with torch ops: gather the active rows, then two matmuls."""
@@ -387,12 +405,7 @@ class DenseLinear:
             raise ValueError(f"x must be a (N, {self.d}) float32 CPU tensor, got {tuple(x.shape)} {x.dtype} on {x.device}")
         x = x.resolve_neg().resolve_conj().contiguous()
         out = torch.empty(x.shape[0], self.n)
-        ffi, lib = _mods["c"].ffi, _mods["c"].lib
-        w = ffi.cast("void *", self.w.data_ptr())
-        sc = ffi.NULL if self.scales is None else ffi.cast("float *", self.scales.data_ptr())
-        call = lambda px, nb, py, scratch, T: lib.sffn_gemv(px, nb, self.d, self.n, w, DTYPE_CODES[self.dtype], sc,
-                                                            py, scratch, T)
-        _c_chunks(self, call, x, out, self.d, self.n, lambda b, d, T: lib.sffn_scratch_floats(b, d, 0), "sffn_gemv")
+        _gemv_c(self, x, out, self.w, self.scales)
         return out
 
     def apply(self, x):
@@ -439,15 +452,8 @@ class _Scratch:  # the ops' shared scratch (under _c_lock)
 def c_ffn_op(x: torch.Tensor, w1: torch.Tensor, w32: torch.Tensor, scales: Optional[torch.Tensor],
              gate: int, t: float) -> torch.Tensor:
     """The C sparse FFN on packed weights (SparseFFN's w1, w32, scales); x (N, d) fp32 contiguous."""
-    ffi, lib = _mods["c"].ffi, _mods["c"].lib
-    h, d = w1.shape
     out = torch.empty_like(x)
-    pw1, pw32 = ffi.cast("void *", w1.data_ptr()), ffi.cast("void *", w32.data_ptr())
-    sc = ffi.NULL if scales is None else ffi.cast("float *", scales.data_ptr())
-    code = DTYPE_CODES[w1.dtype]
-    _c_chunks(_Scratch, lambda px, nb, py, scratch, T: lib.sffn_forward(px, nb, d, h, pw1, pw32, code, sc, gate, t,
-                                                                        py, scratch, T),
-              x, out, d, d, lib.sffn_scratch_floats, "sffn_forward")
+    _ffn_c(_Scratch, x, out, w1, w32, scales, gate, t)
     return out
 
 
@@ -459,14 +465,8 @@ def _(x, w1, w32, scales, gate, t):
 @torch.library.custom_op("sparse_ffn::c_gemv", mutates_args=())
 def c_gemv_op(x: torch.Tensor, w: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
     """The C dense GEMV y = x W^T on DenseLinear's packed w (and int8 scales); x (N, d) fp32 contiguous."""
-    ffi, lib = _mods["c"].ffi, _mods["c"].lib
-    n, d = w.shape
-    out = x.new_empty(x.shape[0], n)
-    pw = ffi.cast("void *", w.data_ptr())
-    sc = ffi.NULL if scales is None else ffi.cast("float *", scales.data_ptr())
-    code = DTYPE_CODES[w.dtype]
-    _c_chunks(_Scratch, lambda px, nb, py, scratch, T: lib.sffn_gemv(px, nb, d, n, pw, code, sc, py, scratch, T),
-              x, out, d, n, lambda b, d_, T: lib.sffn_scratch_floats(b, d_, 0), "sffn_gemv")
+    out = x.new_empty(x.shape[0], w.shape[0])
+    _gemv_c(_Scratch, x, out, w, scales)
     return out
 
 
