@@ -176,6 +176,13 @@ def _evaluate(model, act, folder, cfg, tbytes, n=VAL_BATCHES):
     return evaluate(model, act, 0.0, os.path.join(folder, "val.bin"), cfg, "cpu", nullcontext(), n, tbytes)
 
 
+def save_json(path, obj):
+    """Written after every point, atomically: an interrupted stage continues from what it finished."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def frontier():
     """Val loss against FFN sparsity: each model at its own sparsity (t = 0), then with per-layer thresholds
     calibrated on training text to each target sparsity above it. Writes out/frontier.json."""
@@ -212,10 +219,8 @@ def frontier():
                 print(f"{curve:28s} seed {seed} target {'own' if target is None else f'{100 * target:.0f}%':>4s}: "
                       f"sparsity {100 * res['sparsity']:5.1f}%, val {res['loss']:.4f} nats = {res['bpb']:.4f} bits/byte "
                       f"({time.time() - t0:.0f} s)", flush=True)
-                with open(path + ".tmp", "w") as f:  # after every point: an interrupted stage continues
-                    json.dump(dict(calib_tokens=CALIB_BATCHES * cfg.batch_size * cfg.block_size,
-                                   val_tokens=VAL_BATCHES * cfg.batch_size * cfg.block_size, points=points), f, indent=1)
-                os.replace(path + ".tmp", path)
+                save_json(path, dict(calib_tokens=CALIB_BATCHES * cfg.batch_size * cfg.block_size,
+                                     val_tokens=VAL_BATCHES * cfg.batch_size * cfg.block_size, points=points))
 
 
 INT8 = [SCRATCH[1][0], SCRATCH[2][0], SCRATCH[4][0]]  # the relu-sparse recipes: what int8 weights do to them
@@ -246,9 +251,7 @@ def int8():
                                    sparsity=res["sparsity"], dead=res["dead"], ckpt=ck))
                 print(f"{row:28s} seed {seed} {weights:9s}: val {res['loss']:.4f} nats = {res['bpb']:.4f} bits/byte, "
                       f"sparsity {100 * res['sparsity']:.2f}%", flush=True)
-                with open(path + ".tmp", "w") as f:
-                    json.dump(dict(val_tokens=VAL_BATCHES * cfg.batch_size * cfg.block_size, points=points), f, indent=1)
-                os.replace(path + ".tmp", path)
+                save_json(path, dict(val_tokens=VAL_BATCHES * cfg.batch_size * cfg.block_size, points=points))
 
 
 COLLAPSED = 0.25  # a W1 row "collapsed": its norm below this fraction of its layer's median row norm

@@ -503,11 +503,8 @@ int sffn_gemv(const float* x, int B, int d, int n, const void* w, int dtype, con
 #ifdef _OPENMP
         t = omp_get_thread_num(), T = omp_get_num_threads();
 #endif
-        const char* wc = (const char*)w;
-        if (dtype == F32) gemv_f32(xb, B, d, n, wc, NULL, y, t, T);
-        else if (dtype == F16) gemv_f16(xb, B, d, n, wc, NULL, y, t, T);
-        else if (dtype == BF16) gemv_bf16(xb, B, d, n, wc, NULL, y, t, T);
-        else gemv_i8(xb, B, d, n, wc, scales, y, t, T);
+        (dtype == F32 ? gemv_f32 : dtype == F16 ? gemv_f16 : dtype == BF16 ? gemv_bf16 : gemv_i8)
+            (xb, B, d, n, (const char*)w, scales, y, t, T);  // scales: NULL unless int8 (checked above)
     }
     return 0;
 }

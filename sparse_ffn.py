@@ -328,16 +328,18 @@ class SparseFFN:
             _BREAKEVEN[key] = min(1.0, max(0.0, (t_dense - t_none) / max(t_all - t_none, 1e-12)))
         return _BREAKEVEN[key]
 
-    def _weights(self, rows=None):
-        """w1, w3, w2t as torch computes with them (rows: an index of units, or all): the packed
-        tensors themselves, or for int8 their dequantized fp32 copies."""
-        w = [self.w1, self.w3, self.w2t]
-        if rows is not None:
-            w = [m.index_select(0, rows) for m in w]
-        if self.scales is not None:
-            sc = self.scales if rows is None else self.scales.index_select(1, rows)
-            w = [m.float() * s[:, None] for m, s in zip(w, sc)]
-        return w
+    def _weights(self, rows=None, parts=(0, 1, 2)):
+        """Of w1, w3, w2t (parts: which) the weights torch computes with, for the units in rows (or
+        all): the packed tensors themselves, or for int8 their dequantized fp32 copies."""
+        out = []
+        for i in parts:
+            m = (self.w1, self.w3, self.w2t)[i]
+            m = m if rows is None else m.index_select(0, rows)
+            if self.scales is not None:
+                s = self.scales[i] if rows is None else self.scales[i].index_select(0, rows)
+                m = m.float() * s[:, None]
+            out.append(m)
+        return out
 
     def _dense(self, x, out, gate, t):
         """The dense FFN with PyTorch's GEMMs on the packed weights (W3 and W2^T are strided views of
@@ -357,12 +359,12 @@ class SparseFFN:
     def _torch(self, x, out, gate, t):
         """The same sparse computation with torch ops: gather the active rows, then two matmuls."""
         from model import gated
-        w1 = self._weights()[0] if self.scales is not None else self.w1
+        w1, = self._weights(parts=(0,))
         w1 = w1 if w1.dtype == x.dtype else w1.to(x.dtype)
         a = gated(F.linear(x, w1), gate, t)  # (B, h)
         idx = (a != 0).any(0).nonzero().squeeze(1)  # the union of active units; nan counts as active
         self.last_active = idx.numel()
-        _, w3, w2t = self._weights(idx)  # (n, d) each
+        w3, w2t = self._weights(idx, parts=(1, 2))  # (n, d) each
         g = a.index_select(1, idx) * F.linear(x, w3.to(x.dtype))
         torch.matmul(g, w2t.to(x.dtype), out=out)
 
@@ -370,6 +372,7 @@ class SparseFFN:
         """Any (N, d) x: converts dtype and layout as needed and returns y in x's dtype."""
         y = self(x.to(self.in_dtype).contiguous(), gate=gate, t=t)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
 
 class DenseLinear:
     """y = x W^T by the C kernel's dense GEMV, W packed once in `dtype` (a copy): with 16-bit weights the
@@ -412,6 +415,7 @@ class DenseLinear:
         """Any (..., d) x: y in x's dtype and shape (..., n)."""
         y = self(x.reshape(-1, self.d).to(torch.float32))
         return y.view(*x.shape[:-1], self.n).to(x.dtype)
+
 
 def int8_twin(model, linear=False):
     """A copy of `model` whose FFN weights (and with linear=True, its attention projections and output
