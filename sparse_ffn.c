@@ -62,6 +62,9 @@ Run:    python bench.py      (timings);  python -m pytest -q test_all.py  (vs mo
 #ifndef PF_BYTES
 #define PF_BYTES 16384  // how far ahead to prefetch W1 (tuned on the 2-core EPYC, flat from 16 to 64 KB)
 #endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1
+#endif
 enum { F32 = 0, F16 = 1, BF16 = 2, I8 = 3 };
 #define ES(dt) ((dt) == F32 ? 4 : (dt) == I8 ? 1 : 2)  // bytes per weight
 enum { RELU = 0, SILU = 1 };
@@ -138,7 +141,7 @@ INLINE void prefetch_lines(const char* pf, size_t i, int es, const int NR) {
     if (!pf || ((i * es) & 63) != 0) return;
     for (int r = 0; r < NR; r++) {
 #if SFFN_AVX2
-        _mm_prefetch(pf + NR * i * es + 64 * r, _MM_HINT_T0);
+        _mm_prefetch(pf + NR * i * es + 64 * r, PF_HINT);
 #elif defined(__GNUC__)
         __builtin_prefetch(pf + NR * i * es + 64 * r, 0, 3);
 #endif
@@ -239,7 +242,7 @@ INLINE void axpy_k(const void* w, const float* g, float* const* y, int d, int dt
 // 2-core AVX-512 Xeon: 4 rows make fp32 batches of 4 15-20% faster; 16-bit and int8 weights, whose
 // loads convert, gain nothing or lose, so they keep 2
 #ifndef NRW
-#define NRW(dt) (VW == 16 && (dt) == F32 ? 4 : 2)
+#define NRW(dt) (VW == 16 && ((dt) == F32 || ((dt) == I8 && SFFN_VNNI)) ? 4 : 2)  // VNNI int8: 4 (below)
 #endif
 
 INLINE void dot(const void* const* w, int nr, const float* const* x, int nb, int d, int dt,
@@ -311,11 +314,7 @@ INLINE void dot_batch(const void* const* w, int nr, const float* const* x, int n
                 for (int b0 = 0; b0 < nb; b0 += NBLK) {
                     const char* p = b0 ? NULL : pf;
 #define DOT_ACC_K(NR, NB) dot_acc_k(wr, x + b0, i0, i1, dt, p, acc + b0, NR, NB)
-#if VW == 16
                     SWITCH_NR_NB8(nr2, nb - b0 < NBLK ? nb - b0 : NBLK, DOT_ACC_K)
-#else
-                    SWITCH_NR_NB(nr2, nb - b0 < NBLK ? nb - b0 : NBLK, DOT_ACC_K)
-#endif
 #undef DOT_ACC_K
                 }
             }
@@ -339,6 +338,98 @@ INLINE void dot_batch(const void* const* w, int nr, const float* const* x, int n
 }
 
 // ----------------------------------------------------------------------------
+// batch 1, int8 weights: x as a 24-bit integer, AVX-512 VNNI (vpdpbusd: 64 u8 x s8 products a step)
+//
+// Widening int8 weights to fp32 costs two conversions per 16 weights. With VNNI the weights stay
+// bytes: x is rounded once per call to q = round(x / sx), 24 bits (sx = max|x| / QMAX), split into
+// three signed bytes q = 65536 hi + 256 mid + lo, and w . q is three integer dot products, exact.
+// vpdpbusd wants one operand unsigned: w + 128 (a xor), whose extra 128 * sum(part) is subtracted at
+// the end. x is then as exact as fp32 holds it (2^-24 of its largest |x|), so results match the fp32
+// path to fp32's own rounding. x with nan or inf takes the fp32 path (nan must propagate). Batch 1
+// only: 3 integer dots per batch row on the one VNNI port lose to fp32 FMAs on two ports from B = 4
+// (B = 2 ties), measured on the 2-core Xeon; at B = 1 it is 5-10% faster.
+#if SFFN_AVX2 && VW == 16 && defined(__AVX512VNNI__)
+#define SFFN_VNNI 1
+#define QMAX 8355711  // 127 * (65536 + 256 + 1): the largest q whose three balanced bytes are <= 127
+#define QMAX_D 65536  // d at most, so no int32 sum overflows (|sum| <= 255 * 128 * d)
+typedef struct { const int8_t* p; double s; int32_t sum[3]; } QRow;  // p: 3 parts, dq bytes apart
+static int dq_of(int d) { return (d + 63) / 64 * 64; }
+
+// x (d floats) -> the 3 byte parts of q at p (dq bytes each, zero-padded), sx and the parts' sums.
+// Returns NULL where x has nan or inf or d is too large: the caller then takes the fp32 path.
+static const QRow* quantize_x(const float* x, int d, QRow* r) {
+    float m = 0.0f;
+    for (int i = 0; i < d; i++) {
+        float v = fabsf(x[i]);
+        if (!(v <= 3.4e38f)) return NULL;  // nan or inf
+        m = v > m ? v : m;
+    }
+    if (d > QMAX_D) return NULL;
+    int8_t* p = (int8_t*)(r + 1);
+    const int dq = dq_of(d);
+    const double inv = m > 0.0f ? QMAX / (double)m : 0.0;
+    int32_t s0 = 0, s1 = 0, s2 = 0;
+    for (int i = 0; i < d; i++) {
+        int32_t q = (int32_t)lrint(x[i] * inv), lo = ((q + 128) & 255) - 128, q1 = (q - lo) >> 8;
+        int32_t mid = ((q1 + 128) & 255) - 128, hi = (q1 - mid) >> 8;
+        p[i] = (int8_t)lo; p[dq + i] = (int8_t)mid; p[2 * dq + i] = (int8_t)hi;
+        s0 += lo; s1 += mid; s2 += hi;
+    }
+    for (int k = 0; k < 3; k++) memset(p + k * dq + d, 0, (size_t)(dq - d));
+    r->p = p; r->s = m > 0.0f ? m / (double)QMAX : 0.0;
+    r->sum[0] = s0; r->sum[1] = s1; r->sum[2] = s2;
+    return r;
+}
+static size_t q_floats(int d) { return (sizeof(QRow) + 3 * (size_t)dq_of(d) + 3) / 4; }
+
+// out[r] = w[r] . x for NR int8 rows against x quantized
+INLINE void dotq_k(const void* const* w, const QRow* q, int d, const char* pf, float* out, const int NR) {
+    const int dq = dq_of(d);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[4][3];
+    for (int r = 0; r < NR; r++)
+        for (int k = 0; k < 3; k++) acc[r][k] = _mm512_setzero_si512();
+    for (int i = 0; i < dq; i += 64) {
+        prefetch_lines(pf, i, 1, NR);
+        const __mmask64 m = d - i >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (d - i)) - 1;  // a row ends at d
+        __m512i wv[4];
+        for (int r = 0; r < NR; r++)
+            wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, (const int8_t*)w[r] + i), flip);
+        for (int k = 0; k < 3; k++) {
+            __m512i xv = _mm512_loadu_si512((const void*)(q->p + k * dq + i));
+            for (int r = 0; r < NR; r++) acc[r][k] = _mm512_dpbusd_epi32(acc[r][k], wv[r], xv);
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        int64_t v = 0;  // the parts' dots, less the 128 * sum(part) that w + 128 added
+        for (int k = 2; k >= 0; k--)
+            v = v * 256 + (int64_t)_mm512_reduce_add_epi32(acc[r][k]) - 128 * (int64_t)q->sum[k];
+        out[r] = (float)((double)v * q->s);
+    }
+}
+#else
+#define SFFN_VNNI 0
+typedef struct { int unused; } QRow;  // never filled: q stays NULL
+static const QRow* quantize_x(const float* x, int d, QRow* r) { (void)x; (void)d; (void)r; return NULL; }
+static size_t q_floats(int d) { (void)d; return 0; }
+#endif
+
+// the W rows . x[b]: for int8 at batch 1 with x quantized (q != NULL), VNNI integer dots; else fp32
+INLINE void dot_rows(const void* const* w, int nr, const float* const* x, const QRow* q, int nb, int d,
+                     int dt, const char* pf, float* out) {
+#if SFFN_VNNI
+    if (dt == I8 && q && nb == 1) {
+#define DOTQ_K(NR) dotq_k(w, q, d, pf, out, NR)
+        switch (nr) { case 1: DOTQ_K(1); break; case 2: DOTQ_K(2); break; case 3: DOTQ_K(3); break; case 4: DOTQ_K(4); break; }
+#undef DOTQ_K
+        return;
+    }
+#endif
+    (void)q;
+    dot_batch(w, nr, x, nb, d, dt, pf, out);
+}
+
+// ----------------------------------------------------------------------------
 // the work of one thread: its chunks of hidden units, into its own partial y
 
 typedef struct {
@@ -346,6 +437,7 @@ typedef struct {
     float* part;  // [T, B, ld] partial y per thread
     int gate; float t;
     const float* scales;  // int8 only: per-row scales of W1, W3 and W2^T, h each; else NULL
+    const QRow* q;  // int8 at batch 1 with VNNI: x quantized; else NULL
 } Args;
 
 // g(u) as model.py computes it: relu keeps nan; silu is clamped at -1e4 (which changes no value) so
@@ -383,7 +475,7 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
             for (int r = 0; r < 4; r++) w[r] = a->w1 + (j + (r < nr ? r : nr - 1)) * rowb;
             const char* pf = j + PF + NRW(dt) <= j1 ? a->w1 + (j + PF) * rowb
                            : next_chunk && j + PF - j1 + NRW(dt) <= chunk ? next_chunk + (j + PF - j1) * rowb : NULL;
-            dot_batch(w, nr, xb, B, d, dt, pf, u + (j - j0) * B);  // rows j.. are adjacent in u
+            dot_rows(w, nr, xb, a->q, B, d, dt, pf, u + (j - j0) * B);  // rows j.. are adjacent in u
             for (int r = 0; r < nr; r++) {
                 float* ur = u + (j - j0 + r) * B;
                 int on = 0;
@@ -406,7 +498,7 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
             for (int b = 0; b < B; b++)
                 if (is_on(uj[b], a->t)) { xs[m] = xb[b]; ys[m] = part + (size_t)b * a->ld; ub[m++] = uj[b]; }
             const void* w[1] = {row};
-            dot_batch(w, 1, xs, m, d, dt, next, g);
+            dot_rows(w, 1, xs, a->q, m, d, dt, next, g);
             for (int b = 0; b < m; b++) g[b] *= ub[b];  // g(u), or nan, as in torch
             if (a->scales)  // int8: the W3 row's scale, and the W2^T row's, applied once to g
                 for (int b = 0; b < m; b++) g[b] *= a->scales[h + j] * a->scales[2 * h + j];
@@ -429,8 +521,8 @@ static int work_i8(const Args* a, int t, int T) { return work(a, t, T, I8); }
 // that they read 16-bit weights as the FFN does. Thread t takes a contiguous block of rows, two at a
 // time, prefetching ahead as the FFN's W1 pass does; each y element is one dot: deterministic.
 
-INLINE void gemv_rows(const float* const* xb, int B, int d, int n, const char* w, const float* sc, float* y,
-                      int t, int T, const int dt) {
+INLINE void gemv_rows(const float* const* xb, const QRow* q, int B, int d, int n, const char* w,
+                      const float* sc, float* y, int t, int T, const int dt) {
     const size_t rowb = (size_t)d * ES(dt);
     const int PF = (int)((PF_BYTES + rowb - 1) / rowb + 1);
     const int j0 = (int)((long long)n * t / T) & ~1, j1 = t + 1 == T ? n : (int)((long long)n * (t + 1) / T) & ~1;
@@ -439,20 +531,21 @@ INLINE void gemv_rows(const float* const* xb, int B, int d, int n, const char* w
         const int nr = j1 - j < NRW(dt) ? j1 - j : NRW(dt);
         const void* rows[4];
         for (int r = 0; r < 4; r++) rows[r] = w + (j + (r < nr ? r : nr - 1)) * rowb;
-        dot_batch(rows, nr, xb, B, d, dt, j + PF < j1 ? w + (j + PF) * rowb : NULL, o);
+        dot_rows(rows, nr, xb, q, B, d, dt, j + PF < j1 ? w + (j + PF) * rowb : NULL, o);
         for (int r = 0; r < nr; r++)
             for (int b = 0; b < B; b++) y[(size_t)b * n + j + r] = sc ? o[r * B + b] * sc[j + r] : o[r * B + b];
     }
 }
-#define GEMV(name, DT) static void name(const float* const* x, int B, int d, int n, const char* w, const float* sc, \
-                                         float* y, int t, int T) { gemv_rows(x, B, d, n, w, sc, y, t, T, DT); }
+#define GEMV(name, DT) static void name(const float* const* x, const QRow* q, int B, int d, int n, \
+    const char* w, const float* sc, float* y, int t, int T) { gemv_rows(x, q, B, d, n, w, sc, y, t, T, DT); }
 GEMV(gemv_f32, F32) GEMV(gemv_f16, F16) GEMV(gemv_bf16, BF16) GEMV(gemv_i8, I8)
 
 // ----------------------------------------------------------------------------
 // the API (declared in build.py's cdef)
 
 int sffn_max_batch(void) { return SFFN_MAX_B; }
-int sffn_simd(void) { return SFFN_AVX2 ? (VW == 16 ? 2 : 1) : 0; }  // 2: AVX-512, 1: AVX2+FMA+F16C, 0: portable loops
+// 3: AVX-512 with VNNI int8 dots, 2: AVX-512, 1: AVX2+FMA+F16C, 0: portable loops
+int sffn_simd(void) { return SFFN_AVX2 ? (VW == 16 ? 2 + SFFN_VNNI : 1) : 0; }
 int sffn_openmp(void) {  // 0 without OpenMP, else the most threads it would give
 #ifdef _OPENMP
     return omp_get_max_threads();
@@ -465,8 +558,10 @@ int sffn_openmp(void) {  // 0 without OpenMP, else the most threads it would giv
 // of every row would fall in the same L1 set, and 16 rows thrash its 8 ways
 static size_t row_stride(int d) { return ((size_t)d + 15) / 16 * 16 + 16; }
 
-// floats of scratch a call needs: a padded copy of x and one partial y per thread
-size_t sffn_scratch_floats(int B, int d, int nthreads) { return (size_t)(1 + nthreads) * B * row_stride(d); }
+// floats of scratch a call needs: a padded copy of x, one partial y per thread, and x quantized (VNNI)
+size_t sffn_scratch_floats(int B, int d, int nthreads) {
+    return (size_t)(1 + nthreads) * B * row_stride(d) + q_floats(d);
+}
 
 // ask for transparent huge pages on a buffer not yet touched: fewer TLB misses on random rows
 void sffn_advise_hugepages(void* p, size_t bytes) {
@@ -497,6 +592,7 @@ int sffn_gemv(const float* x, int B, int d, int n, const void* w, int dtype, con
         memcpy(scratch + b * ld, x + (size_t)b * d, (size_t)d * sizeof(float));
         xb[b] = scratch + b * ld;
     }
+    const QRow* q = dtype == I8 && B == 1 ? quantize_x(xb[0], d, (QRow*)(scratch + ld)) : NULL;
 #pragma omp parallel num_threads(nthreads)
     {
         int t = 0, T = 1;
@@ -504,7 +600,7 @@ int sffn_gemv(const float* x, int B, int d, int n, const void* w, int dtype, con
         t = omp_get_thread_num(), T = omp_get_num_threads();
 #endif
         (dtype == F32 ? gemv_f32 : dtype == F16 ? gemv_f16 : dtype == BF16 ? gemv_bf16 : gemv_i8)
-            (xb, B, d, n, (const char*)w, scales, y, t, T);  // scales: NULL unless int8 (checked above)
+            (xb, q, B, d, n, (const char*)w, scales, y, t, T);  // scales: NULL unless int8 (checked above)
     }
     return 0;
 }
@@ -531,7 +627,8 @@ int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void
     const size_t ld = row_stride(d), N = (size_t)B * ld;
     float* xpad = scratch + (size_t)nthreads * N;
     for (int b = 0; b < B; b++) memcpy(xpad + b * ld, x + (size_t)b * d, (size_t)d * sizeof(float));
-    Args a = {xpad, B, d, (int)ld, h, chunk, (const char*)w1, (const char*)w32, scratch, gate, t, scales};
+    const QRow* q = dtype == I8 && B == 1 ? quantize_x(xpad, d, (QRow*)(scratch + (size_t)(nthreads + 1) * N)) : NULL;
+    Args a = {xpad, B, d, (int)ld, h, chunk, (const char*)w1, (const char*)w32, scratch, gate, t, scales, q};
     int total = 0, T = 1;
 #pragma omp parallel num_threads(nthreads) reduction(+ : total)
     {

@@ -88,7 +88,7 @@ def c_info():
     if "c" not in _mods:
         return None
     lib = _mods["c"].lib
-    return dict(simd={2: "avx512", 1: "avx2+fma+f16c"}.get(lib.sffn_simd(), "portable"),
+    return dict(simd={3: "avx512+vnni", 2: "avx512", 1: "avx2+fma+f16c"}.get(lib.sffn_simd(), "portable"),
                 openmp=lib.sffn_openmp(), max_batch=lib.sffn_max_batch())
 
 # -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ CPU only, no network (the tokenizer comes from an installed package, the corpora
 Behaviour only: no timing is asserted anywhere; bench.py prints the numbers.
 """
 
+import copy
 import json
 import math
 import os
@@ -916,8 +917,10 @@ def test_cpu_matches_reference(d, h, s, B, dtype, backend):
     y = kernel(x)
     assert y.shape == (B, d) and y.dtype == torch.float32
     check_close(y, want, atol=1e-5, rtol=1e-4, note=f"seed {seed}: ")
-    n_kernel = kernel.last_active if B <= 16 else n_on  # B > 16: split into calls, each with its union
-    assert n_kernel == (u > 0).any(0).sum().item() == n_on, f"seed {seed}"
+    n_ref = (u > 0).any(0).sum().item()  # int8's rounding of W1 (to 1/254 of its row's largest |w|) can
+    # flip a unit that set_sparsity put near 0 at tiny d: about 1 seed in 200 at d=21
+    n_kernel = kernel.last_active if B <= 16 else n_ref  # B > 16: split into calls, each with its union
+    assert n_kernel == n_ref and (n_ref == n_on or dtype == torch.int8), f"seed {seed}"
     if s == 1.0:
         assert (y == 0).all()
 
@@ -1281,9 +1284,10 @@ def test_attach_linear_matches_model():
     assert not any("forward" in l.__dict__ for l in (model.blocks[0].attn.wq, model.lm_head))
 
 
-# the same source built for the SIMD paths this machine's native build skips: AVX2 (on an AVX-512 CPU)
-# and the portable loops; each must match the reference as the native build does
-VARIANTS = {"avx2": ["-O3", "-march=native", "-mno-avx512f", "-fopenmp"], "portable": ["-O3", "-fopenmp"]}
+# the same source built for the SIMD paths this machine's native build skips: AVX-512 without VNNI (int8
+# weights widened to fp32), AVX2 (on an AVX-512 CPU) and the portable loops; each must match the reference
+VARIANTS = {"avx512": ["-O3", "-march=native", "-mno-avx512vnni", "-fopenmp"],
+            "avx2": ["-O3", "-march=native", "-mno-avx512f", "-fopenmp"], "portable": ["-O3", "-fopenmp"]}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -1297,9 +1301,9 @@ def c_variant(request, tmp_path_factory, c_kernel):
     spec = importlib.util.spec_from_file_location(name, so)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    want = {"avx2": 1, "portable": 0}[request.param]
-    if request.param == "avx2" and mod.lib.sffn_simd() != 1:
-        pytest.skip(f"no AVX2 build here (simd {mod.lib.sffn_simd()})")
+    want = {"avx512": 2, "avx2": 1, "portable": 0}[request.param]
+    if request.param != "portable" and mod.lib.sffn_simd() != want:
+        pytest.skip(f"no {request.param} build here (simd {mod.lib.sffn_simd()})")
     assert mod.lib.sffn_simd() == want
     return mod
 
@@ -1321,7 +1325,7 @@ def test_simd_variants_match_reference(c_variant, dtype, monkeypatch):
                 kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend="c", mode="sparse")
                 with torch.no_grad():
                     check_close(kernel(x), ref(x), atol=1e-5, rtol=1e-4, note=f"seed {seed}, {d}x{h} B={B} s={s}: ")
-                    assert kernel.last_active == n_on
+                    assert kernel.last_active == ((x @ ref.w1.weight.T > 0).any(0).sum() if dtype == torch.int8 else n_on)
                     a = model_mod.gated(x @ ref.w1.weight.T, "silu")
                     t = threshold_for(a, s)
                     want = ref_thresholded(ref, "silu", t)(x)
@@ -1388,6 +1392,47 @@ def test_int8_quantization_and_attach():
         tokens = model.generate(idx[:1, :8], 12, temperature=0)
     check_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens, want_tokens)
+
+
+@pytest_kernel
+@pytest.mark.parametrize("scale", [0.0, 1e-15, 1e-3, 1.0, 1e10])
+def test_int8_x_at_every_scale(scale):
+    """int8 weights at batch 1 take x as a 24-bit integer scaled to its largest |x| (VNNI, where built): at every
+    magnitude of x, a row of zeros and a row with one entry 1e4 times the rest, the FFN and the GEMV are
+    within fp32's own error of the fp64 reference (per row: 3e-6 of its largest |y|; PyTorch's fp32 is at
+    ~7e-7); nan / inf in a row take the fp32 path and propagate in that row only."""
+    gen = torch.Generator().manual_seed(7)
+    ffn = ref_ffn(203, 300)
+    x = torch.randn(6, 203, generator=gen)
+    set_sparsity(ffn, x, 0.7, gen)
+    x = x * scale
+    x[1] = 0
+    x[2, 5] = x[2].abs().max() * 1e4 if scale else 1.0
+    ref = rounded(ffn, torch.int8)
+    ref64 = copy.deepcopy(ref).double()
+    kernel = sparse_ffn.SparseFFN(ffn, dtype=torch.int8, backend="c", mode="sparse")
+    lin = sparse_ffn.DenseLinear(ffn.w1.weight, torch.int8)
+
+    def near(y, want64):  # row by row, against the row's largest |y|
+        bound = 3e-6 * want64.abs().amax(1, keepdim=True)
+        assert ((y.double() - want64).abs() <= bound).all(), (scale, ((y.double() - want64).abs() / bound).max())
+
+    for xs in (x, x[:1], x[2:3]):
+        with torch.no_grad():
+            want64 = ref64(xs.double())
+            near(ref(xs), want64)  # the bound holds for PyTorch's fp32 FFN too
+        near(kernel(xs), want64)
+        near(lin(xs), xs.double() @ ref.w1.weight.double().T)
+    assert (kernel(x)[1] == 0).all()
+    for bad in (float("nan"), float("inf")):
+        xb = x.clone()
+        xb[3, 7] = bad
+        y = kernel(xb)
+        with torch.no_grad():
+            want = ref(xb)
+            assert torch.equal(y.isnan(), want.isnan()) and y[3].isnan().any()
+            assert torch.equal(kernel(xb[3:4]).isnan(), want[3:4].isnan())  # batch 1: the VNNI path's input
+            near(y[[0, 1, 2, 4, 5]], ref64(xb[[0, 1, 2, 4, 5]].double()))
 
 
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="no nvcc")
