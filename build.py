@@ -25,6 +25,7 @@ BUILD_DIR = os.path.join(HERE, "build")
 CDEF = """
 int sffn_max_batch(void);
 int sffn_simd(void);
+int sffn_amx(void);
 int sffn_openmp(void);
 size_t sffn_scratch_floats(int B, int d, int nthreads);
 void sffn_advise_hugepages(void* p, size_t bytes);

@@ -414,6 +414,102 @@ static const QRow* quantize_x(const float* x, int d, QRow* r) { (void)x; (void)d
 static size_t q_floats(int d) { (void)d; return 0; }
 #endif
 
+// ----------------------------------------------------------------------------
+// batches, bf16 weights: the W1 pass on AMX tiles (Sapphire Rapids and later)
+//
+// At batch 16 the W1 pass needs 16 FMAs per weight, more than two vCPUs' AVX-512 units deliver at the
+// memory's pace. An AMX tile multiply (tdpbf16ps) does 16 units x 16 batch rows x 32 elements in one
+// instruction: C[unit][b] += sum_k W1[unit][k] x[b][k]. The W1 tile is loaded straight from the rows
+// (16 rows x 64 bytes, row stride apart); x is split once per call into three bf16 parts,
+// x = hi + mid + lo (24 bits, as exact as fp32 up to flushed denormals), laid out as AMX wants them
+// (pairs of k side by side per batch row), and each W1 tile is multiplied by all three. Products of
+// bf16 are exact in fp32 and sums are fp32, as in the AVX-512 path. Only for B >= AMX_MIN_B, d a
+// multiple of 32 and finite x; the rest of a chunk (< 16 units) goes through the AVX-512 path.
+#if SFFN_AVX2 && VW == 16 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define SFFN_AMX 1
+#ifndef AMX_MIN_B
+#define AMX_MIN_B 8  // measured on the 2-core Xeon: AMX loses at B = 4, ties at 8, wins from 12
+#endif
+typedef struct { uint8_t palette, start_row, rsv[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileCfg;
+
+static int amx_granted(void) {  // Linux gives a process the 8 KB of AMX tile state only on request
+    static int state = 0;  // 0: not asked yet, 1: granted, -1: refused (old kernel, or masked by a VM)
+    if (!state) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
+    return state > 0;
+}
+static size_t amx_floats(int d) { return (size_t)d * 24 + 16; }  // 3 parts x d/32 tiles x 1 KB
+
+INLINE uint16_t bf16_rne(float v) {  // finite v: round to nearest even
+    uint32_t b; memcpy(&b, &v, 4);
+    return (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
+}
+INLINE float bf16_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; float v; memcpy(&v, &b, 4); return v; }
+
+// x (B finite rows, d % 32 == 0) -> xt: for each 32-element block kb and part p, one 16 x 64-byte tile
+// whose row r holds, for each batch row b, that part of x[b][32 kb + 2r] and x[b][32 kb + 2r + 1].
+// Returns 0 (use the AVX-512 path) where x has nan or inf.
+static int amx_pack_x(const float* const* xb, int B, int d, uint16_t* xt) {
+    for (int b = 0; b < B; b++)
+        for (int k = 0; k < d; k++)
+            if (!(fabsf(xb[b][k]) <= 3.4e38f)) return 0;
+    memset(xt, 0, (size_t)d * 96);  // batch rows past B stay 0
+    for (int b = 0; b < B; b++)
+        for (int k = 0; k < d; k++) {
+            float v = xb[b][k];
+            uint16_t p0 = bf16_rne(v);
+            float r = v - bf16_f32(p0);
+            uint16_t p1 = bf16_rne(r), p2 = bf16_rne(r - bf16_f32(p1));
+            uint16_t* t = xt + (size_t)(k / 32) * 3 * 512 + (k % 32 / 2) * 32 + b * 2 + k % 2;
+            t[0] = p0; t[512] = p1; t[1024] = p2;
+        }
+    return 1;
+}
+
+INLINE void amx_config(int B) {  // C tiles 0-2 (16 units x B), x parts 3-5 (16 k pairs x B), W1 tiles 6-7
+    TileCfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) { c.rows[i] = 16; c.colsb[i] = (uint16_t)(i < 6 ? 4 * B : 64); }
+    _tile_loadconfig(&c);
+}
+
+// u[m * B + b] = W1 row m . x[b] for the 16 * NT rows at w (NT <= 3), prefetching the next block's
+// rows (pf: as many contiguous bytes, or NULL) at the pace this block is read
+INLINE void amx_block(const char* w, size_t rowb, int nkb, const uint16_t* xt, float* u, int B, const char* pf,
+                      const int NT) {
+    _tile_zero(0);
+    if (NT > 1) _tile_zero(1);
+    if (NT > 2) _tile_zero(2);
+    const size_t lines = 16 * (size_t)NT;  // lines of the next block per 32-element step
+    for (int kb = 0; kb < nkb; kb++) {
+        if (pf)
+            for (size_t l = 0; l < lines; l++) _mm_prefetch(pf + (kb * lines + l) * 64, PF_HINT);
+        const uint16_t* t = xt + (size_t)kb * 3 * 512;
+        _tile_loadd(3, t, 64);
+        _tile_loadd(4, t + 512, 64);
+        _tile_loadd(5, t + 1024, 64);
+        _tile_loadd(6, w + kb * 64, (long)rowb);
+        _tile_dpbf16ps(0, 6, 3); _tile_dpbf16ps(0, 6, 4); _tile_dpbf16ps(0, 6, 5);
+        if (NT > 1) {
+            _tile_loadd(7, w + 16 * rowb + kb * 64, (long)rowb);
+            _tile_dpbf16ps(1, 7, 3); _tile_dpbf16ps(1, 7, 4); _tile_dpbf16ps(1, 7, 5);
+        }
+        if (NT > 2) {
+            _tile_loadd(6, w + 32 * rowb + kb * 64, (long)rowb);
+            _tile_dpbf16ps(2, 6, 3); _tile_dpbf16ps(2, 6, 4); _tile_dpbf16ps(2, 6, 5);
+        }
+    }
+    _tile_stored(0, u, B * 4);
+    if (NT > 1) _tile_stored(1, u + 16 * B, B * 4);
+    if (NT > 2) _tile_stored(2, u + 32 * B, B * 4);
+}
+#else
+#define SFFN_AMX 0
+static size_t amx_floats(int d) { (void)d; return 0; }
+#endif
+
 // the W rows . x[b]: for int8 at batch 1 with x quantized (q != NULL), VNNI integer dots; else fp32
 INLINE void dot_rows(const void* const* w, int nr, const float* const* x, const QRow* q, int nb, int d,
                      int dt, const char* pf, float* out) {
@@ -438,6 +534,7 @@ typedef struct {
     int gate; float t;
     const float* scales;  // int8 only: per-row scales of W1, W3 and W2^T, h each; else NULL
     const QRow* q;  // int8 at batch 1 with VNNI: x quantized; else NULL
+    const uint16_t* xt;  // bf16 batches with AMX: x in tiles; else NULL
 } Args;
 
 // g(u) as model.py computes it: relu keeps nan; silu is clamped at -1e4 (which changes no value) so
@@ -449,6 +546,19 @@ INLINE float gate_value(float u, int gate) {
 }
 INLINE int is_on(float v, float t) { return !(fabsf(v) <= t); }  // nan is active: it must propagate
 
+// g(u) for the nr units from j whose W1 x are at ur (B each, overwritten), listing the active ones
+INLINE int gate_rows(const Args* a, int j, int nr, float* ur, int* list, int n) {
+    for (int r = 0; r < nr; r++, ur += a->B) {
+        int on = 0;
+        for (int b = 0; b < a->B; b++) {
+            ur[b] = gate_value(a->scales ? ur[b] * a->scales[j + r] : ur[b], a->gate);
+            on |= is_on(ur[b], a->t);
+        }
+        if (on) list[n++] = j + r;
+    }
+    return n;
+}
+
 INLINE int work(const Args* a, int t, int T, const int dt) {
     const int B = a->B, d = a->d, h = a->h, chunk = a->chunk, nchunks = (h + chunk - 1) / chunk;
     const int es = ES(dt);
@@ -458,6 +568,9 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
     for (int b = 0; b < B; b++) xb[b] = a->x + (size_t)b * a->ld;
     float* part = a->part + (size_t)t * B * a->ld;
     memset(part, 0, (size_t)B * a->ld * sizeof(float));
+#if SFFN_AMX
+    if (a->xt) amx_config(B);  // tile state is per thread
+#endif
     float u[SFFN_MAX_CHUNK * SFFN_MAX_B];  // W1 x for this chunk's units, unit-major
     int list[SFFN_MAX_CHUNK], total = 0;
 
@@ -466,25 +579,32 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
     for (int c = t; c < nchunks; c += T) {
         const int j0 = c * chunk, j1 = j0 + chunk < h ? j0 + chunk : h;
         const char* next_chunk = c + T < nchunks ? a->w1 + (size_t)(c + T) * chunk * rowb : NULL;
-        int n = 0;
+        int n = 0, j = j0;
+#if SFFN_AMX
+        if (a->xt)  // bf16 batches: AMX tiles of 16 units, 3 tiles a block; the rest (< 16) below
+            while (j1 - j >= 16) {
+                const int nt = (j1 - j) / 16 < 3 ? (j1 - j) / 16 : 3;
+                const char* w = a->w1 + j * rowb;
+                const char* pf = j1 - j - 16 * nt >= 16 ? w + 16 * nt * rowb : next_chunk;  // one block ahead
+                switch (nt) {
+                case 1: amx_block(w, rowb, d / 32, a->xt, u + (j - j0) * B, B, pf, 1); break;
+                case 2: amx_block(w, rowb, d / 32, a->xt, u + (j - j0) * B, B, pf, 2); break;
+                default: amx_block(w, rowb, d / 32, a->xt, u + (j - j0) * B, B, pf, 3); break;
+                }
+                n = gate_rows(a, j, 16 * nt, u + (j - j0) * B, list, n);
+                j += 16 * nt;
+            }
+#endif
         // u = W1 x over the chunk, NRW rows at a time;
         // prefetching PF rows ahead, into the thread's next chunk near the end of this one
-        for (int j = j0; j < j1; j += NRW(dt)) {
+        for (; j < j1; j += NRW(dt)) {
             const int nr = j1 - j < NRW(dt) ? j1 - j : NRW(dt);
             const void* w[4];
             for (int r = 0; r < 4; r++) w[r] = a->w1 + (j + (r < nr ? r : nr - 1)) * rowb;
             const char* pf = j + PF + NRW(dt) <= j1 ? a->w1 + (j + PF) * rowb
                            : next_chunk && j + PF - j1 + NRW(dt) <= chunk ? next_chunk + (j + PF - j1) * rowb : NULL;
             dot_rows(w, nr, xb, a->q, B, d, dt, pf, u + (j - j0) * B);  // rows j.. are adjacent in u
-            for (int r = 0; r < nr; r++) {
-                float* ur = u + (j - j0 + r) * B;
-                int on = 0;
-                for (int b = 0; b < B; b++) {
-                    ur[b] = gate_value(a->scales ? ur[b] * a->scales[j + r] : ur[b], a->gate);
-                    on |= is_on(ur[b], a->t);
-                }
-                if (on) list[n++] = j + r;
-            }
+            n = gate_rows(a, j, nr, u + (j - j0) * B, list, n);
         }
         total += n;
         // the active units: part += g_t(u) (W3_j . x) W2^T_j, prefetching the next active row
@@ -508,6 +628,9 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
             }
         }
     }
+#if SFFN_AMX
+    if (a->xt) _tile_release();
+#endif
     return total;
 }
 
@@ -546,6 +669,13 @@ GEMV(gemv_f32, F32) GEMV(gemv_f16, F16) GEMV(gemv_bf16, BF16) GEMV(gemv_i8, I8)
 int sffn_max_batch(void) { return SFFN_MAX_B; }
 // 3: AVX-512 with VNNI int8 dots, 2: AVX-512, 1: AVX2+FMA+F16C, 0: portable loops
 int sffn_simd(void) { return SFFN_AVX2 ? (VW == 16 ? 2 + SFFN_VNNI : 1) : 0; }
+int sffn_amx(void) {  // 1 where bf16 batches run their W1 pass on AMX tiles (built for it, and the OS allows it)
+#if SFFN_AMX
+    return amx_granted();
+#else
+    return 0;
+#endif
+}
 int sffn_openmp(void) {  // 0 without OpenMP, else the most threads it would give
 #ifdef _OPENMP
     return omp_get_max_threads();
@@ -560,7 +690,7 @@ static size_t row_stride(int d) { return ((size_t)d + 15) / 16 * 16 + 16; }
 
 // floats of scratch a call needs: a padded copy of x, one partial y per thread, and x quantized (VNNI)
 size_t sffn_scratch_floats(int B, int d, int nthreads) {
-    return (size_t)(1 + nthreads) * B * row_stride(d) + q_floats(d);
+    return (size_t)(1 + nthreads) * B * row_stride(d) + q_floats(d) + amx_floats(d);
 }
 
 // ask for transparent huge pages on a buffer not yet touched: fewer TLB misses on random rows
@@ -627,8 +757,18 @@ int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void
     const size_t ld = row_stride(d), N = (size_t)B * ld;
     float* xpad = scratch + (size_t)nthreads * N;
     for (int b = 0; b < B; b++) memcpy(xpad + b * ld, x + (size_t)b * d, (size_t)d * sizeof(float));
-    const QRow* q = dtype == I8 && B == 1 ? quantize_x(xpad, d, (QRow*)(scratch + (size_t)(nthreads + 1) * N)) : NULL;
-    Args a = {xpad, B, d, (int)ld, h, chunk, (const char*)w1, (const char*)w32, scratch, gate, t, scales, q};
+    float* extra = scratch + (size_t)(nthreads + 1) * N;
+    const QRow* q = dtype == I8 && B == 1 ? quantize_x(xpad, d, (QRow*)extra) : NULL;
+    const uint16_t* xt = NULL;
+#if SFFN_AMX
+    if (dtype == BF16 && B >= AMX_MIN_B && d % 32 == 0 && amx_granted()) {
+        const float* xb[SFFN_MAX_B];
+        for (int b = 0; b < B; b++) xb[b] = xpad + b * ld;
+        uint16_t* tiles = (uint16_t*)(extra + q_floats(d));
+        if (amx_pack_x(xb, B, d, tiles)) xt = tiles;
+    }
+#endif
+    Args a = {xpad, B, d, (int)ld, h, chunk, (const char*)w1, (const char*)w32, scratch, gate, t, scales, q, xt};
     int total = 0, T = 1;
 #pragma omp parallel num_threads(nthreads) reduction(+ : total)
     {

@@ -89,7 +89,7 @@ def c_info():
         return None
     lib = _mods["c"].lib
     return dict(simd={3: "avx512+vnni", 2: "avx512", 1: "avx2+fma+f16c"}.get(lib.sffn_simd(), "portable"),
-                openmp=lib.sffn_openmp(), max_batch=lib.sffn_max_batch())
+                amx=bool(lib.sffn_amx()), openmp=lib.sffn_openmp(), max_batch=lib.sffn_max_batch())
 
 # -----------------------------------------------------------------------------
 # the packed weights

@@ -1284,9 +1284,10 @@ def test_attach_linear_matches_model():
     assert not any("forward" in l.__dict__ for l in (model.blocks[0].attn.wq, model.lm_head))
 
 
-# the same source built for the SIMD paths this machine's native build skips: AVX-512 without VNNI (int8
-# weights widened to fp32), AVX2 (on an AVX-512 CPU) and the portable loops; each must match the reference
-VARIANTS = {"avx512": ["-O3", "-march=native", "-mno-avx512vnni", "-fopenmp"],
+# the same source built for the SIMD paths this machine's native build skips: AVX-512 without VNNI and AMX
+# (int8 weights widened to fp32, bf16 batches on FMAs), AVX2 (on an AVX-512 CPU) and the portable loops;
+# each must match the reference
+VARIANTS = {"avx512": ["-O3", "-march=native", "-mno-avx512vnni", "-mno-amx-tile", "-fopenmp"],
             "avx2": ["-O3", "-march=native", "-mno-avx512f", "-fopenmp"], "portable": ["-O3", "-fopenmp"]}
 
 
@@ -1433,6 +1434,38 @@ def test_int8_x_at_every_scale(scale):
             assert torch.equal(y.isnan(), want.isnan()) and y[3].isnan().any()
             assert torch.equal(kernel(xb[3:4]).isnan(), want[3:4].isnan())  # batch 1: the VNNI path's input
             near(y[[0, 1, 2, 4, 5]], ref64(xb[[0, 1, 2, 4, 5]].double()))
+
+
+@pytest_kernel
+@pytest.mark.parametrize("gate", ["relu", "silu"])
+@pytest.mark.parametrize("B", [8, 11, 16])
+@pytest.mark.parametrize("d,h", [(64, 50), (96, 1000), (256, 683)])
+def test_bf16_batches_on_amx_tiles(d, h, B, gate):
+    """bf16 batches of 8+ rows with d a multiple of 32 run their W1 pass on AMX tiles (where built and allowed;
+    elsewhere this is the AVX-512 / AVX2 path): within fp32's error of the fp64 reference, silu thresholds
+    included; units past the last full tile of 16 in a chunk go through the vector path; a row with inf or
+    nan sends the whole call to the vector path, nan staying in its row."""
+    seed = int(torch.randint(1 << 30, ()))
+    gen = torch.Generator().manual_seed(seed)
+    ffn = ref_ffn(d, h)
+    x = torch.randn(B, d, generator=gen)
+    set_sparsity(ffn, x, 0.7, gen)
+    ref = rounded(ffn, torch.bfloat16)
+    kernel = sparse_ffn.SparseFFN(ffn, dtype=torch.bfloat16, backend="c", mode="sparse")
+    with torch.no_grad():
+        a = model_mod.gated(x @ ref.w1.weight.T, gate)
+        t = 0.0 if gate == "relu" else threshold_for(a, 0.8)
+        want = ref_thresholded(ref, gate, t)(x)
+    check_close(kernel(x, gate=gate, t=t), want, atol=1e-5, rtol=1e-4, note=f"seed {seed}: ")
+    assert kernel.last_active == (a.abs() > t).any(0).sum().item(), f"seed {seed}"
+    x[2, 3] = float("nan")
+    x[5, 1] = float("inf")
+    y = kernel(x, gate=gate, t=t)
+    with torch.no_grad():
+        want = ref_thresholded(ref, gate, t)(x)
+    assert torch.equal(y.isnan(), want.isnan()) and y[2].isnan().all(), f"seed {seed}"
+    keep = [b for b in range(B) if b not in (2, 5)]
+    check_close(y[keep], want[keep], atol=1e-5, rtol=1e-4, note=f"seed {seed}, nan/inf rows: ")
 
 
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="no nvcc")
