@@ -24,17 +24,21 @@ every sum, depend only on (B, d, h, T), so results are the same from call to cal
 Weights are fp32, fp16 (F16C), bf16 (a shift) or int8 (sign-extended; one fp32 scale per row of W1,
 W3 and W2^T, applied once to each sum), converted to fp32 as they are loaded: the half types move half
 the bytes, int8 a quarter. x, y and all sums are fp32. AVX-512 (16 lanes, 32 registers) where the
-compiler targets it, else AVX2+FMA, else portable loops; without OpenMP it runs on one thread. All
-scratch memory is passed in by the caller (sparse_ffn.py allocates it once), so a call allocates nothing.
+compiler targets it, else AVX2+FMA, else portable loops; without OpenMP it runs on one thread. Two
+paths skip the conversion where the CPU allows (both as exact as fp32 x, both tested): int8 at batch 1
+with AVX-512 VNNI (x as a 24-bit integer, byte-by-byte integer dots), and bf16 batches of 8+ rows with
+AMX tiles for the W1 pass. All scratch memory is passed in by the caller (sparse_ffn.py allocates it
+once), so a call allocates nothing.
 
 Batches (B <= 16 rows a call): the W1 pass is register-blocked, NRW(dt) rows of W1 against up to 4
 batch rows per step (in slices of IB elements, NBLK batch rows per block, past 4), so each weight
 loaded serves every row of the batch; in pass 2 a unit's rows are read once for the batch rows where
-it fires. Where it stands (2-core Xeon with AVX-512, d=2048 h=8192, 2 threads, 2026-11-24; bench.py,
-against the 1 GiB read, ~25 GB/s): batch 1 fp32 at the roof (it reads the same bytes as PyTorch's
-GEMV at 95-97% of its speed), bf16 ~88%, int8 ~78% (the conversions fill the two vCPUs' issue
-slots); batch 4 fp32 77-96%, bf16 ~78%; batch 16 61-67% fp32, 46-54% bf16: compute-bound, 16 FMAs
-per W1 weight at ~60-90 GFMA/s on this host.
+it fires. Where it stands (2-core Xeon with AVX-512, VNNI and AMX, d=2048 h=8192, 2 threads,
+2026-11-24; bench.py, against the 1 GiB read, ~26 GB/s): batch 1 fp32 114-126% (as PyTorch's own
+GEMV: the sum under-reads this host), bf16 99-111%, int8 92-105%; batch 4 at 50-99% sparsity fp32
+95-113%, bf16 87-92%, int8 67-75%; batch 16 fp32 63-70%, bf16 64-68%: there the W1 pass is near the
+roof and pass 2 is not (x and y rows of 16 tokens come from L2 for the ~2 rows each unit fires on).
+W1 is prefetched into L2 (PF_HINT): 5-20% faster than into L1 on that Xeon, for every dtype.
 
 Build:  python build.py      (cffi API mode -> _sparse_ffn_c; -O3 -march=native -fopenmp, with
                               fallbacks that it reports)
@@ -63,7 +67,7 @@ Run:    python bench.py      (timings);  python -m pytest -q test_all.py  (vs mo
 #define PF_BYTES 16384  // how far ahead to prefetch W1 (tuned on the 2-core EPYC, flat from 16 to 64 KB)
 #endif
 #ifndef PF_HINT
-#define PF_HINT _MM_HINT_T1
+#define PF_HINT _MM_HINT_T1  // into L2: 5-20% faster than L1 (T0) on the 2-core Xeon, every dtype and batch
 #endif
 enum { F32 = 0, F16 = 1, BF16 = 2, I8 = 3 };
 #define ES(dt) ((dt) == F32 ? 4 : (dt) == I8 ? 1 : 2)  // bytes per weight
