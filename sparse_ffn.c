@@ -66,6 +66,9 @@ Run:    python bench.py      (timings);  python -m pytest -q test_all.py  (vs mo
 #ifndef PF_BYTES
 #define PF_BYTES 16384  // how far ahead to prefetch W1 (tuned on the 2-core EPYC, flat from 16 to 64 KB)
 #endif
+#ifndef P2_BY_ROW_MIN_B
+#define P2_BY_ROW_MIN_B 8  // batches from which pass 2 goes row by row for 16-bit and int8 weights (work())
+#endif
 #ifndef PF_HINT
 #define PF_HINT _MM_HINT_T1  // into L2: 5-20% faster than L1 (T0) on the 2-core Xeon, every dtype and batch
 #endif
@@ -611,6 +614,29 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
             n = gate_rows(a, j, nr, u + (j - j0) * B, list, n);
         }
         total += n;
+        if (B >= P2_BY_ROW_MIN_B && es <= 2) {  // 16-bit and int8 batches: row by row (below)
+            for (int b = 0; b < B; b++) {
+                const float* xr[1] = {xb[b]};
+                float* yr[1] = {part + (size_t)b * a->ld};
+                int k = 0;
+                while (k < n && !is_on(u[(list[k] - j0) * B + b], a->t)) k++;
+                while (k < n) {
+                    const int j = list[k];
+                    int k2 = k + 1;  // the next unit active in this row: its rows are prefetched meanwhile
+                    while (k2 < n && !is_on(u[(list[k2] - j0) * B + b], a->t)) k2++;
+                    const char* row = a->w32 + 2 * j * rowb;
+                    const char* next = k2 < n ? a->w32 + 2 * list[k2] * rowb : NULL;
+                    const void* w[1] = {row};
+                    float g;
+                    dot_rows(w, 1, xr, NULL, 1, d, dt, next, &g);
+                    g *= u[(j - j0) * B + b];
+                    if (a->scales) g *= a->scales[h + j] * a->scales[2 * h + j];
+                    axpy(row + rowb, &g, yr, 1, d, dt, next ? next + rowb : NULL);
+                    k = k2;
+                }
+            }
+            continue;
+        }
         // the active units: part += g_t(u) (W3_j . x) W2^T_j, prefetching the next active row
         for (int k = 0; k < n; k++) {
             const int j = list[k];
