@@ -33,11 +33,11 @@ once), so a call allocates nothing.
 Batches (B <= 16 rows a call): the W1 pass is register-blocked, NRW(dt) rows of W1 against up to 4
 batch rows per step (in slices of IB elements, NBLK batch rows per block, past 4), so each weight
 loaded serves every row of the batch; in pass 2 a unit's rows are read once for the batch rows where
-it fires. Where it stands (2-core Xeon with AVX-512, VNNI and AMX, d=2048 h=8192, 2 threads,
+it fires; from 8 rows with 16-bit or int8 weights, where units fire on few rows each (real text),
+pass 2 goes batch row by batch row instead, x_b and y_b staying in L1. Where it stands (2-core Xeon with AVX-512, VNNI and AMX, d=2048 h=8192, 2 threads,
 2026-11-24; bench.py, against the 1 GiB read, ~26 GB/s): batch 1 fp32 114-126% (as PyTorch's own
 GEMV: the sum under-reads this host), bf16 99-111%, int8 92-105%; batch 4 at 50-99% sparsity fp32
-95-113%, bf16 87-92%, int8 67-75%; batch 16 fp32 63-70%, bf16 64-68%: there the W1 pass is near the
-roof and pass 2 is not (x and y rows of 16 tokens come from L2 for the ~2 rows each unit fires on).
+95-113%, bf16 87-92%, int8 67-75%; batch 16 at 50-99%: fp32 ~66-74%, bf16 ~69-79% (README, Speed).
 W1 is prefetched into L2 (PF_HINT): 5-20% faster than into L1 on that Xeon, for every dtype.
 
 Build:  python build.py      (cffi API mode -> _sparse_ffn_c; -O3 -march=native -fopenmp, with
@@ -614,7 +614,15 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
             n = gate_rows(a, j, nr, u + (j - j0) * B, list, n);
         }
         total += n;
-        if (B >= P2_BY_ROW_MIN_B && es <= 2) {  // 16-bit and int8 batches: row by row (below)
+        int acts = 0;  // (unit, batch row) pairs active: a unit fires on acts / n rows on average
+        if (B >= P2_BY_ROW_MIN_B && es <= 2)
+            for (int k = 0; k < n; k++)
+                for (int b = 0; b < B; b++) acts += is_on(u[(list[k] - j0) * B + b], a->t);
+        // 16-bit and int8 batches whose units fire on few rows each (real text: ~2 of 16): row by row, so
+        // that x_b and y_b stay in L1 and the unit rows (a quarter to half the bytes) come from L2. Units
+        // that fire on many rows keep the unit-by-unit loop below, which converts each weight once for all
+        // its rows. Measured on the 2-core Xeon: bf16 batch 16 5-12% faster; fp32 rows do not fit L2
+        if (B >= P2_BY_ROW_MIN_B && es <= 2 && acts <= 4 * n) {
             for (int b = 0; b < B; b++) {
                 const float* xr[1] = {xb[b]};
                 float* yr[1] = {part + (size_t)b * a->ld};

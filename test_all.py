@@ -846,15 +846,15 @@ def ref_ffn(d, h, device="cpu"):
     return FeedForward(config).to(device).eval()
 
 
-def set_sparsity(ffn, x, s, gen):
+def set_sparsity(ffn, x, s, gen, fire_rate=0.5):
     """Rewrite w1 so that round(s * h) units are zero for every row of x (the union is 1 - s active),
-    each active unit firing on a random nonempty subset of the rows. W1 x hits chosen targets
+    each active unit firing on a random nonempty subset of the rows (each row with fire_rate). W1 x hits chosen targets
     exactly (least squares in fp64), kept away from 0 so rounding cannot flip a unit."""
     h, B = ffn.w1.weight.shape[0], x.shape[0]
     X, W = x.double().cpu(), ffn.w1.weight.double().cpu()
     n_on = h - round(s * h)
     on = torch.randperm(h, generator=gen)[:n_on]
-    fire = torch.rand(n_on, B, generator=gen) < 0.5
+    fire = torch.rand(n_on, B, generator=gen) < fire_rate
     fire[torch.arange(n_on), torch.randint(B, (n_on,), generator=gen)] = True
     sign = -torch.ones(h, B, dtype=torch.float64)
     sign[on] = fire.double() * 2 - 1
@@ -1434,6 +1434,26 @@ def test_int8_x_at_every_scale(scale):
             assert torch.equal(y.isnan(), want.isnan()) and y[3].isnan().any()
             assert torch.equal(kernel(xb[3:4]).isnan(), want[3:4].isnan())  # batch 1: the VNNI path's input
             near(y[[0, 1, 2, 4, 5]], ref64(xb[[0, 1, 2, 4, 5]].double()))
+
+
+@pytest_kernel
+@pytest.mark.parametrize("dtype", HALF + (torch.int8,), ids=str)
+@pytest.mark.parametrize("B", [8, 16])
+@pytest.mark.parametrize("fire_rate", [0.1, 0.5])
+def test_batches_whose_units_fire_on_few_rows(fire_rate, B, dtype):
+    """16-bit and int8 batches of 8+ rows whose active units fire on few rows each (as on real text) take
+    pass 2 batch row by batch row; on many rows, unit by unit: both match the reference."""
+    seed = int(torch.randint(1 << 30, ()))
+    gen = torch.Generator().manual_seed(seed)
+    ffn = ref_ffn(96, 1000)
+    x = torch.randn(B, 96, generator=gen)
+    set_sparsity(ffn, x, 0.6, gen, fire_rate=fire_rate)
+    ref = rounded(ffn, dtype)
+    kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend="c", mode="sparse")
+    with torch.no_grad():
+        want, u = ref(x), x @ ref.w1.weight.T
+    check_close(kernel(x), want, atol=1e-5, rtol=1e-4, note=f"seed {seed}: ")
+    assert kernel.last_active == (u > 0).any(0).sum().item(), f"seed {seed}"
 
 
 @pytest_kernel
