@@ -35,9 +35,9 @@ batch rows per step (in slices of IB elements, NBLK batch rows per block, past 4
 loaded serves every row of the batch; in pass 2 a unit's rows are read once for the batch rows where
 it fires; from 8 rows with 16-bit or int8 weights, where units fire on few rows each (real text),
 pass 2 goes batch row by batch row instead, x_b and y_b staying in L1. Where it stands (2-core Xeon with AVX-512, VNNI and AMX, d=2048 h=8192, 2 threads,
-2026-11-24; bench.py, against the 1 GiB read, ~26 GB/s): batch 1 fp32 114-126% (as PyTorch's own
-GEMV: the sum under-reads this host), bf16 99-111%, int8 92-105%; batch 4 at 50-99% sparsity fp32
-95-113%, bf16 87-92%, int8 67-75%; batch 16 at 50-99%: fp32 ~66-74%, bf16 ~69-79% (README, Speed).
+2026-11-24; bench.py, against the 1 GiB read, ~26 GB/s): batch 1 fp32 109-126% (as PyTorch's own
+GEMV: the sum under-reads this host), bf16 100-112%, int8 88-99%; batch 4 at 50-99% sparsity fp32
+89-109%, bf16 85-94%, int8 66-74%; batch 16 at 50-99%: fp32 66-74%, bf16 58-82% (README, Speed).
 W1 is prefetched into L2 (PF_HINT): 5-20% faster than into L1 on that Xeon, for every dtype.
 
 Build:  python build.py      (cffi API mode -> _sparse_ffn_c; -O3 -march=native -fopenmp, with
