@@ -29,7 +29,6 @@ Importing this file compiles nothing and needs no network; the first use of a ba
 import sys
 import threading
 import time
-from typing import Optional
 
 import numpy as np
 import torch
