@@ -344,6 +344,17 @@ INLINE void dot_batch(const void* const* w, int nr, const float* const* x, int n
     }
 }
 
+// max |x| over d floats, or -1 where x has nan or inf (the integer and AMX paths then leave x to fp32)
+INLINE float max_abs(const float* x, int d) {
+    float m = 0.0f;
+    for (int i = 0; i < d; i++) {
+        float v = fabsf(x[i]);
+        if (!(v <= 3.4e38f)) return -1.0f;
+        m = v > m ? v : m;
+    }
+    return m;
+}
+
 // ----------------------------------------------------------------------------
 // batch 1, int8 weights: x as a 24-bit integer, AVX-512 VNNI (vpdpbusd: 64 u8 x s8 products a step)
 //
@@ -365,13 +376,8 @@ static int dq_of(int d) { return (d + 63) / 64 * 64; }
 // x (d floats) -> the 3 byte parts of q at p (dq bytes each, zero-padded), sx and the parts' sums.
 // Returns NULL where x has nan or inf or d is too large: the caller then takes the fp32 path.
 static const QRow* quantize_x(const float* x, int d, QRow* r) {
-    float m = 0.0f;
-    for (int i = 0; i < d; i++) {
-        float v = fabsf(x[i]);
-        if (!(v <= 3.4e38f)) return NULL;  // nan or inf
-        m = v > m ? v : m;
-    }
-    if (d > QMAX_D) return NULL;
+    const float m = max_abs(x, d);
+    if (m < 0.0f || d > QMAX_D) return NULL;
     int8_t* p = (int8_t*)(r + 1);
     const int dq = dq_of(d);
     const double inv = m > 0.0f ? QMAX / (double)m : 0.0;
@@ -459,8 +465,7 @@ INLINE float bf16_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; float v; mem
 // Returns 0 (use the AVX-512 path) where x has nan or inf.
 static int amx_pack_x(const float* const* xb, int B, int d, uint16_t* xt) {
     for (int b = 0; b < B; b++)
-        for (int k = 0; k < d; k++)
-            if (!(fabsf(xb[b][k]) <= 3.4e38f)) return 0;
+        if (max_abs(xb[b], d) < 0.0f) return 0;
     memset(xt, 0, (size_t)d * 96);  // batch rows past B stay 0
     for (int b = 0; b < B; b++)
         for (int k = 0; k < d; k++) {
@@ -553,6 +558,14 @@ INLINE float gate_value(float u, int gate) {
 }
 INLINE int is_on(float v, float t) { return !(fabsf(v) <= t); }  // nan is active: it must propagate
 
+// the first k' >= k whose unit list[k'] is active in batch row b (u: the chunk's g(u), unit-major, from j0)
+INLINE int next_on_row(const Args* a, const float* u, const int* list, int n, int k, int b, int j0) {
+    while (k < n && !is_on(u[(list[k] - j0) * a->B + b], a->t)) k++;
+    return k;
+}
+// int8: the scales of W3_j and W2^T_j, applied once to g; else 1
+INLINE float w32_scale(const Args* a, int j) { return a->scales ? a->scales[a->h + j] * a->scales[2 * a->h + j] : 1.0f; }
+
 // g(u) for the nr units from j whose W1 x are at ur (B each, overwritten), listing the active ones
 INLINE int gate_rows(const Args* a, int j, int nr, float* ur, int* list, int n) {
     for (int r = 0; r < nr; r++, ur += a->B) {
@@ -614,33 +627,29 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
             n = gate_rows(a, j, nr, u + (j - j0) * B, list, n);
         }
         total += n;
-        int acts = 0;  // (unit, batch row) pairs active: a unit fires on acts / n rows on average
-        if (B >= P2_BY_ROW_MIN_B && es <= 2)
-            for (int k = 0; k < n; k++)
-                for (int b = 0; b < B; b++) acts += is_on(u[(list[k] - j0) * B + b], a->t);
         // 16-bit and int8 batches whose units fire on few rows each (real text: ~2 of 16): row by row, so
         // that x_b and y_b stay in L1 and the unit rows (a quarter to half the bytes) come from L2. Units
-        // that fire on many rows keep the unit-by-unit loop below, which converts each weight once for all
-        // its rows. Measured on the 2-core Xeon: bf16 batch 16 5-12% faster; fp32 rows do not fit L2
-        if (B >= P2_BY_ROW_MIN_B && es <= 2 && acts <= 4 * n) {
+        // that fire on many rows (more than 4 on average) keep the unit-by-unit loop below, which converts
+        // each weight once for all its rows. Measured on the 2-core Xeon: bf16 batch 16 5-12% faster;
+        // fp32 rows do not fit L2
+        int by_row = B >= P2_BY_ROW_MIN_B && es <= 2, acts = 0;
+        for (int k = 0; by_row && k < n; k++)
+            for (int b = 0; b < B; b++) acts += is_on(u[(list[k] - j0) * B + b], a->t);
+        if (by_row && acts <= 4 * n) {
             for (int b = 0; b < B; b++) {
                 const float* xr[1] = {xb[b]};
                 float* yr[1] = {part + (size_t)b * a->ld};
-                int k = 0;
-                while (k < n && !is_on(u[(list[k] - j0) * B + b], a->t)) k++;
-                while (k < n) {
+                for (int k = next_on_row(a, u, list, n, 0, b, j0), k2; k < n; k = k2) {
                     const int j = list[k];
-                    int k2 = k + 1;  // the next unit active in this row: its rows are prefetched meanwhile
-                    while (k2 < n && !is_on(u[(list[k2] - j0) * B + b], a->t)) k2++;
+                    k2 = next_on_row(a, u, list, n, k + 1, b, j0);  // its rows are prefetched meanwhile
                     const char* row = a->w32 + 2 * j * rowb;
                     const char* next = k2 < n ? a->w32 + 2 * list[k2] * rowb : NULL;
                     const void* w[1] = {row};
                     float g;
                     dot_rows(w, 1, xr, NULL, 1, d, dt, next, &g);
                     g *= u[(j - j0) * B + b];
-                    if (a->scales) g *= a->scales[h + j] * a->scales[2 * h + j];
+                    if (a->scales) g *= w32_scale(a, j);
                     axpy(row + rowb, &g, yr, 1, d, dt, next ? next + rowb : NULL);
-                    k = k2;
                 }
             }
             continue;
@@ -659,7 +668,7 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
             dot_rows(w, 1, xs, a->q, m, d, dt, next, g);
             for (int b = 0; b < m; b++) g[b] *= ub[b];  // g(u), or nan, as in torch
             if (a->scales)  // int8: the W3 row's scale, and the W2^T row's, applied once to g
-                for (int b = 0; b < m; b++) g[b] *= a->scales[h + j] * a->scales[2 * h + j];
+                for (int b = 0; b < m; b++) g[b] *= w32_scale(a, j);
             for (int b0 = 0; b0 < m; b0 += 4) {
                 const int nb = m - b0 < 4 ? m - b0 : 4;
                 axpy(row + rowb, g + b0, ys + b0, nb, d, dt, b0 || !next ? NULL : next + rowb);
