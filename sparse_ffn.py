@@ -40,6 +40,7 @@ GATES = {"relu": 0, "silu": 1}  # as in sparse_ffn.c and sparse_ffn.cu
 MODES = ("auto", "sparse", "dense")
 _BREAKEVEN = {}  # (d, h, dtype, batch, threads) -> active fraction above which dense is faster
 CUDA_MAX_BATCH = 16  # rows per launch of sparse_ffn.cu (its kMaxBatch); larger batches are split
+SFFN_MAX_B = 16  # rows per call of sparse_ffn.c (its SFFN_MAX_B, checked when it loads); larger batches are split
 
 # -----------------------------------------------------------------------------
 # loading the compiled kernels (lazily, so that build.py can build them first in the same process)
@@ -60,6 +61,8 @@ def _load():
         pass
     try:
         import _sparse_ffn_c
+        if _sparse_ffn_c.lib.sffn_max_batch() != SFFN_MAX_B:
+            raise ImportError(f"it takes {_sparse_ffn_c.lib.sffn_max_batch()} rows a call, this file {SFFN_MAX_B}")
         _mods["c"] = _sparse_ffn_c
     except ImportError as e:
         _why["c"] = f"_sparse_ffn_c not built ({e}); `python build.py -v` shows why"
@@ -121,35 +124,43 @@ def _as_tensor(a, name):
 
 def _c_chunks(owner, call, x, out, d_in, d_out, scratch_floats, name):
     """Run a C kernel over x (N, d_in) -> out (N, d_out) in the row chunks it takes, with owner's scratch
-    (grown rarely, sized for the largest chunk) under the lock. Returns the largest result of a call."""
+    (grown rarely, sized for the largest chunk) under the lock. Returns the largest result of a call.
+    Lean on purpose: at d=192 a decoding step calls it ~20 times, and each Python microsecond shows."""
     ffi, lib = _mods["c"].ffi, _mods["c"].lib
     T = torch.get_num_threads()  # torch's thread count, so the kernel shares torch's cores
-    max_b = lib.sffn_max_batch()
     with _c_lock:  # cffi releases the GIL during the call, and the scratch is per instance
-        need = scratch_floats(max_b, d_in, T)
-        if owner._scratch.numel() < need:
-            owner._scratch = torch.empty(need)
-        px, py = ffi.cast("float *", x.data_ptr()), ffi.cast("float *", out.data_ptr())
-        scratch, most = ffi.cast("float *", owner._scratch.data_ptr()), 0
-        for b0 in range(0, x.shape[0], max_b):
-            n = call(px + b0 * d_in, min(max_b, x.shape[0] - b0), py + b0 * d_out, scratch, T)
-            if n < 0:  # the Python checks should make this unreachable
-                raise RuntimeError(f"{name} rejected its arguments")
-            most = max(most, n)
-    return most  # sffn_forward: for N > max_b, the largest union of one call
+        if owner._scratch_key != (d_in, T):
+            need = scratch_floats(SFFN_MAX_B, d_in, T)
+            if owner._scratch.numel() < need:
+                owner._scratch = torch.empty(need)
+                owner._scratch_p = ffi.cast("float *", owner._scratch.data_ptr())
+            owner._scratch_key = (d_in, T)
+        px, py, scratch = ffi.cast("float *", x.data_ptr()), ffi.cast("float *", out.data_ptr()), owner._scratch_p
+        N = x.shape[0]
+        if N <= SFFN_MAX_B:
+            most = call(px, N, py, scratch, T)
+        else:
+            most = 0
+            for b0 in range(0, N, SFFN_MAX_B):
+                most = max(most, call(px + b0 * d_in, min(SFFN_MAX_B, N - b0), py + b0 * d_out, scratch, T))
+    if most < 0:  # the Python checks should make this unreachable
+        raise RuntimeError(f"{name} rejected its arguments")
+    return most  # sffn_forward: for N > SFFN_MAX_B, the largest union of one call
 
 
 def _ptr(ffi, t, kind="void *"):
     return ffi.NULL if t is None else ffi.cast(kind, t.data_ptr())
 
 
-def _ffn_c(owner, x, out, w1, w32, scales, gate, t):
+def _ffn_c(owner, x, out, w1, w32, scales, gate, t, ptrs=None):
     """sffn_forward over x (N, d) -> out on packed w1 (h, d), w32 (h, 2d), int8 scales or None; gate a
-    GATES code. Returns the largest union of active units of one call."""
+    GATES code. ptrs: their cffi pointers, cached by the caller, or None. Returns the largest union of
+    active units of one call."""
     ffi, lib = _mods["c"].ffi, _mods["c"].lib
     (h, d), code = w1.shape, DTYPE_CODES[w1.dtype]
-    pw1, pw32, sc = _ptr(ffi, w1), _ptr(ffi, w32), _ptr(ffi, scales, "float *")
-    call = lambda px, nb, py, scratch, T: lib.sffn_forward(px, nb, d, h, pw1, pw32, code, sc, gate, t, py, scratch, T)
+    pw1, pw32, sc = ptrs or (_ptr(ffi, w1), _ptr(ffi, w32), _ptr(ffi, scales, "float *"))
+    fwd = lib.sffn_forward
+    call = lambda px, nb, py, scratch, T: fwd(px, nb, d, h, pw1, pw32, code, sc, gate, t, py, scratch, T)
     return _c_chunks(owner, call, x, out, d, d, lib.sffn_scratch_floats, "sffn_forward")
 
 
@@ -162,7 +173,15 @@ def _gemv_c(owner, x, out, w, scales):
     _c_chunks(owner, call, x, out, d, n, lambda b, d_, T: lib.sffn_scratch_floats(b, d_, 0), "sffn_gemv")
 
 
-class SparseFFN:
+class _Scratch:
+    """The C kernels' scratch memory (x padded, per-thread partial y's), grown rarely; one per
+    SparseFFN / DenseLinear, and one shared by the custom ops (all used under _c_lock)."""
+
+    def __init__(self):
+        self._scratch, self._scratch_p, self._scratch_key = torch.empty(0), None, None
+
+
+class SparseFFN(_Scratch):
     """The weights of one gated relu FFN, packed once for the sparse kernels (a copy: a snapshot).
 
     SparseFFN(ffn) takes a model.FeedForward; SparseFFN(w1, w3, w2) takes nn.Linear-layout weights
@@ -203,6 +222,10 @@ class SparseFFN:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
+        # the per-call choice, for fp32 weights in the C kernel only: with 16-bit weights the kernel reads half
+        # the bytes of fp32 dense, and PyTorch's 16-bit GEMMs on the CPU would round x and y to 16 bits
+        self._auto = mode == "auto" and backend == "c" and self.dtype == torch.float32
+        self._cptrs = None
         self.last_active = None  # active units (union over the batch) of the last call, when known
         self.last_path = None  # "sparse" or "dense": what the last call ran
         self._recent = {}  # batch size -> the active fraction of the last call: the next call's prediction
@@ -233,7 +256,7 @@ class SparseFFN:
                 self.w3.copy_(w3)
                 self.w2t = packed((h, d))
                 self.w2t.copy_(w2.t())
-        self._scratch = torch.empty(0)  # the C kernel's per-thread partial y's, grown on first use
+        _Scratch.__init__(self)
 
     def __repr__(self):
         return f"SparseFFN(d={self.d}, h={self.h}, dtype={self.dtype}, device={self.device}, backend={self.backend})"
@@ -255,15 +278,17 @@ class SparseFFN:
     def __call__(self, x, out=None, gate="relu", t=0.0):
         """y = W2 (g_t(W1 x) * (W3 x)) for x (B, d). out: an optional (B, d) buffer, overwritten.
         gate: "relu" or "silu"; t: the threshold, a finite float >= 0 (0 with relu: plain relu)."""
-        if gate not in GATES:
+        code = GATES.get(gate) if isinstance(gate, str) else None
+        if code is None:
             raise ValueError(f"gate must be one of {list(GATES)}, got {gate!r}")
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
             raise ValueError(f"threshold t must be a finite number >= 0, got {t!r}")
         t = float(t)
-        x = _as_tensor(x, "x")
-        if x.is_neg() or x.is_conj():  # a lazy view: the kernels read raw memory, so materialize it
-            x = x.resolve_neg().resolve_conj()
-        self._check(x, "x")
+        if not self._plain(x):  # the checks one by one, for their messages (and numpy arrays, lazy views)
+            x = _as_tensor(x, "x")
+            if x.is_neg() or x.is_conj():  # a lazy view: the kernels read raw memory, so materialize it
+                x = x.resolve_neg().resolve_conj()
+            self._check(x, "x")
         if x.requires_grad and torch.is_grad_enabled():
             raise ValueError("the sparse kernels compute no gradients: call under torch.no_grad() "
                              "(attach() falls back to the module's own ops when autograd is on)")
@@ -271,36 +296,43 @@ class SparseFFN:
         if out is None:
             out = torch.empty_like(x)
         else:
-            out = _as_tensor(out, "out")
-            self._check(out, "out", B)
+            if not self._plain(out) or out.shape[0] != B:
+                out = _as_tensor(out, "out")
+                self._check(out, "out", B)
             n = B * self.d * x.element_size()
             if B and out.data_ptr() < x.data_ptr() + n and x.data_ptr() < out.data_ptr() + n:
                 raise ValueError("out must not overlap x")
         if B == 0:
             return out
-        if self._choose(B, gate, t) == "dense":
+        if self._choose(B) == "dense":
             self._dense(x, out, gate, t)
         elif self.backend == "c":
-            self._c(x, out, gate, t)
+            if self._cptrs is None:  # the weights' cffi pointers, once
+                ffi = _mods["c"].ffi
+                self._cptrs = (_ptr(ffi, self.w1), _ptr(ffi, self.w32), _ptr(ffi, self.scales, "float *"))
+            self.last_active = _ffn_c(self, x, out, self.w1, self.w32, self.scales, code, t, self._cptrs)
         elif self.backend == "cuda":
             for b0 in range(0, B, CUDA_MAX_BATCH):  # no host sync: the launches queue on the stream
                 _mods["cuda"].forward(x[b0:b0 + CUDA_MAX_BATCH], self.w1, self.w3, self.w2t,
-                                      out[b0:b0 + CUDA_MAX_BATCH], GATES[gate], t)
+                                      out[b0:b0 + CUDA_MAX_BATCH], code, t)
         else:
             self._torch(x, out, gate, t)
-        if self.last_active is not None:
-            self._recent[min(B, CUDA_MAX_BATCH)] = self.last_active / self.h
+        if self.last_active is not None and self._auto:
+            self._recent[min(B, SFFN_MAX_B)] = self.last_active / self.h
         return out
 
-    def _choose(self, B, gate, t):
+    def _plain(self, t):
+        """t is a plain tensor that _check would pass: the common case, tested in one expression."""
+        return (type(t) is torch.Tensor and t.dtype == self.in_dtype and t.device == self.device and t.dim() == 2
+                and t.shape[1] == self.d and t.is_contiguous() and not t.is_neg() and not t.is_conj())
+
+    def _choose(self, B):
         """dense when the active fraction predicted from the last call of this batch size is above the
         measured break-even; the sparse kernel otherwise (and always on the first call: it measures)."""
-        # fp32 weights only: with 16-bit weights the kernel reads half the bytes of fp32 dense, and PyTorch's
-        # 16-bit GEMMs on the CPU would round x and y to 16 bits
-        if self.mode != "auto" or self.backend != "c" or self.dtype != torch.float32:
+        if not self._auto:
             self.last_path = "dense" if self.mode == "dense" else "sparse"
             return self.last_path
-        B = min(B, CUDA_MAX_BATCH)  # larger batches run in calls of at most 16 rows
+        B = min(B, SFFN_MAX_B)  # larger batches run in calls of at most 16 rows
         f = self._recent.get(B)
         self.last_path = "dense" if f is not None and f > self.breakeven(B) else "sparse"
         return self.last_path
@@ -373,7 +405,7 @@ class SparseFFN:
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-class DenseLinear:
+class DenseLinear(_Scratch):
     """y = x W^T by the C kernel's dense GEMV, W packed once in `dtype` (a copy): with 16-bit weights the
     attention projections and the output layer read half the bytes, as the FFN does. x: (N, d) fp32 on
     the CPU, N rows in calls of at most 16."""
@@ -396,7 +428,7 @@ class DenseLinear:
                 self.w, self.scales = quantize_rows(weight)
             else:
                 self.w = weight.detach().to(self.dtype, copy=True).contiguous()
-        self._scratch = torch.empty(0)
+        _Scratch.__init__(self)
 
     def __repr__(self):
         return f"DenseLinear(d={self.d}, n={self.n}, dtype={self.dtype})"
@@ -449,19 +481,18 @@ def int8_twin(model, linear=False):
 # ~15 us (measured on the 2-core Xeon), which matters at ~40 calls per decoded token on a small model
 
 
-class _Scratch:  # the ops' shared scratch (under _c_lock)
-    _scratch = torch.empty(0)
+_OP_SCRATCH = _Scratch()
 
 
 def _c_ffn_cpu(x, w1, w32, scales, gate, t):
     out = torch.empty_like(x)
-    _ffn_c(_Scratch, x, out, w1, w32, scales, gate, t)
+    _ffn_c(_OP_SCRATCH, x, out, w1, w32, scales, gate, t)
     return out
 
 
 def _c_gemv_cpu(x, w, scales):
     out = x.new_empty(x.shape[0], w.shape[0])
-    _gemv_c(_Scratch, x, out, w, scales)
+    _gemv_c(_OP_SCRATCH, x, out, w, scales)
     return out
 
 

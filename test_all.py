@@ -1457,6 +1457,30 @@ def test_batches_whose_units_fire_on_few_rows(fire_rate, B, dtype):
 
 
 @pytest_kernel
+@pytest.mark.parametrize("dtype", (torch.float32,) + HALF + (torch.int8,), ids=str)
+@pytest.mark.parametrize("B", [2, 4, 8, 13, 16])
+@pytest.mark.parametrize("d,h,s", [(37, 300, 0.0), (96, 1000, 0.3), (200, 77, 0.5)])
+def test_batches_whose_units_fire_on_most_rows(d, h, s, B, dtype):
+    """Batches whose units fire on at least half the rows (16-bit and int8 from 2 rows, fp32 from 8) take
+    the blocked pass 2, UB units at a time with g = 0 where a unit is off; the others the unit-by-unit
+    loop: both match the reference, odd d (the tails) and a row with nan (it stays in its row) included."""
+    seed = int(torch.randint(1 << 30, ()))
+    gen = torch.Generator().manual_seed(seed)
+    ffn = ref_ffn(d, h)
+    x = torch.randn(B, d, generator=gen)
+    set_sparsity(ffn, x, s, gen, fire_rate=0.8)
+    ref = rounded(ffn, dtype)
+    kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend="c", mode="sparse")
+    with torch.no_grad():
+        want, u = ref(x), x @ ref.w1.weight.T
+    check_close(kernel(x), want, atol=1e-5, rtol=1e-4, note=f"seed {seed}: ")
+    assert kernel.last_active == (u > 0).any(0).sum().item(), f"seed {seed}"
+    x[B // 2, d // 3] = float("nan")
+    y = kernel(x)
+    assert y[B // 2].isnan().all() and not y[torch.arange(B) != B // 2].isnan().any(), f"seed {seed}"
+
+
+@pytest_kernel
 @pytest.mark.parametrize("gate", ["relu", "silu"])
 @pytest.mark.parametrize("B", [8, 11, 16])
 @pytest.mark.parametrize("d,h", [(64, 50), (96, 1000), (256, 683)])
