@@ -36,10 +36,12 @@ loaded serves every row of the batch; in pass 2 a unit's rows are read once for 
 it fires; from 8 rows with 16-bit or int8 weights, where units fire on few rows each (real text),
 pass 2 goes batch row by batch row instead, x_b and y_b staying in L1; where they fire on at least
 half the rows (dense text, 0% sparsity), UB units at a time, so that each y vector is loaded and
-stored once per UB units (16-bit and int8 from 2 rows, fp32 from 8). Where it stands (2-core Xeon with AVX-512, VNNI and AMX, d=2048 h=8192, 2 threads,
-2026-11-24; bench.py, against the 1 GiB read, ~26 GB/s): batch 1 fp32 109-126% (as PyTorch's own
-GEMV: the sum under-reads this host), bf16 100-112%, int8 88-99%; batch 4 at 50-99% sparsity fp32
-89-109%, bf16 85-94%, int8 66-74%; batch 16 at 50-99%: fp32 66-74%, bf16 58-82% (README, Speed).
+stored once per UB units (16-bit and int8 from 2 rows, fp32 from 8).
+Where it stands (2-core Xeon with AVX-512, VNNI and AMX, d=2048 h=8192, 2 threads, 2026-11-24;
+bench.py, against the 1 GiB read, ~26 GB/s): batch 1 fp32 113-122% (as PyTorch's own GEMV: the sum
+under-reads this host), bf16 101-110%, int8 91-105%; batch 4 at 50-99% sparsity fp32
+100-110%, bf16 87-95%, int8 66-77%; batch 16 at 50-99%: fp32 63-73% (its W1 pass is compute-bound),
+bf16 69-74%; at 0%, batch 16, 1.56-2.04x of PyTorch's dense (README, Speed).
 W1 is prefetched into L2 (PF_HINT): 5-20% faster than into L1 on that Xeon, for every dtype.
 
 Build:  python build.py      (cffi API mode -> _sparse_ffn_c; -O3 -march=native -fopenmp, with
@@ -127,7 +129,7 @@ INLINE vec ldw(const void* w, size_t i, int dt) {  // VW weights from i, as fp32
 #define vadd(a, b) _mm512_add_ps(a, b)
 INLINE float vhsum(vec v) { return _mm512_reduce_add_ps(v); }
 // out[k] = the sum of v[k]'s lanes, for 16 vectors: a transposing tree of 45 instructions where 16
-// vhsum's take ~160 (at d=192 the reductions had cost as much as the dot products)
+// vhsum's take ~160 (at d=192 and batch 16, about as many as the dot products' FMAs)
 #define HSUM16 1
 INLINE void hsum16(const vec* v, float* out) {
     vec x[8], y[4], z[2];
