@@ -141,9 +141,9 @@ def _c_chunks(owner, call, x, out, d_in, d_out, scratch_floats, name):
         if N <= SFFN_MAX_B:
             most = call(px, N, py, scratch, T)
         else:
-            most = 0
-            for b0 in range(0, N, SFFN_MAX_B):
-                most = max(most, call(px + b0 * d_in, min(SFFN_MAX_B, N - b0), py + b0 * d_out, scratch, T))
+            ns = [call(px + b0 * d_in, min(SFFN_MAX_B, N - b0), py + b0 * d_out, scratch, T)
+                  for b0 in range(0, N, SFFN_MAX_B)]
+            most = min(ns) if min(ns) < 0 else max(ns)
     if most < 0:  # the Python checks should make this unreachable
         raise RuntimeError(f"{name} rejected its arguments")
     return most  # sffn_forward: for N > SFFN_MAX_B, the largest union of one call
@@ -357,9 +357,9 @@ class SparseFFN(_Scratch):
                     if i >= 2:  # the first two rounds warm up
                         tl.append(time.perf_counter() - t0)
             t_dense, t_none, t_all = (float(np.median(tl)) for tl in ts)
-            # dense only where it is predicted DENSE_MARGIN faster: measured here with the weights in cache, where
-            # the dense GEMMs are at their best; from memory the kernel gains ~10-15% on them (d=192 batch 16,
-            # every unit active: dense takes 0.93x the kernel's time in cache, 0.97-1.1x from memory, on the 2-core Xeon)
+            # dense only where it takes under DENSE_MARGIN of the kernel's time: measured here with the weights in
+            # cache, where the dense GEMMs are at their best; from memory the kernel gains that back (d=192 batch
+            # 16, every unit active: dense takes 0.93x the kernel's time in cache, 0.97-1.1x from memory, 2-core Xeon)
             t_dense /= DENSE_MARGIN
             _BREAKEVEN[key] = min(1.0, max(0.0, (t_dense - t_none) / max(t_all - t_none, 1e-12)))
         return _BREAKEVEN[key]
