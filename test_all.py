@@ -1443,17 +1443,24 @@ def test_int8_x_at_every_scale(scale):
 def test_batches_whose_units_fire_on_few_rows(fire_rate, B, dtype):
     """16-bit and int8 batches of 8+ rows whose active units fire on few rows each (as on real text) take
     pass 2 batch row by batch row; on many rows, unit by unit: both match the reference."""
+    check_batch_case(96, 1000, B, 0.6, fire_rate, dtype)
+
+
+def check_batch_case(d, h, B, s, fire_rate, dtype):
+    """A random batch whose units fire with fire_rate (set_sparsity) through the C kernel with dtype weights,
+    against the reference; returns the kernel, x and the seed for further checks."""
     seed = int(torch.randint(1 << 30, ()))
     gen = torch.Generator().manual_seed(seed)
-    ffn = ref_ffn(96, 1000)
-    x = torch.randn(B, 96, generator=gen)
-    set_sparsity(ffn, x, 0.6, gen, fire_rate=fire_rate)
+    ffn = ref_ffn(d, h)
+    x = torch.randn(B, d, generator=gen)
+    set_sparsity(ffn, x, s, gen, fire_rate=fire_rate)
     ref = rounded(ffn, dtype)
     kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend="c", mode="sparse")
     with torch.no_grad():
         want, u = ref(x), x @ ref.w1.weight.T
     check_close(kernel(x), want, atol=1e-5, rtol=1e-4, note=f"seed {seed}: ")
     assert kernel.last_active == (u > 0).any(0).sum().item(), f"seed {seed}"
+    return kernel, x, seed
 
 
 @pytest_kernel
@@ -1464,17 +1471,7 @@ def test_batches_whose_units_fire_on_most_rows(d, h, s, B, dtype):
     """Batches whose units fire on at least half the rows (16-bit and int8 from 2 rows, fp32 from 8) take
     the blocked pass 2, UB units at a time with g = 0 where a unit is off; the others the unit-by-unit
     loop: both match the reference, odd d (the tails) and a row with nan (it stays in its row) included."""
-    seed = int(torch.randint(1 << 30, ()))
-    gen = torch.Generator().manual_seed(seed)
-    ffn = ref_ffn(d, h)
-    x = torch.randn(B, d, generator=gen)
-    set_sparsity(ffn, x, s, gen, fire_rate=0.8)
-    ref = rounded(ffn, dtype)
-    kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend="c", mode="sparse")
-    with torch.no_grad():
-        want, u = ref(x), x @ ref.w1.weight.T
-    check_close(kernel(x), want, atol=1e-5, rtol=1e-4, note=f"seed {seed}: ")
-    assert kernel.last_active == (u > 0).any(0).sum().item(), f"seed {seed}"
+    kernel, x, seed = check_batch_case(d, h, B, s, 0.8, dtype)
     x[B // 2, d // 3] = float("nan")
     y = kernel(x)
     assert y[B // 2].isnan().all() and not y[torch.arange(B) != B // 2].isnan().any(), f"seed {seed}"
