@@ -128,21 +128,6 @@ INLINE vec ldw(const void* w, size_t i, int dt) {  // VW weights from i, as fp32
 #define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define vadd(a, b) _mm512_add_ps(a, b)
 INLINE float vhsum(vec v) { return _mm512_reduce_add_ps(v); }
-// out[k] = the sum of v[k]'s lanes, for 16 vectors: a transposing tree of 45 instructions where 16
-// vhsum's take ~160 (at d=192 and batch 16, about as many as the dot products' FMAs)
-#define HSUM16 1
-INLINE void hsum16(const vec* v, float* out) {
-    vec x[8], y[4], z[2];
-    for (int k = 0; k < 8; k++)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of v[2k], v[2k+1]
-        x[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
-    for (int k = 0; k < 4; k++) {  // per 128-bit lane: that lane's sums of v[4k..4k+3]
-        __m512d a = _mm512_castps_pd(x[2 * k]), b = _mm512_castps_pd(x[2 * k + 1]);
-        y[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-    }
-    for (int k = 0; k < 2; k++)  // the 128-bit lanes added in pairs
-        z[k] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * k], y[2 * k + 1], 0x88), _mm512_shuffle_f32x4(y[2 * k], y[2 * k + 1], 0xdd));
-    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xdd)));
-}
 #elif SFFN_AVX2
 #define VW 8
 typedef __m256 vec;
@@ -214,20 +199,6 @@ INLINE void dot_k(const void* const* w, const float* const* x, int d, int dt, co
             for (int r = 0; r < NR; r++) acc[0][r][b] = vfma(wv[r], xv, acc[0][r][b]);
         }
     }
-#ifdef HSUM16
-    if (NR * NB >= 8) {  // one transposing tree for all the sums
-        vec v[16];
-        for (int k = 0; k < 16; k++) v[k] = vzero();
-        for (int r = 0; r < NR; r++)
-            for (int b = 0; b < NB; b++) {
-                v[r * NB + b] = acc[0][r][b];
-                for (int u = 1; u < u_n; u++) v[r * NB + b] = vadd(v[r * NB + b], acc[u][r][b]);
-            }
-        float sums[16];
-        hsum16(v, sums);
-        for (int k = 0; k < NR * NB; k++) out[k] = sums[k];
-    } else
-#endif
     for (int r = 0; r < NR; r++)
         for (int b = 0; b < NB; b++) {
             vec s = acc[0][r][b];
@@ -410,19 +381,12 @@ INLINE void dot_batch(const void* const* w, int nr, const float* const* x, int n
 #undef DOT_ACC_K
                 }
             }
-            for (int r = 0; r < nr2; r++) {
-                float sums[SFFN_MAX_B];
-#ifdef HSUM16
-                hsum16(acc + r * SFFN_MAX_B, sums);  // the accumulators past nb are 0
-#else
-                for (int b = 0; b < nb; b++) sums[b] = vhsum(acc[r * SFFN_MAX_B + b]);
-#endif
+            for (int r = 0; r < nr2; r++)
                 for (int b = 0; b < nb; b++) {
-                    float s = sums[b];
+                    float s = vhsum(acc[r * SFFN_MAX_B + b]);
                     for (int i = dv; i < d; i++) s += ld1(wr[r], i, dt) * x[b][i];
                     out[(r0 + r) * nb + b] = s;
                 }
-            }
         }
         return;
     }
@@ -655,6 +619,15 @@ INLINE int next_on_row(const Args* a, const float* u, const int* list, int n, in
     while (k < n && !is_on(u[(list[k] - j0) * a->B + b], a->t)) k++;
     return k;
 }
+// prefetch the whole packed rows of units list[k0..k1), at most `most` bytes of them
+INLINE void prefetch_units(const Args* a, const int* list, int k0, int k1, size_t rowb, size_t most) {
+#if SFFN_AVX2
+    for (int k = k0; k < k1 && (k - k0) * 2 * rowb < most; k++)
+        for (size_t l = 0; l < 2 * rowb; l += 64) _mm_prefetch(a->w32 + 2 * list[k] * rowb + l, PF_HINT);
+#else
+    (void)a; (void)list; (void)k0; (void)k1; (void)rowb; (void)most;
+#endif
+}
 // int8: the scales of W3_j and W2^T_j, applied once to g; else 1
 INLINE float w32_scale(const Args* a, int j) { return a->scales ? a->scales[a->h + j] * a->scales[2 * a->h + j] : 1.0f; }
 
@@ -755,10 +728,7 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
         if (B > 1 && (es <= 2 || B >= 8) && 2 * acts >= n * B) {
             float* ys[SFFN_MAX_B];
             for (int b = 0; b < B; b++) ys[b] = part + (size_t)b * a->ld;
-#if SFFN_AVX2
-            for (int k = 0; k < UB && k < n && k * 2 * rowb < WARM_BYTES; k++)  // no block before the first prefetches it
-                for (size_t l = 0; l < 2 * rowb; l += 64) _mm_prefetch(a->w32 + 2 * list[k] * rowb + l, PF_HINT);
-#endif
+            prefetch_units(a, list, 0, UB < n ? UB : n, rowb, WARM_BYTES);  // no block before the first prefetches it
             for (int k0 = 0; k0 < n; k0 += UB) {
                 const int nu = n - k0 < UB ? n - k0 : UB, npf = n - k0 - nu < UB ? n - k0 - nu : UB;
                 const void* w3[UB]; const void* w2[UB]; const char* pf[2 * UB];
@@ -787,10 +757,7 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
         }
         // the active units: part += g_t(u) (W3_j . x) W2^T_j, prefetching the active row `ahead`
         const int ahead = (int)((PF2_BYTES + 2 * rowb - 1) / (2 * rowb));
-#if SFFN_AVX2
-        for (int k = 1; k < ahead && k < n; k++)  // the rows the loop's prefetch does not reach
-            for (size_t l = 0; l < 2 * rowb; l += 64) _mm_prefetch(a->w32 + 2 * list[k] * rowb + l, PF_HINT);
-#endif
+        prefetch_units(a, list, 1, ahead < n ? ahead : n, rowb, (size_t)-1);  // the rows the loop's prefetch does not reach
         for (int k = 0; k < n; k++) {
             const int j = list[k];
             const char* row = a->w32 + 2 * j * rowb;
