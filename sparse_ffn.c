@@ -324,8 +324,10 @@ INLINE void axpy_block(const void* const* w, int nr, const float* g, float* cons
 }
 
 #if SFFN_AVX2
-// inputs per block of the batched dot: 2 rows x NBLK inputs of accumulators fit the register file
-// (16 of AVX-512's 32 registers, 8 of AVX2's 16)
+// the batched dot's blocks, rows x inputs of accumulators: fp32 4 x 4 (4 weight and 4 x loads per 16
+// FMAs); 16-bit and int8, whose weight loads convert, 2 x NBLK so that each conversion serves more
+// inputs (16 of AVX-512's 32 registers, 8 of AVX2's 16). Measured on the 2-core Xeon, in L2, batch
+// 16: fp32 2 x 8 reached 3.5 G FMA/s per core of its 7.3, 4 x 4 over 512-element slices 5.3
 #ifndef NBLK
 #define NBLK (VW == 16 ? 8 : 4)
 #endif
@@ -335,16 +337,17 @@ INLINE void axpy_block(const void* const* w, int nr, const float* g, float* cons
     case 17: K(2, 1); break; case 18: K(2, 2); break; case 19: K(2, 3); break; case 20: K(2, 4); break; \
     case 21: K(2, 5); break; case 22: K(2, 6); break; case 23: K(2, 7); break; case 24: K(2, 8); break; }
 
-// acc[r * SFFN_MAX_B + b] += w[r] . x[b] over elements [i0, i1), a multiple of VW long
+// acc[r * SFFN_MAX_B + b] += w[r] . x[b] over elements [i0, i1), a multiple of VW long, prefetching
+// the npf lines from pf spread evenly over the steps
 INLINE void dot_acc_k(const void* const* w, const float* const* x, int i0, int i1, int dt,
-                      const char* pf, vec* acc, const int NR, const int NB) {
-    const int es = ES(dt);
-    vec a[2][8];
+                      const char* pf, int npf, vec* acc, const int NR, const int NB) {
+    vec a[4][8];
     for (int r = 0; r < NR; r++)
         for (int b = 0; b < NB; b++) a[r][b] = acc[r * SFFN_MAX_B + b];
-    for (int i = i0; i < i1; i += VW) {
-        prefetch_lines(pf, i, es, NR);
-        vec wv[2];
+    const int steps = (i1 - i0) / VW, rate = (npf + steps - 1) / steps;
+    for (int i = i0, l = 0; i < i1; i += VW) {
+        for (int k = 0; k < rate && l < npf; k++, l++) _mm_prefetch(pf + 64 * l, PF_HINT);
+        vec wv[4];
         for (int r = 0; r < NR; r++) wv[r] = ldw(w[r], i, dt);
         for (int b = 0; b < NB; b++) {
             vec xv = vload(x[b] + i);
@@ -357,37 +360,51 @@ INLINE void dot_acc_k(const void* const* w, const float* const* x, int i0, int i
 #endif
 
 // out[r * nb + b] = w[r] . x[b] for nr <= 4 rows and any nb <= SFFN_MAX_B inputs. Past 4 inputs
-// the accumulators cannot hold them all: the inputs go in blocks of NBLK over slices of IB
-// elements, so that the slice of every x row stays in L1 while the blocks reread it
+// the accumulators cannot hold them all: the inputs go in blocks over slices of IB elements, so
+// that the slice of every x row stays near (L1 or L2) while the blocks reread it
 #ifndef IB
-#define IB 256
+#define IB(dt) ((dt) == F32 ? 512 : 256)
+#endif
+#if SFFN_AVX2
+INLINE void dot_blocks(const void* const* w, int nr, const float* const* x, int nb, int d, int dt,
+                       const char* pf, float* out, const int BR, const int BI) {
+    for (int r0 = 0; r0 < nr; r0 += BR) {
+        const int nr2 = nr - r0 < BR ? nr - r0 : BR;
+        const void* const* wr = w + r0;
+        vec acc[4 * SFFN_MAX_B];
+        for (int k = 0; k < 4 * SFFN_MAX_B; k++) acc[k] = vzero();
+        const int dv = d / VW * VW;
+        for (int i0 = 0; i0 < dv; i0 += IB(dt)) {
+            const int i1 = i0 + IB(dt) < dv ? i0 + IB(dt) : dv;
+            // the nr2 rows at pf (as many as these, adjacent) are prefetched in step with this slice,
+            // spread over the input blocks: all in the first block came in bursts the L2 queue stalled on
+            const size_t rb = (size_t)nr2 * ES(dt);
+            const char* p = pf ? pf + (size_t)r0 * d * ES(dt) + rb * i0 : NULL;
+            const int lines = p ? (int)((rb * (i1 - i0) + 63) / 64) : 0, ng = (nb + BI - 1) / BI;
+            for (int b0 = 0, g = 0; b0 < nb; b0 += BI, g++) {
+                const int n = nb - b0 < BI ? nb - b0 : BI, l0 = lines * g / ng, l1 = lines * (g + 1) / ng;
+#define DOT_ACC_K(NR, NB) dot_acc_k(wr, x + b0, i0, i1, dt, p + 64 * l0, l1 - l0, acc + b0, NR, NB)
+                if (nr2 == BR && n == BI) DOT_ACC_K(BR, BI);  // the common case, without the switch
+                else if (BR == 4) { SWITCH_NR_NB(nr2, n, DOT_ACC_K) }
+                else { SWITCH_NR_NB8(nr2, n, DOT_ACC_K) }
+#undef DOT_ACC_K
+            }
+        }
+        for (int r = 0; r < nr2; r++)
+            for (int b = 0; b < nb; b++) {
+                float s = vhsum(acc[r * SFFN_MAX_B + b]);
+                for (int i = dv; i < d; i++) s += ld1(wr[r], i, dt) * x[b][i];
+                out[(r0 + r) * nb + b] = s;
+            }
+    }
+}
 #endif
 INLINE void dot_batch(const void* const* w, int nr, const float* const* x, int nb, int d, int dt,
                       const char* pf, float* out) {
 #if SFFN_AVX2
     if (nb > 4) {
-        for (int r0 = 0; r0 < nr; r0 += 2) {  // two rows at a time: 2 x NBLK accumulators
-            const int nr2 = nr - r0 < 2 ? nr - r0 : 2;
-            const void* const* wr = w + r0;
-            vec acc[2 * SFFN_MAX_B];
-            for (int k = 0; k < 2 * SFFN_MAX_B; k++) acc[k] = vzero();
-            const int dv = d / VW * VW;
-            for (int i0 = 0; i0 < dv; i0 += IB) {
-                const int i1 = i0 + IB < dv ? i0 + IB : dv;
-                for (int b0 = 0; b0 < nb; b0 += NBLK) {
-                    const char* p = b0 ? NULL : pf;
-#define DOT_ACC_K(NR, NB) dot_acc_k(wr, x + b0, i0, i1, dt, p, acc + b0, NR, NB)
-                    SWITCH_NR_NB8(nr2, nb - b0 < NBLK ? nb - b0 : NBLK, DOT_ACC_K)
-#undef DOT_ACC_K
-                }
-            }
-            for (int r = 0; r < nr2; r++)
-                for (int b = 0; b < nb; b++) {
-                    float s = vhsum(acc[r * SFFN_MAX_B + b]);
-                    for (int i = dv; i < d; i++) s += ld1(wr[r], i, dt) * x[b][i];
-                    out[(r0 + r) * nb + b] = s;
-                }
-        }
+        if (dt == F32 && VW == 16) dot_blocks(w, nr, x, nb, d, dt, pf, out, 4, 4);
+        else dot_blocks(w, nr, x, nb, d, dt, pf, out, 2, NBLK);
         return;
     }
 #endif
@@ -614,11 +631,6 @@ INLINE float gate_value(float u, int gate) {
 }
 INLINE int is_on(float v, float t) { return !(fabsf(v) <= t); }  // nan is active: it must propagate
 
-// the first k' >= k whose unit list[k'] is active in batch row b (u: the chunk's g(u), unit-major, from j0)
-INLINE int next_on_row(const Args* a, const float* u, const int* list, int n, int k, int b, int j0) {
-    while (k < n && !is_on(u[(list[k] - j0) * a->B + b], a->t)) k++;
-    return k;
-}
 // prefetch the whole packed rows of units list[k0..k1), at most `most` bytes of them
 INLINE void prefetch_units(const Args* a, const int* list, int k0, int k1, size_t rowb, size_t most) {
 #if SFFN_AVX2
@@ -658,6 +670,7 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
 #endif
     float u[SFFN_MAX_CHUNK * SFFN_MAX_B];  // W1 x for this chunk's units, unit-major
     int list[SFFN_MAX_CHUNK], total = 0;
+    int visit[SFFN_MAX_CHUNK * SFFN_MAX_B];  // pass 2 row by row: batch row << 16 | index in list
 
     // chunks round-robin over the threads: balanced even where active units cluster, and the same
     // sums in the same order on every call with the same thread count (deterministic)
@@ -701,21 +714,27 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
         for (int k = 0; B > 1 && k < n; k++)
             for (int b = 0; b < B; b++) acts += is_on(u[(list[k] - j0) * B + b], a->t);
         if (B >= P2_BY_ROW_MIN_B && es <= 2 && acts <= 4 * n) {
-            for (int b = 0; b < B; b++) {
+            // the (row, unit) pairs that fire, row by row, so that the prefetch runs `ahead` pairs ahead
+            // across rows too: a unit fires on ~1 row of 16 at 90%, so most rows have 1-2 per chunk,
+            // and their first rows came cold when the prefetch stopped at the end of each row
+            int nv = 0;
+            for (int b = 0; b < B; b++)
+                for (int k = 0; k < n; k++)
+                    if (is_on(u[(list[k] - j0) * B + b], a->t)) visit[nv++] = b << 16 | k;
+            const int ahead = (int)((PF2_BYTES + 2 * rowb - 1) / (2 * rowb));
+            for (int v = 0; v < ahead && v < nv; v++) prefetch_units(a, list, visit[v] & 0xffff, (visit[v] & 0xffff) + 1, rowb, (size_t)-1);
+            for (int v = 0; v < nv; v++) {
+                const int b = visit[v] >> 16, j = list[visit[v] & 0xffff];
                 const float* xr[1] = {xb[b]};
                 float* yr[1] = {part + (size_t)b * a->ld};
-                for (int k = next_on_row(a, u, list, n, 0, b, j0), k2; k < n; k = k2) {
-                    const int j = list[k];
-                    k2 = next_on_row(a, u, list, n, k + 1, b, j0);  // its rows are prefetched meanwhile
-                    const char* row = a->w32 + 2 * j * rowb;
-                    const char* next = k2 < n ? a->w32 + 2 * list[k2] * rowb : NULL;
-                    const void* w[1] = {row};
-                    float g;
-                    dot_rows(w, 1, xr, NULL, 1, d, dt, next, &g);
-                    g *= u[(j - j0) * B + b];
-                    if (a->scales) g *= w32_scale(a, j);
-                    axpy(row + rowb, &g, yr, 1, d, dt, next ? next + rowb : NULL);
-                }
+                const char* row = a->w32 + 2 * j * rowb;
+                const char* next = v + ahead < nv ? a->w32 + 2 * list[visit[v + ahead] & 0xffff] * rowb : NULL;
+                const void* w[1] = {row};
+                float g;
+                dot_rows(w, 1, xr, NULL, 1, d, dt, next, &g);
+                g *= u[(j - j0) * B + b];
+                if (a->scales) g *= w32_scale(a, j);
+                axpy(row + rowb, &g, yr, 1, d, dt, next ? next + rowb : NULL);
             }
             continue;
         }
