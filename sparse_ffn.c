@@ -31,7 +31,7 @@ AMX tiles for the W1 pass. All scratch memory is passed in by the caller (sparse
 once), so a call allocates nothing.
 
 Batches (B <= 16 rows a call): the W1 pass is register-blocked, NRW(dt) rows of W1 against up to 4
-batch rows per step (in slices of IB elements, NBLK batch rows per block, past 4), so each weight
+batch rows per step (past 4: 4 x 4 blocks over slices of IB elements, 2 x 4 with AVX2), so each weight
 loaded serves every row of the batch; in pass 2 a unit's rows are read once for the batch rows where
 it fires; from 8 rows with 16-bit or int8 weights, where units fire on few rows each (real text),
 pass 2 goes batch row by batch row instead, x_b and y_b staying in L1; where they fire on at least
@@ -324,24 +324,15 @@ INLINE void axpy_block(const void* const* w, int nr, const float* g, float* cons
 }
 
 #if SFFN_AVX2
-// the batched dot's blocks, rows x inputs of accumulators: fp32 4 x 4 (4 weight and 4 x loads per 16
-// FMAs); 16-bit and int8, whose weight loads convert, 2 x NBLK so that each conversion serves more
-// inputs (16 of AVX-512's 32 registers, 8 of AVX2's 16). Measured on the 2-core Xeon, in L2, batch
-// 16: fp32 2 x 8 reached 3.5 G FMA/s per core of its 7.3, 4 x 4 over 512-element slices 5.3
-#ifndef NBLK
-#define NBLK (VW == 16 ? 8 : 4)
-#endif
-#define SWITCH_NR_NB8(nr, nb, K) switch ((nr) * 8 + (nb)) { \
-    case 9: K(1, 1); break; case 10: K(1, 2); break; case 11: K(1, 3); break; case 12: K(1, 4); break; \
-    case 13: K(1, 5); break; case 14: K(1, 6); break; case 15: K(1, 7); break; case 16: K(1, 8); break; \
-    case 17: K(2, 1); break; case 18: K(2, 2); break; case 19: K(2, 3); break; case 20: K(2, 4); break; \
-    case 21: K(2, 5); break; case 22: K(2, 6); break; case 23: K(2, 7); break; case 24: K(2, 8); break; }
-
+// the batched dot's blocks, rows x inputs of accumulators: with AVX-512's 32 registers 4 x 4 (4 weight
+// and 4 x loads per 16 FMAs) over 512-element slices; AVX2's 16 hold 2 x 4. Measured on the 2-core
+// Xeon, in L2, batch 16: fp32 in 2 x 8 blocks reached 3.5 G FMA/s per core of its 7.3, in 4 x 4 5.3;
+// from memory, d=2048 batch 16 at 90%: fp32 15%, int8 10% faster
 // acc[r * SFFN_MAX_B + b] += w[r] . x[b] over elements [i0, i1), a multiple of VW long, prefetching
 // the npf lines from pf spread evenly over the steps
 INLINE void dot_acc_k(const void* const* w, const float* const* x, int i0, int i1, int dt,
                       const char* pf, int npf, vec* acc, const int NR, const int NB) {
-    vec a[4][8];
+    vec a[4][4];
     for (int r = 0; r < NR; r++)
         for (int b = 0; b < NB; b++) a[r][b] = acc[r * SFFN_MAX_B + b];
     const int steps = (i1 - i0) / VW, rate = (npf + steps - 1) / steps;
@@ -363,7 +354,7 @@ INLINE void dot_acc_k(const void* const* w, const float* const* x, int i0, int i
 // the accumulators cannot hold them all: the inputs go in blocks over slices of IB elements, so
 // that the slice of every x row stays near (L1 or L2) while the blocks reread it
 #ifndef IB
-#define IB(dt) ((dt) == F32 ? 512 : 256)
+#define IB (VW == 16 ? 512 : 256)
 #endif
 #if SFFN_AVX2
 INLINE void dot_blocks(const void* const* w, int nr, const float* const* x, int nb, int d, int dt,
@@ -374,8 +365,8 @@ INLINE void dot_blocks(const void* const* w, int nr, const float* const* x, int 
         vec acc[4 * SFFN_MAX_B];
         for (int k = 0; k < 4 * SFFN_MAX_B; k++) acc[k] = vzero();
         const int dv = d / VW * VW;
-        for (int i0 = 0; i0 < dv; i0 += IB(dt)) {
-            const int i1 = i0 + IB(dt) < dv ? i0 + IB(dt) : dv;
+        for (int i0 = 0; i0 < dv; i0 += IB) {
+            const int i1 = i0 + IB < dv ? i0 + IB : dv;
             // the nr2 rows at pf (as many as these, adjacent) are prefetched in step with this slice,
             // spread over the input blocks: all in the first block came in bursts the L2 queue stalled on
             const size_t rb = (size_t)nr2 * ES(dt);
@@ -385,8 +376,7 @@ INLINE void dot_blocks(const void* const* w, int nr, const float* const* x, int 
                 const int n = nb - b0 < BI ? nb - b0 : BI, l0 = lines * g / ng, l1 = lines * (g + 1) / ng;
 #define DOT_ACC_K(NR, NB) dot_acc_k(wr, x + b0, i0, i1, dt, p + 64 * l0, l1 - l0, acc + b0, NR, NB)
                 if (nr2 == BR && n == BI) DOT_ACC_K(BR, BI);  // the common case, without the switch
-                else if (BR == 4) { SWITCH_NR_NB(nr2, n, DOT_ACC_K) }
-                else { SWITCH_NR_NB8(nr2, n, DOT_ACC_K) }
+                else { SWITCH_NR_NB(nr2, n, DOT_ACC_K) }
 #undef DOT_ACC_K
             }
         }
@@ -403,8 +393,8 @@ INLINE void dot_batch(const void* const* w, int nr, const float* const* x, int n
                       const char* pf, float* out) {
 #if SFFN_AVX2
     if (nb > 4) {
-        if (dt == F32 && VW == 16) dot_blocks(w, nr, x, nb, d, dt, pf, out, 4, 4);
-        else dot_blocks(w, nr, x, nb, d, dt, pf, out, 2, NBLK);
+        if (VW == 16) dot_blocks(w, nr, x, nb, d, dt, pf, out, 4, 4);
+        else dot_blocks(w, nr, x, nb, d, dt, pf, out, 2, 4);
         return;
     }
 #endif
