@@ -603,8 +603,9 @@ def tables():
         print(f"\n### Speed\n\nbench.py {' '.join(b['argv'])}: torch {b['torch']}, {b['threads']} threads, {b['cpu']}; "
               f"1 GiB read {b['roof_cpu']['read_GBps']:.1f} GB/s, copy {b['roof_cpu']['copy_GBps']:.1f} GB/s; "
               f"other processes {b.get('others_cpu_pct', float('nan')):.0f}% CPU.\n")
-        print("Each kernel cell: ms, speedup over torch dense fp32, and GB/s as % of the 1 GiB read; 'ideal' = the fp32 "
-              "speedup at equal GB/s, 3 / (1 + 2(1 - s)).\n")
+        print("Each kernel cell: ms, speedup over torch dense fp32, and GB/s as % of the roof measured just before the row "
+              "(a 256 MiB read) / as % of the 1 GiB read at the start; 'ideal' = the fp32 speedup at equal GB/s, "
+              "3 / (1 + 2(1 - s)).\n")
         dts = [dt for dt in ("float32", "bfloat16", "int8") if any(x.get("dtype") == dt and x.get("impl") == "C sparse" for x in rows)]
         print("| d x h | batch | sparsity | dense ms | " + " | ".join(f"C {dt}" for dt in dts)
               + " | ideal | auto (fp32): path, speedup |\n" + "|---" * (6 + len(dts)) + "|")
@@ -616,7 +617,7 @@ def tables():
                 for dt in dts:
                     k = next((x for x in rows if x.get("impl") == "C sparse" and x["dtype"] == dt and key(x) == key(r)), None)
                     pct = k and k.get("gib_pct", 100 * k["GBps"] / b["roof_cpu"]["read_GBps"])
-                    cells.append(f"{k['time_ms']:.3f}, {k['speedup']:.2f}x, {pct:.0f}%" if k else "-")
+                    cells.append(f"{k['time_ms']:.3f}, {k['speedup']:.2f}x, {k['roof_pct']:.0f}% / {pct:.0f}%" if k else "-")
                 auto = next((x for x in rows if x.get("impl", "").startswith("C auto") and key(x) == key(r)), None)
                 print(f"| {r['d']}x{r['h']} | {r['B']} | {r['s']:.0f}% | {dense['time_ms']:.3f} | " + " | ".join(cells)
                       + f" | {r['ideal']:.2f}x |" + (f" {auto['impl'][7:]}, {auto['speedup']:.2f}x |" if auto else " - |"))

@@ -38,10 +38,11 @@ pass 2 goes batch row by batch row instead, x_b and y_b staying in L1; where the
 half the rows (dense text, 0% sparsity), UB units at a time, so that each y vector is loaded and
 stored once per UB units (16-bit and int8 from 2 rows, fp32 from 8).
 Where it stands (2-core Xeon with AVX-512, VNNI and AMX, d=2048 h=8192, 2 threads, 2026-11-24;
-bench.py, against the 1 GiB read, ~26 GB/s): batch 1 fp32 113-122% (as PyTorch's own GEMV: the sum
-under-reads this host), bf16 101-110%, int8 91-105%; batch 4 at 50-99% sparsity fp32
-100-110%, bf16 87-95%, int8 66-77%; batch 16 at 50-99%: fp32 63-73% (its W1 pass is compute-bound),
-bf16 69-74%; at 0%, batch 16, 1.56-2.04x of PyTorch's dense (README, Speed).
+bench.py, against the read roof measured before each row, ~26 GB/s): batch 1 fp32 110-124% (as
+PyTorch's own GEMV: the sum under-reads this host), bf16 103-110%, int8 90-103%; at 50-99% sparsity,
+batch 4: fp32 96-112%, bf16 85-94%, int8 64-73%; batch 16: fp32 75-85%, bf16 67-76% (its second pass
+runs ~50% slower while AMX is in use), int8 28-35%; at 0%, batch 16, 1.75-2.14x of PyTorch's dense
+(README, Speed).
 W1 is prefetched into L2 (PF_HINT): 5-20% faster than into L1 on that Xeon, for every dtype.
 
 Build:  python build.py      (cffi API mode -> _sparse_ffn_c; -O3 -march=native -fopenmp, with
@@ -327,7 +328,7 @@ INLINE void axpy_block(const void* const* w, int nr, const float* g, float* cons
 // the batched dot's blocks, rows x inputs of accumulators: with AVX-512's 32 registers 4 x 4 (4 weight
 // and 4 x loads per 16 FMAs) over 512-element slices; AVX2's 16 hold 2 x 4. Measured on the 2-core
 // Xeon, in L2, batch 16: fp32 in 2 x 8 blocks reached 3.5 G FMA/s per core of its 7.3, in 4 x 4 5.3;
-// from memory, d=2048 batch 16 at 90%: fp32 15%, int8 10% faster
+// from memory, with the prefetch below, d=2048 batch 16 at 90%: fp32 4.26 -> 3.61 ms, int8 3.01 -> 2.47
 // acc[r * SFFN_MAX_B + b] += w[r] . x[b] over elements [i0, i1), a multiple of VW long, prefetching
 // the npf lines from pf spread evenly over the steps
 INLINE void dot_acc_k(const void* const* w, const float* const* x, int i0, int i1, int dt,
@@ -367,14 +368,15 @@ INLINE void dot_blocks(const void* const* w, int nr, const float* const* x, int 
         const int dv = d / VW * VW;
         for (int i0 = 0; i0 < dv; i0 += IB) {
             const int i1 = i0 + IB < dv ? i0 + IB : dv;
-            // the nr2 rows at pf (as many as these, adjacent) are prefetched in step with this slice,
-            // spread over the input blocks: all in the first block came in bursts the L2 queue stalled on
+            // the nr2 rows at pf (adjacent) are prefetched in step with this slice, spread over the input
+            // blocks rather than all in the first (fp32 W1 pass at batch 16, d=2048: 3.3 -> 3.0 ms)
             const size_t rb = (size_t)nr2 * ES(dt);
             const char* p = pf ? pf + (size_t)r0 * d * ES(dt) + rb * i0 : NULL;
             const int lines = p ? (int)((rb * (i1 - i0) + 63) / 64) : 0, ng = (nb + BI - 1) / BI;
             for (int b0 = 0, g = 0; b0 < nb; b0 += BI, g++) {
                 const int n = nb - b0 < BI ? nb - b0 : BI, l0 = lines * g / ng, l1 = lines * (g + 1) / ng;
-#define DOT_ACC_K(NR, NB) dot_acc_k(wr, x + b0, i0, i1, dt, p + 64 * l0, l1 - l0, acc + b0, NR, NB)
+                const char* pg = p ? p + 64 * l0 : NULL;
+#define DOT_ACC_K(NR, NB) dot_acc_k(wr, x + b0, i0, i1, dt, pg, l1 - l0, acc + b0, NR, NB)
                 if (nr2 == BR && n == BI) DOT_ACC_K(BR, BI);  // the common case, without the switch
                 else { SWITCH_NR_NB(nr2, n, DOT_ACC_K) }
 #undef DOT_ACC_K
@@ -705,8 +707,9 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
             for (int b = 0; b < B; b++) acts += is_on(u[(list[k] - j0) * B + b], a->t);
         if (B >= P2_BY_ROW_MIN_B && es <= 2 && acts <= 4 * n) {
             // the (row, unit) pairs that fire, row by row, so that the prefetch runs `ahead` pairs ahead
-            // across rows too: a unit fires on ~1 row of 16 at 90%, so most rows have 1-2 per chunk,
-            // and their first rows came cold when the prefetch stopped at the end of each row
+            // across rows too (a unit fires on ~1 row of 16 at 90%: most rows have 1-2 per chunk). As fast
+            // as stopping at each row's end on the 2-core Xeon: with AMX in use this pass runs ~50% slower
+            // (0.65 against 0.42 ms at d=2048, 90%), which no prefetch distance changed
             int nv = 0;
             for (int b = 0; b < B; b++)
                 for (int k = 0; k < n; k++)

@@ -479,7 +479,8 @@ def main(argv):
     for s, handler in old_handlers.items():
         signal.signal(s, handler)
     torch.use_deterministic_algorithms(was_deterministic)
-    if ddp:
+    if ddp:  # together, so that no rank tears gloo down while rank 0 still evaluates (a rank 1 once aborted there)
+        dist.barrier()
         dist.destroy_process_group()
     return summary
 
