@@ -40,8 +40,8 @@ stored once per UB units (16-bit and int8 from 2 rows, fp32 from 8).
 Where it stands (2-core Xeon with AVX-512, VNNI and AMX, d=2048 h=8192, 2 threads, 2026-11-24;
 bench.py, against the read roof measured before each row, ~26 GB/s): batch 1 fp32 110-124% (as
 PyTorch's own GEMV: the sum under-reads this host), bf16 103-110%, int8 90-103%; at 50-99% sparsity,
-batch 4: fp32 96-112%, bf16 85-94%, int8 64-73%; batch 16: fp32 75-85%, bf16 67-76% (its second pass
-runs ~50% slower while AMX is in use), int8 28-35%; at 0%, batch 16, 1.75-2.14x of PyTorch's dense
+batch 4: fp32 96-112%, bf16 85-94%, int8 64-73%; batch 16: fp32 75-85%, bf16 67-76% (its second pass,
+scattered rows, is the rest), int8 28-35%; at 0%, batch 16, 1.75-2.14x of PyTorch's dense
 (README, Speed).
 W1 is prefetched into L2 (PF_HINT): 5-20% faster than into L1 on that Xeon, for every dtype.
 
@@ -708,8 +708,7 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
         if (B >= P2_BY_ROW_MIN_B && es <= 2 && acts <= 4 * n) {
             // the (row, unit) pairs that fire, row by row, so that the prefetch runs `ahead` pairs ahead
             // across rows too (a unit fires on ~1 row of 16 at 90%: most rows have 1-2 per chunk). As fast
-            // as stopping at each row's end on the 2-core Xeon: with AMX in use this pass runs ~50% slower
-            // (0.65 against 0.42 ms at d=2048, 90%), which no prefetch distance changed
+            // as stopping at each row's end on the 2-core Xeon, as were prefetch distances of 4-32 KB
             int nv = 0;
             for (int b = 0; b < B; b++)
                 for (int k = 0; k < n; k++)
