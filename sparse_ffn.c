@@ -653,6 +653,7 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
     const int es = ES(dt);
     const size_t rowb = (size_t)d * es;  // bytes of one weight row
     const int PF = (int)((PF_BYTES + rowb - 1) / rowb + 1) & ~1;  // W1 rows ahead, even
+    const int ahead = (int)((PF2_BYTES + 2 * rowb - 1) / (2 * rowb));  // pass 2: active rows ahead, >= PF2_BYTES
     const float* xb[SFFN_MAX_B];
     for (int b = 0; b < B; b++) xb[b] = a->x + (size_t)b * a->ld;
     float* part = a->part + (size_t)t * B * a->ld;
@@ -713,8 +714,8 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
             for (int b = 0; b < B; b++)
                 for (int k = 0; k < n; k++)
                     if (is_on(u[(list[k] - j0) * B + b], a->t)) visit[nv++] = b << 16 | k;
-            const int ahead = (int)((PF2_BYTES + 2 * rowb - 1) / (2 * rowb));
-            for (int v = 0; v < ahead && v < nv; v++) prefetch_units(a, list, visit[v] & 0xffff, (visit[v] & 0xffff) + 1, rowb, (size_t)-1);
+            for (int v = 0; v < ahead && v < nv; v++)  // the rows the loop's prefetch does not reach
+                prefetch_units(a, list, visit[v] & 0xffff, (visit[v] & 0xffff) + 1, rowb, (size_t)-1);
             for (int v = 0; v < nv; v++) {
                 const int b = visit[v] >> 16, j = list[visit[v] & 0xffff];
                 const float* xr[1] = {xb[b]};
@@ -767,7 +768,6 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
             continue;
         }
         // the active units: part += g_t(u) (W3_j . x) W2^T_j, prefetching the active row `ahead`
-        const int ahead = (int)((PF2_BYTES + 2 * rowb - 1) / (2 * rowb));
         prefetch_units(a, list, 1, ahead < n ? ahead : n, rowb, (size_t)-1);  // the rows the loop's prefetch does not reach
         for (int k = 0; k < n; k++) {
             const int j = list[k];
