@@ -24,10 +24,10 @@ every sum, depend only on (B, d, h, T), so results are the same from call to cal
 Weights are fp32, fp16 (F16C), bf16 (a shift) or int8 (sign-extended; one fp32 scale per row of W1,
 W3 and W2^T, applied once to each sum), converted to fp32 as they are loaded: the half types move half
 the bytes, int8 a quarter. x, y and all sums are fp32. AVX-512 (16 lanes, 32 registers) where the
-compiler targets it, else AVX2+FMA, else portable loops; without OpenMP it runs on one thread. Two
-paths skip the conversion where the CPU allows (both as exact as fp32 x, both tested): int8 at batch 1
-with AVX-512 VNNI (x as a 24-bit integer, byte-by-byte integer dots), and bf16 batches of 8+ rows with
-AMX tiles for the W1 pass. All scratch memory is passed in by the caller (sparse_ffn.py allocates it
+compiler targets it, else AVX2+FMA, else portable loops; without OpenMP it runs on one thread. Three
+paths skip the conversion where the CPU allows (all as exact as fp32 x, all tested): int8 at batch 1
+with AVX-512 VNNI (x as a 24-bit integer, byte-by-byte integer dots), and the W1 pass of bf16 batches of
+8+ rows and of int8 batches of 5+ rows on AMX tiles. All scratch memory is passed in by the caller (sparse_ffn.py allocates it
 once), so a call allocates nothing.
 
 Batches (B <= 16 rows a call): the W1 pass is register-blocked, NRW(dt) rows of W1 against up to 4
@@ -437,6 +437,11 @@ INLINE float max_abs(const float* x, int d) {
 #define QMAX_D 65536  // d at most, so no int32 sum overflows (|sum| <= 255 * 128 * d)
 typedef struct { const int8_t* p; double s; int32_t sum[3]; } QRow;  // p: 3 parts, dq bytes apart
 static int dq_of(int d) { return (d + 63) / 64 * 64; }
+// |q| <= QMAX -> q = 65536 p[2] + 256 p[1] + p[0], each part in [-128, 127]
+INLINE void split3(int32_t q, int8_t* p) {
+    int32_t lo = ((q + 128) & 255) - 128, q1 = (q - lo) >> 8, mid = ((q1 + 128) & 255) - 128;
+    p[0] = (int8_t)lo; p[1] = (int8_t)mid; p[2] = (int8_t)((q1 - mid) >> 8);
+}
 
 // x (d floats) -> the 3 byte parts of q at p (dq bytes each, zero-padded), sx and the parts' sums.
 // Returns NULL where x has nan or inf or d is too large: the caller then takes the fp32 path.
@@ -448,10 +453,10 @@ static const QRow* quantize_x(const float* x, int d, QRow* r) {
     const double inv = m > 0.0f ? QMAX / (double)m : 0.0;
     int32_t s0 = 0, s1 = 0, s2 = 0;
     for (int i = 0; i < d; i++) {
-        int32_t q = (int32_t)lrint(x[i] * inv), lo = ((q + 128) & 255) - 128, q1 = (q - lo) >> 8;
-        int32_t mid = ((q1 + 128) & 255) - 128, hi = (q1 - mid) >> 8;
-        p[i] = (int8_t)lo; p[dq + i] = (int8_t)mid; p[2 * dq + i] = (int8_t)hi;
-        s0 += lo; s1 += mid; s2 += hi;
+        int8_t v[3];
+        split3((int32_t)lrint(x[i] * inv), v);
+        p[i] = v[0]; p[dq + i] = v[1]; p[2 * dq + i] = v[2];
+        s0 += v[0]; s1 += v[1]; s2 += v[2];
     }
     for (int k = 0; k < 3; k++) memset(p + k * dq + d, 0, (size_t)(dq - d));
     r->p = p; r->s = m > 0.0f ? m / (double)QMAX : 0.0;
@@ -493,7 +498,7 @@ static size_t q_floats(int d) { (void)d; return 0; }
 #endif
 
 // ----------------------------------------------------------------------------
-// batches, bf16 weights: the W1 pass on AMX tiles (Sapphire Rapids and later)
+// batches, bf16 and int8 weights: the W1 pass on AMX tiles (Sapphire Rapids and later)
 //
 // At batch 16 the W1 pass needs 16 FMAs per weight, more than two vCPUs' AVX-512 units deliver at the
 // memory's pace. An AMX tile multiply (tdpbf16ps) does 16 units x 16 batch rows x 32 elements in one
@@ -517,7 +522,7 @@ static int amx_granted(void) {  // Linux gives a process the 8 KB of AMX tile st
     if (!state) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
     return state > 0;
 }
-static size_t amx_floats(int d) { return (size_t)d * 24 + 16; }  // 3 parts x d/32 tiles x 1 KB
+static size_t amx_floats(int d) { return (size_t)d * 24 + 16; }  // bf16: 3 parts x d/32 tiles x 1 KB (int8: half, + scales)
 
 INLINE uint16_t bf16_rne(float v) {  // finite v: round to nearest even
     uint32_t b; memcpy(&b, &v, 4);
@@ -582,8 +587,68 @@ INLINE void amx_block(const char* w, size_t rowb, int nkb, const uint16_t* xt, f
     if (NT > 1) _tile_stored(1, u + 16 * B, B * 4);
     if (NT > 2) _tile_stored(2, u + 32 * B, B * 4);
 }
+
+// int8 batches: the same on AMX-INT8 (tdpbssd: 16 units x 16 batch rows x 64 elements, int8 x int8 into
+// int32). Each row of x is quantized as at batch 1 (24 bits against its own largest |x|, three signed bytes),
+// so each W1 tile is multiplied by the three parts' tiles, and the three int32 sums are combined exactly in
+// int64 (|sum| <= 128 * 128 * d fits int32 for d <= QMAX_D). One tile of 16 units a block: 3 sums + 3 x
+// parts + W1 = 7 of the 8 tiles. Only for d a multiple of 64 (a tile row is 64 weights) and finite x.
+#if SFFN_VNNI && defined(__AMX_INT8__)
+#define SFFN_AMX_I8 1
+#ifndef AMX_MIN_B_I8
+#define AMX_MIN_B_I8 5  // measured on the 2-core Xeon, d=2048 at 90%: ties at 4, from 5 1.03 -> 0.78 ms, 16 2.38 -> 0.89
+#endif
+// x (B finite rows, d % 64 == 0) -> for each 64-element block kb and part p, one 16 x 64-byte tile whose
+// row r holds, for each batch row b, that part of x[b][64 kb + 4r .. 64 kb + 4r + 3]; s[b]: the scale of
+// row b (x[b] ~ q s[b]). Returns 0 (use the vector path) where x has nan or inf.
+static int amx_pack_xq(const float* const* xb, int B, int d, int8_t* xt, double* s) {
+    memset(xt, 0, (size_t)d * 48);  // batch rows past B stay 0
+    for (int b = 0; b < B; b++) {
+        const float m = max_abs(xb[b], d);
+        if (m < 0.0f) return 0;
+        const double inv = m > 0.0f ? QMAX / (double)m : 0.0;
+        s[b] = m > 0.0f ? m / (double)QMAX : 0.0;
+        for (int k = 0; k < d; k++) {
+            int8_t v[3];
+            split3((int32_t)lrint(xb[b][k] * inv), v);
+            int8_t* t = xt + (size_t)(k / 64) * 3 * 1024 + (k % 64 / 4) * 64 + b * 4 + k % 4;
+            t[0] = v[0]; t[1024] = v[1]; t[2048] = v[2];
+        }
+    }
+    return 1;
+}
+
+// u[m * B + b] = W1 row m . x[b] (before W1's row scale) for the 16 int8 rows at w, prefetching the
+// next block (pf: 16 rows, contiguous, or NULL) at the pace this block is read
+INLINE void amx_block_i8(const char* w, size_t rowb, int nkb, const int8_t* xt, const double* s, float* u,
+                         int B, const char* pf) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2);
+    for (int kb = 0; kb < nkb; kb++) {
+        if (pf)
+            for (int l = 0; l < 16; l++) _mm_prefetch(pf + (kb * 16 + l) * 64, PF_HINT);
+        const int8_t* t = xt + (size_t)kb * 3 * 1024;
+        _tile_loadd(6, w + kb * 64, (long)rowb);
+        _tile_loadd(3, t, 64);
+        _tile_loadd(4, t + 1024, 64);
+        _tile_loadd(5, t + 2048, 64);
+        _tile_dpbssd(0, 6, 3); _tile_dpbssd(1, 6, 4); _tile_dpbssd(2, 6, 5);
+    }
+    int32_t c[3][16 * SFFN_MAX_B];
+    _tile_stored(0, c[0], B * 4);
+    _tile_stored(1, c[1], B * 4);
+    _tile_stored(2, c[2], B * 4);
+    for (int m = 0; m < 16; m++)
+        for (int b = 0; b < B; b++) {
+            const int i = m * B + b;
+            u[i] = (float)((double)(((int64_t)c[2][i] * 256 + c[1][i]) * 256 + c[0][i]) * s[b]);
+        }
+}
+#else
+#define SFFN_AMX_I8 0
+#endif
 #else
 #define SFFN_AMX 0
+#define SFFN_AMX_I8 0
 static size_t amx_floats(int d) { (void)d; return 0; }
 #endif
 
@@ -611,7 +676,8 @@ typedef struct {
     int gate; float t;
     const float* scales;  // int8 only: per-row scales of W1, W3 and W2^T, h each; else NULL
     const QRow* q;  // int8 at batch 1 with VNNI: x quantized; else NULL
-    const uint16_t* xt;  // bf16 batches with AMX: x in tiles; else NULL
+    const void* xt;  // bf16 and int8 batches with AMX: x in tiles (bf16 or int8 parts); else NULL
+    const double* xs;  // int8 with AMX: the scale of each row of x
 } Args;
 
 // g(u) as model.py computes it: relu keeps nan; silu is clamped at -1e4 (which changes no value) so
@@ -672,15 +738,23 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
         const char* next_chunk = c + T < nchunks ? a->w1 + (size_t)(c + T) * chunk * rowb : NULL;
         int n = 0, j = j0;
 #if SFFN_AMX
-        if (a->xt)  // bf16 batches: AMX tiles of 16 units, 3 tiles a block; the rest (< 16) below
+        if (a->xt && dt == I8)  // int8 batches: AMX tiles of 16 units; the rest (< 16) below
+            for (; j1 - j >= 16; j += 16) {
+                const char* w = a->w1 + j * rowb;
+                amx_block_i8(w, rowb, d / 64, (const int8_t*)a->xt, a->xs, u + (j - j0) * B, B,
+                             j1 - j >= 32 ? w + 16 * rowb : next_chunk);
+                n = gate_rows(a, j, 16, u + (j - j0) * B, list, n);
+            }
+        if (a->xt && dt == BF16)  // bf16 batches: AMX tiles of 16 units, 3 tiles a block; the rest (< 16) below
             while (j1 - j >= 16) {
                 const int nt = (j1 - j) / 16 < 3 ? (j1 - j) / 16 : 3;
                 const char* w = a->w1 + j * rowb;
                 const char* pf = j1 - j - 16 * nt >= 16 ? w + 16 * nt * rowb : next_chunk;  // one block ahead
+                const uint16_t* xt = (const uint16_t*)a->xt;
                 switch (nt) {
-                case 1: amx_block(w, rowb, d / 32, a->xt, u + (j - j0) * B, B, pf, 1); break;
-                case 2: amx_block(w, rowb, d / 32, a->xt, u + (j - j0) * B, B, pf, 2); break;
-                default: amx_block(w, rowb, d / 32, a->xt, u + (j - j0) * B, B, pf, 3); break;
+                case 1: amx_block(w, rowb, d / 32, xt, u + (j - j0) * B, B, pf, 1); break;
+                case 2: amx_block(w, rowb, d / 32, xt, u + (j - j0) * B, B, pf, 2); break;
+                default: amx_block(w, rowb, d / 32, xt, u + (j - j0) * B, B, pf, 3); break;
                 }
                 n = gate_rows(a, j, 16 * nt, u + (j - j0) * B, list, n);
                 j += 16 * nt;
@@ -831,7 +905,7 @@ GEMV(gemv_f32, F32) GEMV(gemv_f16, F16) GEMV(gemv_bf16, BF16) GEMV(gemv_i8, I8)
 int sffn_max_batch(void) { return SFFN_MAX_B; }
 // 3: AVX-512 with VNNI int8 dots, 2: AVX-512, 1: AVX2+FMA+F16C, 0: portable loops
 int sffn_simd(void) { return SFFN_AVX2 ? (VW == 16 ? 2 + SFFN_VNNI : 1) : 0; }
-int sffn_amx(void) {  // 1 where bf16 batches run their W1 pass on AMX tiles (built for it, and the OS allows it)
+int sffn_amx(void) {  // 1 where bf16 (and int8) batches run their W1 pass on AMX tiles (built for it, and the OS allows it)
 #if SFFN_AMX
     return amx_granted();
 #else
@@ -924,16 +998,25 @@ int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void
     for (int b = 0; b < B; b++) memcpy(xpad + b * ld, x + (size_t)b * d, (size_t)d * sizeof(float));
     float* extra = scratch + (size_t)(nthreads + 1) * N;
     const QRow* q = dtype == I8 && B == 1 ? quantize_x(xpad, d, (QRow*)extra) : NULL;
-    const uint16_t* xt = NULL;
+    const void* xt = NULL;
+    const double* xs = NULL;
 #if SFFN_AMX
+    const float* xb[SFFN_MAX_B];
+    for (int b = 0; b < B; b++) xb[b] = xpad + b * ld;
     if (dtype == BF16 && B >= AMX_MIN_B && d % 32 == 0 && amx_granted()) {
-        const float* xb[SFFN_MAX_B];
-        for (int b = 0; b < B; b++) xb[b] = xpad + b * ld;
         uint16_t* tiles = (uint16_t*)(extra + q_floats(d));
         if (amx_pack_x(xb, B, d, tiles)) xt = tiles;
     }
+#if SFFN_AMX_I8
+    if (dtype == I8 && B >= AMX_MIN_B_I8 && d % 64 == 0 && d <= QMAX_D && amx_granted()) {
+        // the row scales, then the tiles, 64-byte aligned (amx_floats leaves room for both)
+        double* s = (double*)(((uintptr_t)(extra + q_floats(d)) + 63) & ~(uintptr_t)63);
+        int8_t* tiles = (int8_t*)(s + 16);
+        if (amx_pack_xq(xb, B, d, tiles, s)) xt = tiles, xs = s;
+    }
 #endif
-    Args a = {xpad, B, d, (int)ld, h, chunk, (const char*)w1, (const char*)w32, scratch, gate, t, scales, q, xt};
+#endif
+    Args a = {xpad, B, d, (int)ld, h, chunk, (const char*)w1, (const char*)w32, scratch, gate, t, scales, q, xt, xs};
     int total = 0, T = 1;
 #pragma omp parallel num_threads(nthreads) reduction(+ : total)
     {

@@ -1397,14 +1397,16 @@ def test_int8_quantization_and_attach():
 
 @pytest_kernel
 @pytest.mark.parametrize("scale", [0.0, 1e-15, 1e-3, 1.0, 1e10])
-def test_int8_x_at_every_scale(scale):
-    """int8 weights at batch 1 take x as a 24-bit integer scaled to its largest |x| (VNNI, where built): at every
-    magnitude of x, a row of zeros and a row with one entry 1e4 times the rest, the FFN and the GEMV are
-    within fp32's own error of the fp64 reference (per row: 3e-6 of its largest |y|; PyTorch's fp32 is at
-    ~7e-7); nan / inf in a row take the fp32 path and propagate in that row only."""
+@pytest.mark.parametrize("d,h,B", [(203, 300, 6), (256, 1000, 9)])  # 1000: chunks of 16+ units (tiles)
+def test_int8_x_at_every_scale(scale, d, h, B):
+    """int8 weights take x as a 24-bit integer scaled to its largest |x| at batch 1 (VNNI, where built) and,
+    row by row, in batches of 5+ rows with d a multiple of 64 (AMX-INT8, where built): at every magnitude
+    of x, a row of zeros and a row with one entry 1e4 times the rest, the FFN and the GEMV are within
+    fp32's own error of the fp64 reference (per row: 3e-6 of its largest |y|; PyTorch's fp32 is at ~7e-7);
+    nan / inf in a row take the fp32 path and propagate in that row only."""
     gen = torch.Generator().manual_seed(7)
-    ffn = ref_ffn(203, 300)
-    x = torch.randn(6, 203, generator=gen)
+    ffn = ref_ffn(d, h)
+    x = torch.randn(B, d, generator=gen)
     set_sparsity(ffn, x, 0.7, gen)
     x = x * scale
     x[1] = 0
@@ -1433,7 +1435,8 @@ def test_int8_x_at_every_scale(scale):
             want = ref(xb)
             assert torch.equal(y.isnan(), want.isnan()) and y[3].isnan().any()
             assert torch.equal(kernel(xb[3:4]).isnan(), want[3:4].isnan())  # batch 1: the VNNI path's input
-            near(y[[0, 1, 2, 4, 5]], ref64(xb[[0, 1, 2, 4, 5]].double()))
+            keep = [b for b in range(B) if b != 3]
+            near(y[keep], ref64(xb[keep].double()))
 
 
 @pytest_kernel
@@ -1478,21 +1481,23 @@ def test_batches_whose_units_fire_on_most_rows(d, h, s, B, dtype):
 
 
 @pytest_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8], ids=str)
 @pytest.mark.parametrize("gate", ["relu", "silu"])
-@pytest.mark.parametrize("B", [8, 11, 16])
+@pytest.mark.parametrize("B", [5, 8, 11, 16])
 @pytest.mark.parametrize("d,h", [(64, 50), (96, 1000), (256, 683)])
-def test_bf16_batches_on_amx_tiles(d, h, B, gate):
-    """bf16 batches of 8+ rows with d a multiple of 32 run their W1 pass on AMX tiles (where built and allowed;
-    elsewhere this is the AVX-512 / AVX2 path): within fp32's error of the fp64 reference, silu thresholds
-    included; units past the last full tile of 16 in a chunk go through the vector path; a row with inf or
-    nan sends the whole call to the vector path, nan staying in its row."""
+def test_batches_on_amx_tiles(d, h, B, gate, dtype):
+    """bf16 batches of 8+ rows with d a multiple of 32, and int8 batches of 5+ rows with d a multiple of 64,
+    run their W1 pass on AMX tiles (where built and allowed; elsewhere, and for the other cases here, this
+    is the AVX-512 / AVX2 path): within fp32's error of the fp64 reference, silu thresholds included; units
+    past the last full tile of 16 in a chunk go through the vector path; a row with inf or nan sends the
+    whole call to the vector path, nan staying in its row."""
     seed = int(torch.randint(1 << 30, ()))
     gen = torch.Generator().manual_seed(seed)
     ffn = ref_ffn(d, h)
     x = torch.randn(B, d, generator=gen)
     set_sparsity(ffn, x, 0.7, gen)
-    ref = rounded(ffn, torch.bfloat16)
-    kernel = sparse_ffn.SparseFFN(ffn, dtype=torch.bfloat16, backend="c", mode="sparse")
+    ref = rounded(ffn, dtype)
+    kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend="c", mode="sparse")
     with torch.no_grad():
         a = model_mod.gated(x @ ref.w1.weight.T, gate)
         t = 0.0 if gate == "relu" else threshold_for(a, 0.8)
@@ -1500,12 +1505,12 @@ def test_bf16_batches_on_amx_tiles(d, h, B, gate):
     check_close(kernel(x, gate=gate, t=t), want, atol=1e-5, rtol=1e-4, note=f"seed {seed}: ")
     assert kernel.last_active == (a.abs() > t).any(0).sum().item(), f"seed {seed}"
     x[2, 3] = float("nan")
-    x[5, 1] = float("inf")
+    x[B - 1, 1] = float("inf")
     y = kernel(x, gate=gate, t=t)
     with torch.no_grad():
         want = ref_thresholded(ref, gate, t)(x)
     assert torch.equal(y.isnan(), want.isnan()) and y[2].isnan().all(), f"seed {seed}"
-    keep = [b for b in range(B) if b not in (2, 5)]
+    keep = [b for b in range(B) if b not in (2, B - 1)]
     check_close(y[keep], want[keep], atol=1e-5, rtol=1e-4, note=f"seed {seed}, nan/inf rows: ")
 
 
