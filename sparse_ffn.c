@@ -26,9 +26,9 @@ W3 and W2^T, applied once to each sum), converted to fp32 as they are loaded: th
 the bytes, int8 a quarter. x, y and all sums are fp32. AVX-512 (16 lanes, 32 registers) where the
 compiler targets it, else AVX2+FMA, else portable loops; without OpenMP it runs on one thread. Three
 paths skip the conversion where the CPU allows (all as exact as fp32 x, all tested): int8 at batch 1
-with AVX-512 VNNI (x as a 24-bit integer, byte-by-byte integer dots), and the W1 pass of bf16 batches of
-8+ rows and of int8 batches of 5+ rows on AMX tiles. All scratch memory is passed in by the caller (sparse_ffn.py allocates it
-once), so a call allocates nothing.
+with AVX-512 VNNI (x as a 24-bit integer, byte-by-byte integer dots), and the W1 pass of bf16 batches
+of 8+ rows and of int8 batches of 5+ rows on AMX tiles. All scratch memory is passed in by the caller
+(sparse_ffn.py allocates it once), so a call allocates nothing.
 
 Batches (B <= 16 rows a call): the W1 pass is register-blocked, NRW(dt) rows of W1 against up to 4
 batch rows per step (past 4: 4 x 4 blocks over slices of IB elements, 2 x 4 with AVX2), so each weight
