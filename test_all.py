@@ -1400,10 +1400,10 @@ def test_int8_quantization_and_attach():
 @pytest.mark.parametrize("d,h,B", [(203, 300, 6), (256, 1000, 9)])  # 1000: chunks of 16+ units (tiles)
 def test_int8_x_at_every_scale(scale, d, h, B):
     """int8 weights take x as a 24-bit integer scaled to its largest |x| at batch 1 (VNNI, where built) and,
-    row by row, in batches of 5+ rows with d a multiple of 64 (AMX-INT8, where built): at every magnitude
-    of x, a row of zeros and a row with one entry 1e4 times the rest, the FFN and the GEMV are within
-    fp32's own error of the fp64 reference (per row: 3e-6 of its largest |y|; PyTorch's fp32 is at ~7e-7);
-    nan / inf in a row take the fp32 path and propagate in that row only."""
+    row by row, in the FFN's W1 pass for 5+ rows with d a multiple of 64 (AMX-INT8, where built): at every
+    magnitude of x, a row of zeros and a row with one entry 1e4 times the rest, the FFN and the GEMV are
+    within fp32's own error of the fp64 reference (per row: 3e-6 of its largest |y|; PyTorch's fp32 is at
+    ~7e-7); nan / inf in a row take the fp32 path and propagate in that row only."""
     gen = torch.Generator().manual_seed(7)
     ffn = ref_ffn(d, h)
     x = torch.randn(B, d, generator=gen)
