@@ -303,7 +303,7 @@ INLINE void axpy_block_k(const void* const* w, const float* g, float* const* y, 
         }
     }
 #else
-    (void)pf; (void)npf;
+    (void)pf; (void)npf; (void)es;
 #endif
     for (; i < d; i++)
         for (int b = 0; b < B; b++) {
@@ -437,6 +437,13 @@ INLINE float max_abs(const float* x, int d) {
 #define QMAX_D 65536  // d at most, so no int32 sum overflows (|sum| <= 255 * 128 * d)
 typedef struct { const int8_t* p; double s; int32_t sum[3]; } QRow;  // p: 3 parts, dq bytes apart
 static int dq_of(int d) { return (d + 63) / 64 * 64; }
+// 1 / the scale that maps x's largest |x| to QMAX (0 for x = 0), the scale itself in *s; -1 where x has
+// nan or inf (the caller then takes the fp32 path)
+static double q_inv(const float* x, int d, double* s) {
+    const float m = max_abs(x, d);
+    *s = m > 0.0f ? m / (double)QMAX : 0.0;
+    return m < 0.0f ? -1.0 : m > 0.0f ? QMAX / (double)m : 0.0;
+}
 // |q| <= QMAX -> q = 65536 p[2] + 256 p[1] + p[0], each part in [-128, 127]
 INLINE void split3(int32_t q, int8_t* p) {
     int32_t lo = ((q + 128) & 255) - 128, q1 = (q - lo) >> 8, mid = ((q1 + 128) & 255) - 128;
@@ -446,11 +453,10 @@ INLINE void split3(int32_t q, int8_t* p) {
 // x (d floats) -> the 3 byte parts of q at p (dq bytes each, zero-padded), sx and the parts' sums.
 // Returns NULL where x has nan or inf or d is too large: the caller then takes the fp32 path.
 static const QRow* quantize_x(const float* x, int d, QRow* r) {
-    const float m = max_abs(x, d);
-    if (m < 0.0f || d > QMAX_D) return NULL;
+    const double inv = q_inv(x, d, &r->s);
+    if (inv < 0.0 || d > QMAX_D) return NULL;
     int8_t* p = (int8_t*)(r + 1);
     const int dq = dq_of(d);
-    const double inv = m > 0.0f ? QMAX / (double)m : 0.0;
     int32_t s0 = 0, s1 = 0, s2 = 0;
     for (int i = 0; i < d; i++) {
         int8_t v[3];
@@ -459,7 +465,7 @@ static const QRow* quantize_x(const float* x, int d, QRow* r) {
         s0 += v[0]; s1 += v[1]; s2 += v[2];
     }
     for (int k = 0; k < 3; k++) memset(p + k * dq + d, 0, (size_t)(dq - d));
-    r->p = p; r->s = m > 0.0f ? m / (double)QMAX : 0.0;
+    r->p = p;
     r->sum[0] = s0; r->sum[1] = s1; r->sum[2] = s2;
     return r;
 }
@@ -522,7 +528,8 @@ static int amx_granted(void) {  // Linux gives a process the 8 KB of AMX tile st
     if (!state) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
     return state > 0;
 }
-static size_t amx_floats(int d) { return (size_t)d * 24 + 16; }  // bf16: 3 parts x d/32 tiles x 1 KB (int8: half, + scales)
+// bf16: 3 parts x d/32 tiles x 1 KB; int8 half that, + 16 row scales and 64-byte alignment
+static size_t amx_floats(int d) { return (size_t)d * 24 + 16; }
 
 INLINE uint16_t bf16_rne(float v) {  // finite v: round to nearest even
     uint32_t b; memcpy(&b, &v, 4);
@@ -604,10 +611,8 @@ INLINE void amx_block(const char* w, size_t rowb, int nkb, const uint16_t* xt, f
 static int amx_pack_xq(const float* const* xb, int B, int d, int8_t* xt, double* s) {
     memset(xt, 0, (size_t)d * 48);  // batch rows past B stay 0
     for (int b = 0; b < B; b++) {
-        const float m = max_abs(xb[b], d);
-        if (m < 0.0f) return 0;
-        const double inv = m > 0.0f ? QMAX / (double)m : 0.0;
-        s[b] = m > 0.0f ? m / (double)QMAX : 0.0;
+        const double inv = q_inv(xb[b], d, &s[b]);
+        if (inv < 0.0) return 0;
         for (int k = 0; k < d; k++) {
             int8_t v[3];
             split3((int32_t)lrint(xb[b][k] * inv), v);
@@ -920,6 +925,19 @@ int sffn_openmp(void) {  // 0 without OpenMP, else the most threads it would giv
 #endif
 }
 
+// the threads to use for `work` bytes of weights x batch rows: a thread per 256 KB at most (waking a
+// thread for less costs more than it saves), and each row of the batch is another dot per weight. Per
+// weight byte alone, d=192 h=512 16-bit batches ran on one thread; on two, on the 2-core Xeon at 0%:
+// bf16 batch 16 131 -> 94 us, int8 121 -> 84, bf16 batch 4 61 -> 44; d=128 h=384 fp32 batch 8 77 -> 53
+static int threads_for(size_t work, int nthreads) {
+#ifdef _OPENMP
+    return (size_t)nthreads > 1 + work / (256 << 10) ? (int)(1 + work / (256 << 10)) : nthreads;
+#else
+    (void)work; (void)nthreads;
+    return 1;  // one thread without OpenMP
+#endif
+}
+
 // Rows of x and of the partial y's are ld floats apart, not d: at d = 2048 (8 KB) the same element
 // of every row would fall in the same L1 set, and 16 rows thrash its 8 ways
 static size_t row_stride(int d) { return ((size_t)d + 15) / 16 * 16 + 16; }
@@ -947,11 +965,7 @@ int sffn_gemv(const float* x, int B, int d, int n, const void* w, int dtype, con
               float* scratch, int nthreads) {
     if (B < 1 || B > SFFN_MAX_B || d < 1 || n < 1 || nthreads < 1 || dtype < F32 || dtype > I8
         || (dtype == I8) != (scales != NULL)) return -1;
-#ifndef _OPENMP
-    nthreads = 1;
-#endif
-    size_t work = (size_t)n * d * ES(dtype) * B;  // as in sffn_forward: a thread per 256 KB per row at most
-    if ((size_t)nthreads > 1 + work / (256 << 10)) nthreads = (int)(1 + work / (256 << 10));
+    nthreads = threads_for((size_t)n * d * ES(dtype) * B, nthreads);
     const size_t ld = row_stride(d);
     const float* xb[SFFN_MAX_B];
     for (int b = 0; b < B; b++) {
@@ -981,15 +995,7 @@ int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void
     if (B < 1 || B > SFFN_MAX_B || d < 1 || h < 1 || nthreads < 1 || dtype < F32 || dtype > I8
         || (dtype == I8) != (scales != NULL) || (gate != RELU && gate != SILU) || !(t >= 0.0f) || isinf(t))
         return -1;
-#ifndef _OPENMP
-    nthreads = 1;
-#endif
-    // a thread per 256 KB of W1 per batch row at most: waking a thread for less costs more than it saves,
-    // and each row of the batch is another dot per weight. Per W1 byte alone, d=192 h=512 16-bit batches
-    // ran on one thread; on two, on the 2-core Xeon at 0%: bf16 batch 16 131 -> 94 us, int8 121 -> 84,
-    // bf16 batch 4 61 -> 44; d=128 h=384 fp32 batch 8 77 -> 53
-    size_t work = (size_t)h * d * ES(dtype) * B;
-    if ((size_t)nthreads > 1 + work / (256 << 10)) nthreads = (int)(1 + work / (256 << 10));
+    nthreads = threads_for((size_t)h * d * ES(dtype) * B, nthreads);  // W1's bytes x rows
     // about 16 chunks per thread, so that round-robin chunks balance the threads
     int chunk = (h + 16 * nthreads - 1) / (16 * nthreads);
     chunk = chunk < 2 ? 2 : chunk > SFFN_MAX_CHUNK ? SFFN_MAX_CHUNK : (chunk + 1) & ~1;
