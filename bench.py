@@ -14,8 +14,10 @@ Weights are random; W1 is built so that exactly a fraction s of the hidden units
 (for B > 1: zero for every row of the batch, the union, each active unit firing on each row with
 the rate an independent per-token sparsity gives). Each implementation rotates over copies of its
 weights (--rotate_mb in all) so that, as in a many-layer model, they come from memory, not cache.
-Times are medians of many calls after a warm-up; speedups are ratios of medians of this one run.
-The roof of each row is the read bandwidth measured just before it (a shared host drifts by 20-30%);
+Times are medians of many calls after a warm-up; a speedup is the ratio of the row's median to that of
+torch dense, whose calls alternate with the row's. The kernels' packed weights sit on huge pages; the
+"dense hugepg" row puts dense's there too, to show what that alone is worth. The roof of each row is the
+read bandwidth (on huge pages) measured just before it (a shared host drifts by 20-30%);
 the last line says how much CPU other processes used meanwhile. The C kernel is built on first use
 (with cffi and a C compiler); the CUDA rows need `python build.py` on a machine with CUDA torch and
 nvcc. Without a kernel, bench.py times the torch gather fallback only, and says so.
@@ -140,38 +142,61 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def bench(fns, dev):
-    """Median seconds of one call, rotating over fns (one per weight copy)."""
-    for f in fns[:3] * 2:
-        f()
-    times, start, i = [], time.perf_counter(), 0
-    while len(times) < min_reps or time.perf_counter() - start < min_time:
-        f = fns[i % len(fns)]
-        i += 1
-        if dev == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record(); f(); e1.record(); e1.synchronize()
-            times.append(e0.elapsed_time(e1) / 1e3)
-        else:
-            t0 = time.perf_counter(); f(); times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def bench(fns, dev, against=None):
+    """Median seconds of one call, rotating over fns (one per weight copy). With `against` (another list),
+    blocks of its calls alternate with blocks of these, and both medians come back: on a shared host the
+    bandwidth drifts over seconds, so two implementations timed one after the other can be 5-10% off. A block
+    is 3+ calls (5+ ms): the first call after a switch runs ~100 us slow (d=2048 fp32 on the 2-core Xeon,
+    either way round), and the median passes over it."""
+    groups, block = [fns] + ([against] if against else []), []
+    for g in groups:  # the warm-up, and the block size from it
+        sync(dev); t0 = time.perf_counter()
+        for f in g[:3] * 2:
+            f()
+        sync(dev); block.append(max(3, math.ceil(0.005 * 6 / (time.perf_counter() - t0))) if against else 1)
+    times, start, i = [[] for _ in groups], time.perf_counter(), [0] * len(groups)
+    while len(times[0]) < min_reps or time.perf_counter() - start < min_time * len(groups):
+        for k, (g, ts) in enumerate(zip(groups, times)):
+            for _ in range(block[k]):
+                f = g[i[k] % len(g)]
+                i[k] += 1
+                if dev == "cuda":
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record(); f(); e1.record(); e1.synchronize()
+                    ts.append(e0.elapsed_time(e1) / 1e3)
+                else:
+                    t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
+    med = [float(np.median(ts)) for ts in times]
+    return tuple(med) if against else med[0]
+
+
+def huge(n, dev):  # n floats of ones: on huge pages on the CPU, as the kernels' packed weights are
+    return (sparse_ffn.huge_empty(n) if dev == "cpu" else torch.empty(n, device=dev)).fill_(1.0)
 
 
 def read_bandwidth(dev):
-    """GB/s of a 1 GiB sum (a pure read, like the kernels) and of a 1 GiB copy (read + write)."""
+    """GB/s of a 1 GiB sum (a pure read, like the kernels) and of a 1 GiB copy (read + write), in memory from
+    PyTorch's allocator, and of the same sum on huge pages (None where they are the same: not the CPU)."""
     a = torch.randn(1 << 28, device=dev)
     b = torch.empty_like(a)
     t_sum, t_copy = bench([lambda: a.sum()], dev), bench([lambda: b.copy_(a)], dev)
-    return a.nbytes / t_sum / 1e9, 2 * a.nbytes / t_copy / 1e9
+    del b
+    if dev != "cpu":
+        return a.nbytes / t_sum / 1e9, 2 * a.nbytes / t_copy / 1e9, None
+    del a
+    a = huge(1 << 28, dev)
+    return 2**30 / t_sum / 1e9, 2**31 / t_copy / 1e9, a.nbytes / bench([lambda: a.sum()], dev) / 1e9
 
 
 _roof_buf = {}
 
 
 def roof_now(dev):
-    """Read GB/s right now (a 256 MiB sum, median of 5): on a shared host the memory bandwidth drifts
-    by 20-30% over seconds, so each row is compared with the roof measured just before it."""
-    a = _roof_buf.setdefault(dev, torch.ones(1 << 26, device=dev))
+    """Read GB/s right now (a 256 MiB sum on huge pages, median of 5): on a shared host the memory bandwidth
+    drifts by 20-30% over seconds, so each row is compared with the roof measured just before it."""
+    if dev not in _roof_buf:
+        _roof_buf[dev] = huge(1 << 26, dev)
+    a = _roof_buf[dev]
     a.sum()
     ts = []
     for _ in range(5):
@@ -224,7 +249,7 @@ def kernel_table(dev):
     gen = torch.Generator().manual_seed(seed)
     for d, h in size_list:
         for B in ints(batches):
-            dense_ms = {}
+            dense_ms, dense_fns = {}, {}
             for s in ints(sparsities):
                 x, w1, w3, w2, n_on, s_tok = make_case(d, h, B, s / 100, gen)
                 act, thr = F.relu, 0.0
@@ -236,20 +261,23 @@ def kernel_table(dev):
                 x = x.to(dev)
                 if not dense_ms:  # dense does not depend on s: once per (size, batch), per dtype on GPU
                     for dt in ([torch.float32] if dev == "cpu" else dev_dtypes(dev)):
-                        ws = copies(lambda: [w.to(dev, dt, copy=True) for w in (w1, w3, w2)], 3 * d * h * dt.itemsize)
-                        xd = x.to(dt)
-                        roof = roof_now(dev)
-                        fns = [lambda w=w: F.linear(act(F.linear(xd, w[0])) * F.linear(xd, w[1]), w[2]) for w in ws]
-                        # one untimed round first: one slow dense row (seen right after its weights were
-                        # allocated) would inflate every speedup below it. Not the faster of two timings: that
-                        # would favour dense by the noise, as the kernels' rows are timed once
-                        bench(fns, dev)
-                        t = bench(fns, dev)
                         by = 3 * d * h * dt.itemsize
-                        dense_ms[dt] = t
-                        show(dict(device=dev, impl="torch dense", dtype=str(dt)[6:], d=d, h=h, B=B, s=None, roof_GBps=roof,
-                                  time_ms=t * 1e3, GBps=by / t / 1e9, roof_pct=100 * by / t / 1e9 / roof, speedup=1.0))
-                    del ws
+                        # PyTorch's allocator, as users run it, and (CPU) the same weights on huge pages,
+                        # as the kernels' are: how much of a kernel's edge at low sparsity that alone is
+                        for name, alloc in [("torch dense", None)] + [("dense hugepg", sparse_ffn.huge_empty)] * (dev == "cpu"):
+                            mk = (lambda w: w.to(dev, dt, copy=True)) if alloc is None else (lambda w: alloc(w.shape, dt).copy_(w))
+                            ws = copies(lambda: [mk(w) for w in (w1, w3, w2)], by)
+                            fns = [lambda w=w, xd=x.to(dt): F.linear(act(F.linear(xd, w[0])) * F.linear(xd, w[1]), w[2]) for w in ws]
+                            roof = roof_now(dev)
+                            bench(fns, dev)  # an untimed round: the first after an allocation can be slow
+                            t = bench(fns, dev)
+                            show(dict(device=dev, impl=name, dtype=str(dt)[6:], d=d, h=h, B=B, s=None, roof_GBps=roof,
+                                      time_ms=t * 1e3, GBps=by / t / 1e9, roof_pct=100 * by / t / 1e9 / roof,
+                                      speedup=dense_ms[dt] / t if dt in dense_ms else 1.0))
+                            if alloc is None:  # the speedups' baseline: kept, to be timed again beside each kernel row
+                                dense_ms[dt], dense_fns[dt] = t, fns
+                            else:
+                                del ws, fns
                 impls = [("c" if dev == "cpu" else "cuda", dt, "sparse") for dt in dev_dtypes(dev)]
                 if dev == "cpu" and torch.float32 in dtype_list:  # the per-call choice: kernel or dense GEMMs
                     impls.append(("c", torch.float32, "auto"))
@@ -264,7 +292,7 @@ def kernel_table(dev):
                     xk = x.to(ks[0].in_dtype)
                     out = torch.empty_like(xk)
                     roof = roof_now(dev)
-                    tm = bench([lambda k=k: k(xk, out=out, gate=gate, t=thr) for k in ks], dev)
+                    tm, td = bench([lambda k=k: k(xk, out=out, gate=gate, t=thr) for k in ks], dev, against=dense_fns[base])
                     by = ffn_bytes(d, h, dt, n_on)
                     # silu: 16-bit weights move W1 x, so units near the threshold can cross it: count what ran
                     assert ks[0].last_active is None or abs(ks[0].last_active - n_on) <= (gate == "silu") * h // 100, \
@@ -277,7 +305,7 @@ def kernel_table(dev):
                         by = ffn_bytes(d, h, dt, h if ks[0].last_path == "dense" else n_on)
                     show(dict(device=dev, impl=name, dtype=str(dt)[6:], d=d, h=h, B=B, s=float(s), s_token=s_tok, roof_GBps=roof,
                               active=n_on, time_ms=tm * 1e3, GBps=by / tm / 1e9, roof_pct=100 * by / tm / 1e9 / roof,
-                              speedup=dense_ms[base] / tm, ideal=3 * d * h * base.itemsize / by, gate=gate, t=thr))
+                              dense_ms=td * 1e3, speedup=td / tm, ideal=3 * d * h * base.itemsize / by, gate=gate, t=thr))
                     del ks
 
 # -----------------------------------------------------------------------------
@@ -570,15 +598,18 @@ for dev in device_list:
     if dev == "cuda":  # the rules let cuda through only when this torch sees a GPU
         meta["gpu"] = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
         print(f"\nGPU: {meta['gpu']}")
-    rd, cp = read_bandwidth(dev)
-    meta[f"roof_{dev}"] = dict(read_GBps=rd, copy_GBps=cp)
+    rd, cp, rd_huge = read_bandwidth(dev)
+    meta[f"roof_{dev}"] = dict(read_GBps=rd, copy_GBps=cp, read_huge_GBps=rd_huge)
+    huge_note = f"; on huge pages, as the kernels' weights are, the 1 GiB sum reads {rd_huge:.1f} GB/s" if rd_huge else ""
     print(f"\n[{dev}] memory: read {rd:.1f} GB/s (1 GiB sum), copy {cp:.1f} GB/s (1 GiB copy, read + write "
-          f"counted). The kernels only\nread: 'roof' below is the read GB/s of a 256 MiB sum measured just before "
-          f"each row (it drifts on a shared host), '%1GiB' the same GB/s against the 1 GiB read")
+          f"counted){huge_note}.\nThe kernels only read: 'roof' below is the read GB/s of a 256 MiB sum"
+          f"{' on huge pages' if rd_huge else ''} measured just before each row (it drifts on a shared host),\n"
+          "'%1GiB' the same GB/s against the 1 GiB read (PyTorch's allocator, no huge pages)")
     print("s% = hidden units zero for the whole batch (the union), tok% = zero per token; GB/s = bytes that\n"
           "must move / median time (W1 + the active W3 rows and W2 columns); speedup over torch dense "
-          f"({'fp32' if dev == 'cpu' else 'same dtype'});\nideal = dense bytes / these bytes (the speedup at equal "
-          "GB/s). Rows whose weights fit in cache (small d, h) can beat the roof.")
+          f"({'fp32' if dev == 'cpu' else 'same dtype'}),\ntimed call for call alternately with the row; "
+          "ideal = dense bytes / these bytes (the speedup at equal GB/s).\nRows whose weights fit in cache (small d, h) "
+          "can beat the roof.")
     kernel_table(dev)
     if ckpt:
         e2e_model = ckpt_table(dev)

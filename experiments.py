@@ -601,10 +601,12 @@ def tables():
         b = json.load(open(path))
         rows = b["rows"]
         print(f"\n### Speed\n\nbench.py {' '.join(b['argv'])}: torch {b['torch']}, {b['threads']} threads, {b['cpu']}; "
-              f"1 GiB read {b['roof_cpu']['read_GBps']:.1f} GB/s, copy {b['roof_cpu']['copy_GBps']:.1f} GB/s; "
+              f"1 GiB read {b['roof_cpu']['read_GBps']:.1f} GB/s ({b['roof_cpu'].get('read_huge_GBps') or float('nan'):.1f} on huge "
+              f"pages), copy {b['roof_cpu']['copy_GBps']:.1f} GB/s; "
               f"other processes {b.get('others_cpu_pct', float('nan')):.0f}% CPU.\n")
-        print("Each kernel cell: ms, speedup over torch dense fp32, and GB/s as % of the roof measured just before the row "
-              "(a 256 MiB read) / as % of the 1 GiB read at the start; 'ideal' = the fp32 speedup at equal GB/s, "
+        print("Each kernel cell: ms, speedup over torch dense fp32 (its calls alternating with the row's), and GB/s as % "
+              "of the roof measured just before the row (a 256 MiB read on huge pages, as the kernels' weights are) / as "
+              "% of the 1 GiB read at the start (PyTorch's allocator); 'ideal' = the fp32 speedup at equal GB/s, "
               "3 / (1 + 2(1 - s)).\n")
         dts = [dt for dt in ("float32", "bfloat16", "int8") if any(x.get("dtype") == dt and x.get("impl") == "C sparse" for x in rows)]
         print("| d x h | batch | sparsity | dense ms | " + " | ".join(f"C {dt}" for dt in dts)

@@ -98,6 +98,17 @@ def c_info():
 # the packed weights
 
 
+def huge_empty(shape, dtype=torch.float32, device="cpu"):
+    """torch.empty, on transparent huge pages where Linux gives them (asked for before the memory is touched).
+    On the 2-core Xeon a 1 GiB read runs ~20% faster from them (fewer TLB misses); PyTorch's own allocator
+    asks only under THP_MEM_ALLOC_ENABLE=1. Without the C kernel, or off Linux, plain torch.empty."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    _load()
+    if "c" in _mods and t.device.type == "cpu" and t.numel():
+        _mods["c"].lib.sffn_advise_hugepages(_mods["c"].ffi.cast("void *", t.data_ptr()), t.numel() * t.element_size())
+    return t
+
+
 def quantize_rows(w):
     """Symmetric per-row int8: w ~ q * scale[:, None], q in [-127, 127], scale = max|row| / 127 (fp32).
     A row of zeros gets scale 0 and q 0; a row with nan or inf cannot be quantized (ValueError)."""
@@ -231,12 +242,7 @@ class SparseFFN(_Scratch):
         self.last_path = None  # "sparse" or "dense": what the last call ran
         self._recent = {}  # batch size -> the active fraction of the last call: the next call's prediction
 
-        def packed(shape):  # huge pages first (before the memory is touched): fewer TLB misses
-            t = torch.empty(shape, dtype=self.dtype, device=self.device)
-            if "c" in _mods and self.device.type == "cpu":
-                _mods["c"].lib.sffn_advise_hugepages(_mods["c"].ffi.cast("void *", t.data_ptr()),
-                                                     t.numel() * t.element_size())
-            return t
+        packed = lambda shape: huge_empty(shape, self.dtype, self.device)
 
         h, d = self.h, self.d
         self.scales = None  # int8: the per-row scales of W1, W3 and W2^T, (3, h) fp32

@@ -1042,6 +1042,42 @@ def test_lazy_negated_views(backend):
             kernel(x, out=torch.empty(3, 33)._neg_view())
 
 
+def _thp_mode():
+    try:
+        return open("/sys/kernel/mm/transparent_hugepage/enabled").read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _vma_flags(addr):  # the VmFlags of the mapping that holds addr, from /proc/self/smaps
+    lo = hi = None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+        elif head == "VmFlags:" and lo <= addr < hi:
+            return line.split()[1:]
+    return None
+
+
+@pytest_kernel
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="no transparent huge pages here")
+def test_packed_weights_ask_for_huge_pages():
+    """huge_empty (the packed weights') marks its 2 MB-aligned interior MADV_HUGEPAGE before the memory is
+    touched ('hg' in the mapping's VmFlags; whether the kernel then finds free huge pages is its own
+    business); odd and empty shapes come back as plain tensors."""
+    t = sparse_ffn.huge_empty((3 << 20,), torch.float32)  # 12 MB: five whole 2 MB pages inside at least
+    assert t.shape == (3 << 20,) and t.dtype == torch.float32 and t.is_contiguous()
+    mid = t.data_ptr() + t.nbytes // 2
+    assert "hg" in _vma_flags(mid)
+    plain = torch.empty(3 << 20)
+    assert "hg" not in _vma_flags(plain.data_ptr() + plain.nbytes // 2)  # torch's allocator does not ask
+    kernel = sparse_ffn.SparseFFN(ref_ffn(1024, 1536), mode="sparse")  # 6 MB and 12 MB of packed weights
+    assert all("hg" in _vma_flags(w.data_ptr() + w.nbytes // 2) for w in (kernel.w1, kernel.w32))
+    assert sparse_ffn.huge_empty((0, 5), torch.int8).shape == (0, 5)
+    assert sparse_ffn.huge_empty((7, 3), torch.bfloat16).shape == (7, 3)
+
+
 # -----------------------------------------------------------------------------
 # thresholds: the gate (relu or silu) and t, in the model, the C kernel and the torch path
 
