@@ -146,14 +146,16 @@ def bench(fns, dev, against=None):
     """Median seconds of one call, rotating over fns (one per weight copy). With `against` (another list),
     blocks of its calls alternate with blocks of these, and both medians come back: on a shared host the
     bandwidth drifts over seconds, so two implementations timed one after the other can be 5-10% off. A block
-    is 3+ calls (5+ ms): the first call after a switch runs ~100 us slow (d=2048 fp32 on the 2-core Xeon,
-    either way round), and the median passes over it."""
+    is 8+ calls (20+ ms): the first calls after a switch run slow (d=2048 fp32 batch 1 on the 2-core Xeon: the
+    kernel 2% in blocks of 1, against blocks of 8), and the median passes over them."""
     groups, block = [fns] + ([against] if against else []), []
-    for g in groups:  # the warm-up, and the block size from it
+    for g in groups:  # the warm-up (every copy's first call sets up its scratch), and the block size
+        for f in g:
+            f()
         sync(dev); t0 = time.perf_counter()
         for f in g[:3] * 2:
             f()
-        sync(dev); block.append(max(3, math.ceil(0.005 * 6 / (time.perf_counter() - t0))) if against else 1)
+        sync(dev); block.append(max(8, math.ceil(0.02 * 6 / (time.perf_counter() - t0))) if against else 1)
     times, start, i = [[] for _ in groups], time.perf_counter(), [0] * len(groups)
     while len(times[0]) < min_reps or time.perf_counter() - start < min_time * len(groups):
         for k, (g, ts) in enumerate(zip(groups, times)):
@@ -205,7 +207,8 @@ def roof_now(dev):
 
 
 def copies(make, nbytes):
-    return [make() for _ in range(max(1, min(256, math.ceil(rotate_mb * 2**20 / nbytes))))]
+    # all of rotate_mb, even for a small FFN: some hosts' last-level caches hold 480 MiB
+    return [make() for _ in range(max(1, min(4096, math.ceil(rotate_mb * 2**20 / nbytes))))]
 
 
 def show(row):
