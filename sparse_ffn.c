@@ -48,7 +48,7 @@ batches leave blocks over AMX_PF_MAX to the hardware prefetcher).
 
 Build:  python build.py      (cffi API mode -> _sparse_ffn_c; -O3 -march=native -fopenmp, with
                               fallbacks that it reports)
-Run:    python bench.py      (timings);  python -m pytest -q test_all.py  (vs model.FeedForward)
+Run:    python bench.py      (timings);  python -m pytest -q test_kernels.py  (vs model.FeedForward)
 */
 #include <stddef.h>
 #include <stdint.h>
