@@ -146,8 +146,9 @@ def bench(fns, dev, against=None):
     """Median seconds of one call, rotating over fns (one per weight copy). With `against` (another list),
     blocks of its calls alternate with blocks of these, and both medians come back: on a shared host the
     bandwidth drifts over seconds, so two implementations timed one after the other can be 5-10% off. A block
-    is 8+ calls (20+ ms): the first calls after a switch run slow (d=2048 fp32 batch 1 on the 2-core Xeon: the
-    kernel 2% in blocks of 1, against blocks of 8), and the median passes over them."""
+    lasts half of min_time (8 calls at least): the calls after a switch run slow (2-core Xeon, d=2048, the
+    kernel alternating with dense: batch 1 2% slower in blocks of 1 call than of 8, batches 4 and 16 3-10%
+    slower in blocks of 8 than unpaired), and in blocks this long the median passes over them."""
     groups, block = [fns] + ([against] if against else []), []
     for g in groups:  # the warm-up (every copy's first call sets up its scratch), and the block size
         for f in g:
@@ -155,7 +156,7 @@ def bench(fns, dev, against=None):
         sync(dev); t0 = time.perf_counter()
         for f in g[:3] * 2:
             f()
-        sync(dev); block.append(max(8, math.ceil(0.02 * 6 / (time.perf_counter() - t0))) if against else 1)
+        sync(dev); block.append(max(8, math.ceil(min_time / 2 * 6 / (time.perf_counter() - t0))) if against else 1)
     times, start, i = [[] for _ in groups], time.perf_counter(), [0] * len(groups)
     while len(times[0]) < min_reps or time.perf_counter() - start < min_time * len(groups):
         for k, (g, ts) in enumerate(zip(groups, times)):
