@@ -38,11 +38,11 @@ pass 2 goes batch row by batch row instead, x_b and y_b staying in L1; where the
 half the rows (dense text, 0% sparsity), UB units at a time, so that each y vector is loaded and
 stored once per UB units (16-bit and int8 from 2 rows, fp32 from 8).
 Where it stands (2-core Xeon with AVX-512, VNNI and AMX, d=2048 h=8192, 2 threads, 2026-11-24;
-bench.py, against the read roof measured before each row, ~25 GB/s): batch 1 fp32 117-129% (as
-PyTorch's own GEMV: the sum under-reads this host), bf16 107-118%, int8 96-108%; at 50-99% sparsity,
-batch 4: fp32 104-116%, bf16 90-100%, int8 67-78%; batch 16: fp32 80-88%, bf16 75-95%, int8 55-76%
-(the second pass, scattered rows, is the rest); at 0%, batch 16, 1.71-2.38x of PyTorch's dense
-(README, Speed).
+bench.py at 50-99% sparsity, against the read roof measured before each row on huge pages, as the
+packed weights are, ~35 GB/s): batch 1 fp32 80-85%, bf16 72-77%, int8 65-75%; batch 4 fp32 72-80%,
+bf16 63-67%, int8 47-56%; batch 16 fp32 59-65%, bf16 53-63%, int8 41-53% (the second pass,
+scattered rows, is the rest). At 0% sparsity fp32 batch 1 reads what PyTorch's dense reads, a little
+slower than MKL (0.97x); batch 16 is 1.72-2.48x of dense (README, Speed).
 W1 is prefetched into L2 (PF_HINT): 5-20% faster than into L1 on that Xeon, for every dtype (AMX
 batches leave blocks over AMX_PF_MAX to the hardware prefetcher).
 
