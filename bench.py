@@ -611,7 +611,7 @@ for dev in device_list:
           "'%1GiB' the same GB/s against the 1 GiB read (PyTorch's allocator, no huge pages)")
     print("s% = hidden units zero for the whole batch (the union), tok% = zero per token; GB/s = bytes that\n"
           "must move / median time (W1 + the active W3 rows and W2 columns); speedup over torch dense "
-          f"({'fp32' if dev == 'cpu' else 'same dtype'}),\ntimed call for call alternately with the row; "
+          f"({'fp32' if dev == 'cpu' else 'same dtype'}),\ntimed in blocks alternating with the row's; "
           "ideal = dense bytes / these bytes (the speedup at equal GB/s).\nRows whose weights fit in cache (small d, h) "
           "can beat the roof.")
     kernel_table(dev)

@@ -248,6 +248,7 @@ def test_ffn_stats_counts_zeros_and_dead_units():
     assert layers[0]["dead"] >= 10 / cfg.ffn_hidden
     assert all(b.ffn.stats is None for b in model.blocks)
 
+
 def test_calibrate_thresholds_reaches_target():
     torch.manual_seed(0)
     model = GPT(tiny_config(n_layer=3, act="silu")).eval()
