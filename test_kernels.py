@@ -274,8 +274,6 @@ def test_packed_weights_ask_for_huge_pages():
     assert t.shape == (3 << 20,) and t.dtype == torch.float32 and t.is_contiguous()
     mid = t.data_ptr() + t.nbytes // 2
     assert "hg" in _vma_flags(mid)
-    plain = torch.empty(3 << 20)
-    assert "hg" not in _vma_flags(plain.data_ptr() + plain.nbytes // 2)  # torch's allocator does not ask
     kernel = sparse_ffn.SparseFFN(ref_ffn(1024, 1536), mode="sparse")  # 6 MB and 12 MB of packed weights
     assert all("hg" in _vma_flags(w.data_ptr() + w.nbytes // 2) for w in (kernel.w1, kernel.w32))
     assert sparse_ffn.huge_empty((0, 5), torch.int8).shape == (0, 5)
