@@ -183,12 +183,12 @@ def read_bandwidth(dev):
     a = torch.randn(1 << 28, device=dev)
     b = torch.empty_like(a)
     t_sum, t_copy = bench([lambda: a.sum()], dev), bench([lambda: b.copy_(a)], dev)
-    del b
+    read, copy = a.nbytes / t_sum / 1e9, 2 * a.nbytes / t_copy / 1e9
+    del a, b
     if dev != "cpu":
-        return a.nbytes / t_sum / 1e9, 2 * a.nbytes / t_copy / 1e9, None
-    del a
-    a = huge(1 << 28, dev)
-    return 2**30 / t_sum / 1e9, 2**31 / t_copy / 1e9, a.nbytes / bench([lambda: a.sum()], dev) / 1e9
+        return read, copy, None
+    hp = huge(1 << 28, dev)
+    return read, copy, hp.nbytes / bench([lambda: hp.sum()], dev) / 1e9
 
 
 _roof_buf = {}

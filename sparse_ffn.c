@@ -550,11 +550,10 @@ static int amx_granted(void) {  // Linux gives a process the 8 KB of AMX tile st
 // bf16: 3 parts x d/32 tiles x 1 KB; int8 half that, + 16 row scales and 64-byte alignment
 static size_t amx_floats(int d) { return (size_t)d * 24 + 16; }
 
-
 // x (B finite rows, d % 32 == 0) -> xt: for each 32-element block kb and part p, one 16 x 64-byte tile
 // whose row r holds, for each batch row b, that part of x[b][32 kb + 2r] and x[b][32 kb + 2r + 1].
 // Returns 0 (use the AVX-512 path) where x has nan or inf.
-// Vectorized, bf16 rounded to nearest even, lane by lane: at batch 16, d=2048 the scalar loop took ~90 us, with
+// Vectorized, bf16 rounded to nearest even in every lane: at batch 16, d=2048 a scalar loop took ~90 us, with
 // the other thread waiting (the W1 pass is ~1.2 ms)
 INLINE __m512i bf16_rne_v(__m512 v) {  // 16 lanes of bf16 bits, one in each 32-bit lane
     const __m512i b = _mm512_castps_si512(v);

@@ -241,7 +241,6 @@ class SparseFFN(_Scratch):
         self.last_active = None  # active units (union over the batch) of the last call, when known
         self.last_path = None  # "sparse" or "dense": what the last call ran
         self._recent = {}  # batch size -> the active fraction of the last call: the next call's prediction
-        self._breakeven = {}  # (batch size, threads) -> breakeven(batch size): one dict lookup a call
 
         packed = lambda shape: huge_empty(shape, self.dtype, self.device)
 
@@ -326,10 +325,7 @@ class SparseFFN(_Scratch):
         else:
             self._torch(x, out, gate, t)
         if self.last_active is not None and self._auto:
-            Bc, key = min(B, SFFN_MAX_B), (min(B, SFFN_MAX_B), torch.get_num_threads())
-            self._recent[Bc] = self.last_active / self.h
-            if key not in self._breakeven:  # measured (or looked up) once, for the next call's choice
-                self._breakeven[key] = self.breakeven(Bc)
+            self._recent[min(B, SFFN_MAX_B)] = self.last_active / self.h
         return out
 
     def _plain(self, t):
@@ -345,7 +341,7 @@ class SparseFFN(_Scratch):
             return self.last_path
         B = min(B, SFFN_MAX_B)  # larger batches run in calls of at most 16 rows
         f = self._recent.get(B)
-        self.last_path = "dense" if f is not None and f > self._breakeven.get((B, torch.get_num_threads()), 2.0) else "sparse"
+        self.last_path = "dense" if f is not None and f > self.breakeven(B) else "sparse"
         return self.last_path
 
     def breakeven(self, B):
