@@ -167,6 +167,13 @@ INLINE void prefetch_lines(const char* pf, size_t i, int es, const int NR) {
     }
 }
 
+// x vector v stays in a register: otherwise gcc folds its load into each of the 4 FMAs that use it,
+// and a 4 x 4 block issues 17 loads per 16 FMAs instead of 8. Used by the batched dot (B > 4), fp32.
+// Measured on a 2-core AMD EPYC (Zen 4): its W1 pass at batch 16 in cache 0.91 -> 0.69 ms (63% -> 85%
+// of the FMA peak); d=2048 batch 16 at 50% 6.9 -> 6.1 ms, batch 8 5.4 -> 5.2. Batches of 4 and 16-bit
+// weights (whose conversions bind first) gain nothing
+#define IN_REG(v) __asm__("" : "+v"(v))
+
 // ----------------------------------------------------------------------------
 // micro-kernels: NR weight rows against NB inputs (NR * NB <= 8), and one row into NB outputs
 
@@ -344,6 +351,7 @@ INLINE void dot_acc_k(const void* const* w, const float* const* x, int i0, int i
         for (int r = 0; r < NR; r++) wv[r] = ldw(w[r], i, dt);
         for (int b = 0; b < NB; b++) {
             vec xv = vload(x[b] + i);
+            if (dt == F32) IN_REG(xv);
             for (int r = 0; r < NR; r++) a[r][b] = vfma(wv[r], xv, a[r][b]);
         }
     }
