@@ -43,9 +43,11 @@ packed weights are, ~35 GB/s): batch 1 fp32 80-85%, bf16 72-77%, int8 65-75%; ba
 bf16 63-67%, int8 47-56%; batch 16 fp32 59-65%, bf16 53-63%, int8 41-53% (the second pass,
 scattered rows, is the rest). At 0% sparsity fp32 batch 1 reads what PyTorch's dense reads, a little
 slower than MKL (0.97x); batch 16 is 1.72-2.48x of dense. On a 2-core AMD EPYC (Zen 4: AVX-512,
-VNNI, no AMX; 2026-11-24, README, Speed), against a 28.6 GB/s 1 GiB read: batch 4 fp32 92-131%, bf16
-52-100%; batch 16 fp32 60-71%, bf16 32-45%, int8 20-26%, bound there by the FMAs (16 per weight, at
-~115 G/s on the 2 cores), not the memory; PyTorch's dense runs slower there, every row 1.71x or more.
+VNNI, no AMX; 2026-11-25, README, Speed), against a 32.1 GB/s 1 GiB read: batch 1 fp32 80-120%, bf16
+81-109%, int8 80-102%; batch 4 fp32 85-97%, bf16 50-81%; batch 16 fp32 37-73% (a slow spell of the
+host; its W1 pass alone runs at 67%), bf16 23-41%, int8 14-24%, bound there by the FMAs (16 per
+weight, at ~115 G/s on the 2 cores), not the memory; PyTorch's dense runs slower there, every row
+1.61x or more.
 W1 is prefetched into L2 (PF_HINT): 5-20% faster than into L1 on that Xeon, for every dtype (AMX
 batches leave blocks over AMX_PF_MAX to the hardware prefetcher).
 
