@@ -75,7 +75,7 @@ Run:    python bench.py      (timings);  python -m pytest -q test_kernels.py  (v
 #define SFFN_MAX_B 16       // rows per call; sparse_ffn.py splits larger batches
 #define SFFN_MAX_CHUNK 256  // hidden units a thread takes at a time
 #ifndef PF_BYTES
-#define PF_BYTES 16384  // how far ahead to prefetch W1 (tuned on the 2-core EPYC, flat from 16 to 64 KB)
+#define PF_BYTES 16384  // how far ahead to prefetch W1, at least (work() also keeps it a whole step ahead)
 #endif
 #ifndef PF2_BYTES
 #define PF2_BYTES 4096  // pass 2 prefetches the active row at least this far ahead (d=192: 10% faster than 1 row)
@@ -957,6 +957,7 @@ static int work_i8(const Args* a, int t, int T) { return work(a, t, T, I8); }
 INLINE void gemv_rows(const float* const* xb, const QRow* q, int B, int d, int n, const char* w,
                       const float* sc, float* y, int t, int T, const int dt) {
     const size_t rowb = (size_t)d * ES(dt);
+    // not floored at a whole step as work()'s W1 prefetch is: unmeasured here, so left as it was
     const int PF = (int)((PF_BYTES + rowb - 1) / rowb + 1);
     const int j0 = (int)((long long)n * t / T) & ~1, j1 = t + 1 == T ? n : (int)((long long)n * (t + 1) / T) & ~1;
     float o[4 * SFFN_MAX_B];
