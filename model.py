@@ -314,32 +314,36 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def calibrate_thresholds(self, batches, sparsity):
-        """CATS' calibration: per layer, the t below which a fraction `sparsity` of |act(W1 x)| falls
-        on `batches` (an iterable of (B, T) token ids: training text, not the evaluation's). A layer
-        already sparser than that gets t = 0. The model's act must be relu or silu. Sets and returns
-        the thresholds."""
+        """CATS' calibration, layer by layer: each layer's t is the value below which a fraction `sparsity`
+        of its |act(W1 x)| falls on `batches` (an iterable of (B, T) token ids: training text, not the
+        evaluation's), with the thresholds of the layers before it in place, as they will be at inference:
+        they change what the layer sees. A layer already sparser than that gets t = 0. The model's act must
+        be relu or silu. Sets and returns the thresholds."""
         if self.config.act not in ("relu", "silu"):
             raise ValueError(f"thresholds need act relu or silu, not {self.config.act!r} (see set_act)")
         if not 0 <= sparsity <= 1:
             raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
         self.set_thresholds(None)
-        acts = [[] for _ in self.blocks]
-        hooks = [block.ffn.w1.register_forward_hook(lambda m, i, o, k=k: acts[k].append(o.float().flatten()))
-                 for k, block in enumerate(self.blocks)]
-        try:
-            with self.ffn_stats():  # which also keeps attached kernels out: the hooks see every W1 x
-                for idx in batches:
-                    self(idx)
-        finally:
-            for h in hooks:
-                h.remove()
-        ts = []
-        for a in acts:
-            a = gated(torch.cat(a), self.config.act).abs()
-            k = math.floor(sparsity * a.numel())  # the k smallest |act| fall at or below t
-            ts.append(a.kthvalue(k).values.item() if k > 0 else 0.0)
-        self.set_thresholds(ts)
-        return ts
+        xs = []  # per batch, the residual stream entering the next block to calibrate
+        for idx in batches:
+            if idx.shape[1] > self.config.block_size:
+                raise ValueError(f"{idx.shape[1]} positions exceed block_size={self.config.block_size}")
+            xs.append(self.drop(self.tok_emb(idx)))
+        rope = lambda x: (self.rope_cos[:x.shape[1]], self.rope_sin[:x.shape[1]])
+        with self.ffn_stats():  # which also keeps attached kernels out: the hook sees every W1 x
+            for block in self.blocks:  # one pass to calibrate the block, one to feed the next: 2 model passes in all
+                acts = []
+                hook = block.ffn.w1.register_forward_hook(lambda m, i, o: acts.append(o.float().flatten()))
+                try:
+                    for x in xs:
+                        block(x, *rope(x))
+                finally:
+                    hook.remove()
+                a = gated(torch.cat(acts), self.config.act).abs()
+                k = math.floor(sparsity * a.numel())  # the k smallest |act| fall at or below t
+                block.ffn.threshold = a.kthvalue(k).values.item() if k > 0 else 0.0
+                xs = [block(x, *rope(x)) for x in xs]  # with this block's threshold in place
+        return [block.ffn.threshold for block in self.blocks]
 
     # -------------------------------------------------------------------------
     # generation with a KV cache
