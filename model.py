@@ -11,6 +11,7 @@ The FFN is h = act(W1 x) * (W3 x), y = W2 h. With act = relu, every negative W1 
 so at inference only W1 must be read in full (see sparse_ffn.c / sparse_ffn.cu).
 """
 
+import json
 import math
 import os
 import weakref
@@ -413,6 +414,21 @@ def load_checkpoint(path):
     if missing:
         raise ValueError(f"checkpoint {path} is not one of train.py's: it lacks {sorted(missing)}")
     return ckpt
+
+
+def strict_json(obj, **kw):
+    """obj as strict JSON text (RFC 8259 has no NaN or Infinity, which json.dumps would write and strict
+    parsers reject): a float that is not finite becomes null, the value undefined; numpy and torch
+    values become Python numbers and lists. Every JSON the project writes goes through this."""
+    def clean(o):
+        if hasattr(o, "tolist"):  # numpy and torch scalars and arrays
+            o = o.tolist()
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return None if isinstance(o, float) and not math.isfinite(o) else o
+    return json.dumps(clean(obj), allow_nan=False, **kw)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

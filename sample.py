@@ -12,7 +12,6 @@ Diversity over the N samples, on tokens: distinct-1/2/3 (unique n-grams / all n-
 more diverse) and self-BLEU-4 (each sample scored against the others, lower is more diverse).
 """
 
-import json as jsonlib
 import math
 from collections import Counter
 from types import SimpleNamespace
@@ -22,7 +21,7 @@ import torch
 from configurator import (between, cli, configure, device as device_rule, either, existing_file, is_setting, new_file,
                           one_of, optional, positive_int)
 from data import tokenizer
-from model import ACTS, GPT, load_checkpoint
+from model import ACTS, GPT, load_checkpoint, strict_json
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"
@@ -86,7 +85,7 @@ def bleu(hyp, refs, max_n=4):
 
 def self_bleu(samples):
     if len(samples) < 2:
-        return float("nan")
+        return float("nan")  # undefined: null in the JSON report
     return sum(bleu(s, samples[:i] + samples[i + 1:]) for i, s in enumerate(samples)) / len(samples)
 
 
@@ -143,7 +142,7 @@ def main(argv):
           f"distinct-3 {report['distinct_3']:.3f}, self-BLEU-4 {report['self_bleu']:.3f}")
     if C.json:
         with open(C.json, "w") as f:
-            jsonlib.dump(report, f, indent=1)
+            f.write(strict_json(report, indent=1))  # self_bleu of one sample is undefined: null
     return report
 
 

@@ -685,6 +685,41 @@ def test_sample_stoch_is_diverse_and_relu_greedy_is_deterministic(tmp_path):
     assert sample.main(common)["act"] == "relu"  # auto: the checkpoint's inference activation
 
 
+def strict_loads(text):
+    """json.loads that refuses NaN and Infinity, as strict JSON parsers do"""
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_strict_json_writes_null_for_undefined_numbers():
+    from model import strict_json
+    nan, inf = float("nan"), float("inf")
+    obj = dict(a=nan, b=[1, inf, (2.5, -inf)], c=dict(d=[dict(e=nan)]), f=np.float32(1.5), g=np.float64(nan),
+               h=torch.tensor(nan), i=torch.tensor([1.0, -inf]), j=np.array([[inf, 2.0]]), k=np.int64(3), l=True,
+               m=None, n="NaN", o=-0.0, p=1e308)
+    want = dict(a=None, b=[1, None, [2.5, None]], c=dict(d=[dict(e=None)]), f=1.5, g=None, h=None, i=[1.0, None],
+                j=[[None, 2.0]], k=3, l=True, m=None, n="NaN", o=-0.0, p=1e308)
+    with pytest.raises(ValueError, match="not strict"):
+        strict_loads(json.dumps(obj["a"]))  # what json.dumps alone writes
+    for kw in ({}, dict(indent=1)):
+        assert strict_loads(strict_json(obj, **kw)) == want
+    assert strict_json([nan, 1]) == "[null, 1]"
+
+
+def test_sample_json_report_is_strict_with_one_sample(tmp_path):
+    """One sample has no self-BLEU: the report says null, not NaN (which strict parsers reject)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=1, n_head=2, n_kv_head=1, n_embd=16, block_size=16, vocab_size=1024, act="relu")
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(dict(model=GPT(cfg).state_dict(), model_args=asdict(cfg), config=dict(eval_act="relu"), iter_num=0), ckpt)
+    report = sample.main([f"--ckpt={ckpt}", "--num_samples=1", "--max_new_tokens=4", "--quiet=True",
+                          f"--json={tmp_path / 'r.json'}"])
+    assert math.isnan(report["self_bleu"])
+    written = strict_loads((tmp_path / "r.json").read_text())
+    assert written["self_bleu"] is None and written["sample_ids"] == report["sample_ids"]
+
+
 def test_diversity_metrics():
     same = [[1, 2, 3, 4, 5]] * 3
     assert sample.distinct_n(same, 1) == pytest.approx(5 / 15)
