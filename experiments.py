@@ -19,6 +19,7 @@ everything goes; summaries and logs are committed, checkpoints not), --config=co
 """
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -31,6 +32,7 @@ import torch
 
 from configurator import (ConfigError, cli, configure, either, existing_dir, existing_file, int_list, new_dir, one_of,
                           positive_int)
+from model import strict_json
 from train import read_log
 
 # -----------------------------------------------------------------------------
@@ -132,7 +134,7 @@ def run_train(run):
         rc = subprocess.run([sys.executable, "train.py", *argv], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
         raise RuntimeError(f"python train.py {' '.join(argv)} failed (exit {rc}); see {d}/stdout.txt")
-    s = json.load(open(os.path.join(d, "summary.json")))
+    s = load_json(os.path.join(d, "summary.json"))
     return f"{d}: val loss {s['val_loss']:.4f}, sparsity {100 * s['sparsity']:.1f}% ({time.time() - t0:.0f} s)"
 
 
@@ -154,6 +156,10 @@ FRONTIER = [("SILU + CATS", SCRATCH[0][0], "silu"), ("RELU from scratch + t", SC
 TARGETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)  # FFN sparsity, calibrated on training text
 CALIB_BATCHES = 8  # of 8 x 128 tokens from train.bin: 8k tokens (CATS used a few hundred thousand; flat here)
 VAL_BATCHES = 40  # the summaries' final evaluation: the same 41k validation tokens
+# how each point's thresholds were calibrated (its "calibration"; points without one predate "layer by layer")
+CALIBRATIONS = {"layer by layer": "layer by layer, each layer with the thresholds before it in place",
+                None: "in one pass with no thresholds in place (the calibration before layer by layer: later layers then "
+                      "fall short of the target by up to 2 points; the sparsity shown is the one measured)"}
 
 
 def _eval_setup(state):
@@ -179,8 +185,29 @@ def _evaluate(model, act, folder, cfg, tbytes, n=VAL_BATCHES):
 def save_json(path, obj):
     """Written after every point, atomically: an interrupted stage continues from what it finished."""
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(strict_json(obj, indent=1))
     os.replace(path + ".tmp", path)
+
+
+# numbers a run can leave undefined (a diverged run's losses; self-BLEU of a single sample): written as null
+# (strict JSON, see model.strict_json), read back as NaN, which averages, compares and prints as nan
+UNDEFINED = {"loss", "val_loss", "val_bpb", "val_loss_infer", "val_bpb_infer", "relu_val_loss", "avg_ll", "best_ll",
+             "self_bleu"}
+
+
+def nan_for_null(row):
+    return {k: math.nan if v is None and k in UNDEFINED else v for k, v in row.items()}
+
+
+def load_json(path):
+    """A JSON file the project wrote, its undefined numbers as NaN."""
+    with open(path) as f:
+        return json.load(f, object_hook=nan_for_null)
+
+
+def log_rows(path):
+    """train.py's log.jsonl rows (train.read_log), their undefined numbers as NaN."""
+    return [nan_for_null(r) for r in read_log(path)]
 
 
 def frontier():
@@ -189,7 +216,7 @@ def frontier():
     from model import load_checkpoint
     from train import get_batch
     path = os.path.join(out, "frontier.json")
-    points = json.load(open(path))["points"] if os.path.exists(path) else []
+    points = load_json(path)["points"] if os.path.exists(path) else []
     done = {(p["curve"], p["seed"], p["target"]) for p in points}
     for curve, row, gate in FRONTIER:
         for seed in SEEDS:
@@ -213,7 +240,8 @@ def frontier():
                 res = _evaluate(model, gate, folder, cfg, tbytes)
                 if target is None:
                     natural = res["sparsity"]
-                points.append(dict(curve=curve, seed=seed, target=target, gate=gate, thresholds=ts, val_loss=res["loss"],
+                points.append(dict(curve=curve, seed=seed, target=target, gate=gate, thresholds=ts,
+                                   calibration="layer by layer" if target is not None else None, val_loss=res["loss"],
                                    val_bpb=res["bpb"], sparsity=res["sparsity"],
                                    sparsity_per_layer=[l["sparsity"] for l in res["layers"]], ckpt=ck))
                 print(f"{curve:28s} seed {seed} target {'own' if target is None else f'{100 * target:.0f}%':>4s}: "
@@ -233,7 +261,7 @@ def int8():
     import sparse_ffn
     from model import load_checkpoint
     path = os.path.join(out, "int8.json")
-    points = json.load(open(path))["points"] if os.path.exists(path) else []
+    points = load_json(path)["points"] if os.path.exists(path) else []
     done = {(p["row"], p["seed"], p["weights"]) for p in points}
     for row in INT8:
         for seed in SEEDS:
@@ -276,7 +304,7 @@ def health():
         h = dict(relu_dead_per_layer=[l["dead"] for l in res["layers"]], relu_sparsity=res["sparsity"],
                  relu_val_loss=res["loss"], w1_collapsed_per_layer=collapsed, collapsed_rule=COLLAPSED)
         with open(target, "w") as f:
-            json.dump(h, f, indent=1)
+            f.write(strict_json(h, indent=1))
         print(f"{d}: relu dead {100 * np.mean(h['relu_dead_per_layer']):.1f}%, W1 rows collapsed "
               f"{100 * np.mean(collapsed):.1f}%", flush=True)
 
@@ -320,7 +348,7 @@ def diversity():
                   num_samples=num_samples, new_tokens=new_tokens, threads=torch.get_num_threads(), rows=rows)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "diversity.json"), "w") as f:
-        json.dump(report, f, indent=1)
+        f.write(strict_json(report, indent=1))  # self-BLEU is null with num_samples=1
     print(f"wrote {os.path.join(out, 'diversity.json')}")
 
 
@@ -344,9 +372,9 @@ def speed():
 
 
 def pm(values, f=".3f", scale=1.0):
-    """mean ± half the range over seeds (with 2 seeds: the two values are mean ± that)"""
+    """mean ± half the range over seeds (with 2 seeds: the two values are mean ± that); nan if one is"""
     v = [scale * x for x in values]
-    return f"{np.mean(v):{f}} ± {(max(v) - min(v)) / 2:{f.lstrip('+')}}" if len(v) > 1 else f"{v[0]:{f}}"
+    return f"{np.mean(v):{f}} ± {np.ptp(v) / 2:{f.lstrip('+')}}" if len(v) > 1 else f"{v[0]:{f}}"
 
 
 def quality_rows():
@@ -356,10 +384,10 @@ def quality_rows():
         path = os.path.join(d, "summary.json")
         if not os.path.exists(path):
             continue
-        evals = [r for r in read_log(os.path.join(d, "log.jsonl")) if r["kind"] == "eval"]
+        evals = [r for r in log_rows(os.path.join(d, "log.jsonl")) if r["kind"] == "eval"]
         flags = " ".join(a for a in argv[1:] if not a.startswith(("--seed=", "--out_dir=", "--init_from=")))
         entry = table.setdefault((group, name), dict(flags=flags, runs=[]))
-        summary = json.load(open(path))
+        summary = load_json(path)
         # the loss with RELU when the switch came (before any RELU step) and at the end, on the same few
         # validation batches; continued pre-training with RELU switches a trained SILU model at its step 0
         switch = 0 if summary["act"] == "relu" else summary["switch_iter"]
@@ -448,7 +476,7 @@ def stress_table(table):
     base = {}
     for name, e in rows:
         recipe, setting = name.split(", lr ")
-        health_ = [json.load(open(os.path.join(r["dir"], "health.json"))) for r in e["runs"]
+        health_ = [load_json(os.path.join(r["dir"], "health.json")) for r in e["runs"]
                    if os.path.exists(os.path.join(r["dir"], "health.json"))]
         losses = [r["val_loss"] for r in e["runs"]]
         if setting.startswith("x1,"):
@@ -467,7 +495,7 @@ def long_table(table):
     if e is None:
         return
     r = e["runs"][0]
-    evals = [x for x in read_log(os.path.join(r["dir"], "log.jsonl")) if x["kind"] == "eval"]
+    evals = [x for x in log_rows(os.path.join(r["dir"], "log.jsonl")) if x["kind"] == "eval"]
     tok = r["tokens"] / r["iters"]
     print(f"\n### Sparsity along one long run\n\n`python train.py {config} {e['flags']} --seed={r['seed']}`: "
           f"{r['tokens'] / 1e6:.1f}M tokens ({r['tokens'] / 1.79e6:.1f} passes over the training text), "
@@ -484,16 +512,18 @@ def frontier_table():
     path = os.path.join(out, "frontier.json")
     if not os.path.exists(path):
         return
-    rep = json.load(open(path))
+    rep = load_json(path)
     speed = {}  # (gate, sparsity %) -> C kernel speedups over dense, fp32 and bf16, d=2048 h=8192 batch 1
     for gate in ("relu", "silu"):
         bp = os.path.join(out, f"bench_{gate}.json")
         if os.path.exists(bp):
-            for r in json.load(open(bp))["rows"]:
+            for r in load_json(bp)["rows"]:
                 if r.get("impl") == "C sparse" and r["B"] == 1:
                     speed.setdefault((gate, r["s"]), {})[r["dtype"]] = r["speedup"]
+    how = {p.get("calibration") for p in rep["points"] if p["target"] is not None}
+    how = CALIBRATIONS[how.pop()] if len(how) == 1 else "some layer by layer, some in one pass (see frontier.json)"
     print(f"\n### Quality against sparsity: retrain, or threshold?\n\nEach model at its own sparsity, then with "
-          f"per-layer thresholds calibrated on {rep['calib_tokens']:,} training tokens to each target sparsity; val loss "
+          f"per-layer thresholds calibrated on {rep['calib_tokens']:,} training tokens {how}, to each target sparsity; val loss "
           f"on {rep['val_tokens']:,} validation tokens; mean over the seeds. 'vs SILU' is against the SILU model "
           "itself (dense), paired by seed. Speedup: the C kernel at the target sparsity with that gate, d=2048 h=8192, "
           "batch 1, over PyTorch's dense FFN (fp32 weights / bf16 weights), from bench.py; the figure at the top "
@@ -553,7 +583,7 @@ def tables():
     frontier_table()
     path = os.path.join(out, "int8.json")
     if os.path.exists(path):
-        pts = json.load(open(path))["points"]
+        pts = load_json(path)["points"]
         print(f"\n### int8 weights\n\n`experiments.py int8`: each relu-sparse model as trained (fp32), with int8 FFN weights, "
               f"and with every linear layer int8 (per-row symmetric, as the C kernel stores them); RELU at inference; "
               f"seeds {', '.join(map(str, SEEDS))}; mean ± half the range; 'vs fp32' paired by seed.\n")
@@ -568,7 +598,7 @@ def tables():
                           f"{pm([p['sparsity'] for p in ps], '.2f', 100)}% |")
     path = os.path.join(out, "diversity.json")
     if os.path.exists(path):
-        rep = json.load(open(path))
+        rep = load_json(path)
         print(f"\n### Diversity\n\n{rep['ckpt']}: {rep['n_prompts']} prompts of {rep['prompt_tokens']} validation "
               f"tokens, {rep['num_samples']} samples of {rep['new_tokens']} tokens each; log-likelihood per token "
               f"under {rep['score_act']}; metrics averaged over prompts.\n")
@@ -598,7 +628,7 @@ def tables():
                       + " | ".join(cells) + " |")
     path = os.path.join(out, "bench.json")
     if os.path.exists(path):
-        b = json.load(open(path))
+        b = load_json(path)
         rows = b["rows"]
         print(f"\n### Speed\n\nbench.py {' '.join(b['argv'])}: torch {b['torch']}, {b['threads']} threads, {b['cpu']}; "
               f"1 GiB read {b['roof_cpu']['read_GBps']:.1f} GB/s ({b['roof_cpu'].get('read_huge_GBps') or float('nan'):.1f} on huge "

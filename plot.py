@@ -7,14 +7,13 @@ Draws the README's figures from what experiments.py, train.py and bench.py wrote
 A figure whose inputs are missing is skipped with a note, so it can be run after any stage.
 """
 
-import json
 import os
 import sys
 
 import numpy as np
 
 from configurator import cli, configure, existing_dir, existing_file, new_dir
-from train import read_log
+from experiments import load_json, log_rows
 
 out = "results"
 config = "config/sweep.py"  # as experiments.py's --config
@@ -22,7 +21,7 @@ assets = "assets"
 
 
 def load_log(d):
-    rows = read_log(os.path.join(d, "log.jsonl"))
+    rows = log_rows(os.path.join(d, "log.jsonl"))
     return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
 
 
@@ -118,7 +117,7 @@ def read_json(name, figure):
     if not os.path.exists(path):
         print(f"no {path}: skipping {figure}")
         return None
-    return json.load(open(path))
+    return load_json(path)
 
 
 def diversity_figure(plt):
@@ -185,7 +184,7 @@ def frontier_figure(plt, experiments):
     for gate in ("relu", "silu"):
         path = os.path.join(out, f"bench_{gate}.json")
         if os.path.exists(path):
-            sel = sorted((r["s"], r["speedup"]) for r in json.load(open(path))["rows"]
+            sel = sorted((r["s"], r["speedup"]) for r in load_json(path)["rows"]
                          if r.get("impl") == "C sparse" and r["B"] == 1 and r["dtype"] == "float32")
             speed[gate] = np.array([(0.0, 1.0)] + sel).T  # 0%: the dense FFN itself
     fig, axes = plt.subplots(1, 2 if speed else 1, figsize=(12 if speed else 7, 4.8), squeeze=False)

@@ -796,6 +796,35 @@ def test_quality_table_pairs_seeds_and_shows_the_switch(tmp_path, capsys, monkey
     assert "| 5.500 -> 5.300 |" in text
 
 
+def test_tables_read_back_the_null_of_undefined_numbers(tmp_path, capsys, monkeypatch):
+    """What the stages write is strict JSON, and the tables read its nulls (a diverged seed's losses, the
+    self-BLEU of one sample) back as NaN rather than failing on them."""
+    import experiments
+    from model import strict_json
+    monkeypatch.setattr(experiments, "out", str(tmp_path))
+    nan = float("nan")
+    for seed, loss in ((1337, 5.0), (1338, nan)):  # seed 1338 diverged
+        d = tmp_path / "quality" / f"{experiments.slug('SILU')}-s{seed}"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(strict_json(dict(
+            val_loss=loss, val_bpb=loss / 2, sparsity=0.0, dead_fraction=0.0, act="silu", p=0.5, alpha=0, switch_iter=300,
+            iters=300, tokens=1000, seconds=10.0, eval_act="silu", params=1e6, device_name="cpu", threads=1, val_tokens=100)))
+        (d / "log.jsonl").write_text(strict_json(dict(kind="eval", iter=300, eval_act="silu", val_loss_infer=loss)) + "\n")
+    row = dict(label="greedy", act="relu", p=0.5, temperature=0.0, top_p=None, avg_ll=-2.0, best_ll=-2.0, distinct_1=0.5,
+               distinct_2=0.5, distinct_3=0.5, self_bleu=nan, unique=1.0)  # one sample: no self-BLEU
+    experiments.save_json(str(tmp_path / "diversity.json"), dict(ckpt="c.pt", score_act="relu", n_prompts=1, prompt_tokens=8,
+                                                                 num_samples=1, new_tokens=6, rows=[row]))
+    for path in ("diversity.json", "quality/SILU-s1338/summary.json", "quality/SILU-s1338/log.jsonl"):
+        strict_loads((tmp_path / path).read_text())
+    assert strict_loads((tmp_path / "diversity.json").read_text())["rows"][0]["self_bleu"] is None
+    assert math.isnan(experiments.load_json(tmp_path / "diversity.json")["rows"][0]["self_bleu"])
+    assert experiments.load_json(tmp_path / "diversity.json")["rows"][0]["top_p"] is None  # a null that means None
+    experiments.tables()
+    text = capsys.readouterr().out
+    assert "| SILU | `--act=silu --alpha=0` | nan ± nan | nan ± nan | +nan ± nan | silu |" in text
+    assert "| greedy | -2.000 | -2.000 | 0.500 | 0.500 | nan | 1.00 |" in text
+
+
 def test_frontier_and_health_from_a_checkpoint(tiny_run, tmp_path, capsys, monkeypatch):
     """The frontier stage calibrates thresholds per model and target, reaches each target's sparsity on
     validation text within a few points, resumes without redoing points, and prints its table; the
@@ -824,7 +853,9 @@ def test_frontier_and_health_from_a_checkpoint(tiny_run, tmp_path, capsys, monke
     assert len(json.load(open(tmp_path / "frontier.json"))["points"]) == len(pts)
     capsys.readouterr()
     experiments.frontier_table()
-    assert "| SILU + CATS | 80% | 1 |" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "| SILU + CATS | 80% | 1 |" in table and "training tokens layer by layer, each layer with" in table
+    assert all(p["calibration"] == ("layer by layer" if p["target"] is not None else None) for p in pts)
     try:
         import matplotlib  # noqa: F401  (optional: only plot.py needs it)
         import plot
