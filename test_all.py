@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -562,19 +563,76 @@ def test_resume_after_interrupt_gives_the_same_losses(tiny_run, tmp_path, compil
 
 def test_resume_survives_a_torn_log_and_a_stale_tmp(tiny_run, tmp_path, capsys):
     """A kill mid-append tears log.jsonl's last line, a kill mid-save leaves ckpt.pt.tmp: resume
-    drops what it cannot parse (and says so), ignores the tmp, and goes on from the checkpoint."""
-    import shutil
+    drops what it cannot parse (and says so), ignores the tmp, and goes on from the checkpoint (here
+    the finished run's last one: it evaluates step 150 again and writes the summary)."""
     out = tmp_path / "out"
     shutil.copytree(tiny_run["out"], out)
     good = (out / "log.jsonl").read_text()
     (out / "log.jsonl").write_text(good + '{"kind": "train", "iter": 1' + "\n" + "\x00\xff garbage\n" + '"a string"\n')
     (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
-    s = train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=160", "--eval_interval=50"])
+    s = train.main([f"--out_dir={out}", "--init_from=resume"])
     assert "dropped 3 unreadable line(s)" in capsys.readouterr().out
-    assert s["iters"] == 160 and s["resumed_from"] == 150 and not (out / "ckpt.pt.tmp").exists()
+    assert s["iters"] == 150 and s["resumed_from"] == 150 and not (out / "ckpt.pt.tmp").exists()
     rows = train.read_log(out / "log.jsonl")
-    assert [r["iter"] for r in rows if r["kind"] == "train"][-2:] == [150, 160]
-    assert len(good.splitlines()) + 2 == len((out / "log.jsonl").read_text().splitlines())  # + train 160, eval 160
+    assert [(r["kind"], r["iter"]) for r in rows][-2:] == [("train", 150), ("eval", 150)]
+    assert (out / "log.jsonl").read_text() == good  # the eval at 150 dropped as after the checkpoint, then redone
+
+
+def test_resume_refuses_a_changed_method_or_shape(tiny_run, tmp_path):
+    """--init_from=resume continues the checkpoint's run exactly: a setting that would change its method,
+    schedule, data or model shape is refused with one line, before any work, the checkpoint untouched;
+    the same values, and settings that only say how it runs (evaluation, logging), are accepted."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run["out"], out)
+    ckpt = str(out / "ckpt.pt")
+    before = {f: (out / f).read_bytes() for f in ("ckpt.pt", "log.jsonl", "summary.json")}
+    resume = ["--init_from=resume", f"--out_dir={out}"]
+    refused = [
+        (["--max_iters=300"], re.escape(f"--max_iters=300, but {ckpt} was trained with max_iters=150; resume continues "
+                                        f"that run exactly (start a new run from its weights with --init_from={ckpt} "
+                                        "to change it)")),
+        (["--alpha=0.5"], "--alpha=0.5, but .* was trained with alpha=0.2"),
+        (["--act=silu", "--p=0.3"], "--act=silu and --p=0.3, but .* was trained with act=stoch and p=0.5"),
+        (["--lr=1e-3"], "--lr=0.001, but"), (["--warmup_iters=0"], "warmup_iters=5"), (["--batch_size=2"], "batch_size=4"),
+        (["--seed=1"], "seed=1337"), ([f"--data={tiny_run['corpus'] / 'doc00.txt'}"], "doc00.txt, but .* data="), (["--eval_act=silu"], "eval_act=relu"),
+        (["--n_layer=4"], f"--n_layer=4, but the checkpoint's model has n_layer 2 \\({ckpt}\\)"),
+        (["--ffn_hidden=64"], "ffn_hidden 128"), (["--block_size=16"], "block_size 32"),
+    ]
+    for extra, message in refused:
+        with pytest.raises(ConfigError, match=message):
+            train.main(resume + extra)
+    assert all((out / f).read_bytes() == b for f, b in before.items())  # nothing was written
+    # the same values (also --ffn_hidden=0, which resolves to the model's 128, and --eval_act=auto, to relu),
+    # and a new eval_interval / log_interval / final_eval_iters: the finished run, evaluated again
+    same = TINY + [f"--data={tiny_run['corpus']}", "--max_iters=150", "--alpha=0.2", "--p=0.5", "--n_layer=2",
+                   "--ffn_hidden=0", "--eval_act=auto", "--eval_interval=1000", "--log_interval=7", "--final_eval_iters=2"]
+    s = train.main(resume + same)
+    assert s["iters"] == 150 and s["resumed_from"] == 150 and s["switch_iter"] == 120 and s["act"] == "stoch"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["config"]["max_iters"] == 150 and state["config"]["out_dir"] == str(out)
+    assert all(state["config"][k] == state["model_args"][k] for k in ("n_layer", "n_embd", "ffn_hidden", "block_size"))
+
+
+def test_continued_pretraining_takes_the_shape_from_the_checkpoint(tiny_run, tmp_path):
+    """--init_from=<ckpt>: the weights fix the model's shape (a different shape flag is one clear line, as
+    --vocab is); the method and schedule are the new run's own."""
+    src = str(tiny_run["out"] / "ckpt.pt")
+    base = [f"--data={tiny_run['corpus']}", f"--data_root={tiny_run['root'] / 'data'}", f"--out_dir={tmp_path}",
+            f"--init_from={src}"]
+    for flag, message in (("--n_layer=4", f"--n_layer=4, but the checkpoint's model has n_layer 2 \\({src}\\)"),
+                          ("--n_embd=64", "n_embd 32"), ("--n_kv_head=4", "n_kv_head 2"), ("--vocab=2048", "vocab 1024")):
+        with pytest.raises(ConfigError, match=message):
+            train.main(base + [flag])
+    assert not os.listdir(tmp_path)
+    # no shape flags: the checkpoint's; the new checkpoint's config records the shape its model_args have
+    s = train.main(base + ["--act=relu", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--final_eval_iters=1",
+                           "--compile=False", "--batch_size=2"])
+    assert s["iters"] == 2 and s["act"] == "relu"
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    shape = dict(vocab="vocab_size", n_layer="n_layer", n_head="n_head", n_kv_head="n_kv_head", n_embd="n_embd",
+                 ffn_hidden="ffn_hidden", block_size="block_size")
+    assert {k: state["config"][k] for k in shape} == {k: state["model_args"][m] for k, m in shape.items()}
+    assert state["model_args"]["n_layer"] == 2 and state["model_args"]["n_embd"] == 32
 
 
 def tiny_losses(tiny_run, out, *extra, env=None):

@@ -13,6 +13,16 @@ the steps (Swi+FT), so that the model comes out with a sparse FFN. Baselines are
 
 Writes out_dir/ckpt.pt (atomically, at every eval, on Ctrl-C / SIGTERM and at the end),
 out_dir/log.jsonl (every logged row) and out_dir/summary.json.
+
+What a checkpoint fixes (SHAPE and RUN below). --init_from=resume continues its run exactly: the model's
+shape, and the method, schedule, optimizer, batches and data (act, p, alpha, eval_act, max_iters, lr,
+min_lr, warmup_iters, batch_size, grad_accum, weight_decay, betas, grad_clip, dropout, seed, data) are
+the checkpoint's, and a flag or config-file value that differs from them is refused with one line, since
+it would change a run that is partly done (a new max_iters or alpha moves the switch to RELU and the
+learning rate's cosine). What may differ on resume only says how the rest is carried out: evaluation
+(eval_interval, eval_iters, final_eval_iters), log_interval, data_root (where the tokens are cached),
+device, dtype and compile. --init_from=<ckpt> starts a new run from another run's weights: the weights
+fix the model's shape (a different shape flag is refused), everything else is this run's own.
 """
 
 import gc
@@ -214,22 +224,67 @@ def log_row(C, master, **row):
             f.write(json.dumps(row) + "\n")
 
 
+# What a checkpoint fixes. SHAPE: its weights fix the model (setting -> GPTConfig field), for
+# --init_from=resume and for --init_from=<ckpt> alike. RUN: what makes a run the run it is (its method,
+# schedule, optimizer, batches and data), which --init_from=resume continues exactly. A value on the
+# command line (or in a config file) that differs from the checkpoint's is refused with one line; the
+# settings in neither list only say how the run is carried out, and may change on resume.
+SHAPE = dict(vocab="vocab_size", n_layer="n_layer", n_head="n_head", n_kv_head="n_kv_head", n_embd="n_embd",
+             ffn_hidden="ffn_hidden", block_size="block_size")
+RUN = ("data", "act", "p", "alpha", "eval_act", "dropout", "max_iters", "lr", "min_lr", "warmup_iters", "batch_size",
+       "grad_accum", "weight_decay", "beta1", "beta2", "grad_clip", "seed")
+
+
+def inference_act(eval_act, act, alpha):
+    """eval_act with auto resolved: relu, or silu for a SILU run with no switch."""
+    if eval_act != "auto":
+        return eval_act
+    return "silu" if act == "silu" and alpha == 0 else "relu"
+
+
+def refuse_changes(overrides, path, model_args, saved_config=None):
+    """One ConfigError naming every setting given with another value than the checkpoint at `path`
+    fixes: its model's shape, and with saved_config (resume) the run's RUN settings. Returns the
+    fixed values, which the caller takes."""
+    shape = {k: model_args[m] for k, m in SHAPE.items()}
+    given = dict(overrides)
+    if given.get("ffn_hidden") == 0:  # 0 = the default size for the model's width
+        given["ffn_hidden"] = GPTConfig(n_embd=shape["n_embd"], n_head=shape["n_head"], n_kv_head=shape["n_kv_head"],
+                                        ffn_hidden=0).ffn_hidden
+    changed = [k for k in SHAPE if k in given and given[k] != shape[k]]
+    if changed:
+        raise ConfigError(f"{' and '.join(f'--{k}={given[k]}' for k in changed)}, but the checkpoint's model has "
+                          f"{' and '.join(f'{k} {shape[k]}' for k in changed)} ({path}): its weights fix the model's shape")
+    if saved_config is None:
+        return shape
+    run = {k: saved_config[k] for k in RUN if k in saved_config}
+    if "eval_act" in given:
+        given["eval_act"] = inference_act(given["eval_act"], run.get("act"), run.get("alpha"))
+    same = lambda k: given[k] == run[k] or k == "data" and os.path.normpath(given[k]) == os.path.normpath(run[k])
+    changed = [k for k in RUN if k in given and k in run and not same(k)]
+    if changed:
+        raise ConfigError(f"{' and '.join(f'--{k}={given[k]}' for k in changed)}, but {path} was trained with "
+                          f"{' and '.join(f'{k}={run[k]}' for k in changed)}; resume continues that run exactly "
+                          f"(start a new run from its weights with --init_from={path} to change it)")
+    return dict(shape, **run)
+
+
 def main(argv):
     cfg = dict(DEFAULTS)
     overrides = configure(cfg, argv, RULES)
     ckpt = source = None
-    if cfg["init_from"] == "resume":  # the saved config, then whatever the command line changes
-        ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
+    if cfg["init_from"] == "resume":  # the saved run, with only what does not change it changed
+        out_dir = cfg["out_dir"]
+        path = os.path.join(out_dir, "ckpt.pt")
+        ckpt = load_checkpoint(path)
+        fixed = refuse_changes(overrides, path, ckpt["model_args"], ckpt["config"])
         cfg.update({k: v for k, v in ckpt["config"].items() if k in DEFAULTS})
-        cfg.update(overrides, init_from="resume")
-        model_vocab = ckpt["model_args"]["vocab_size"]
-    elif cfg["init_from"] != "scratch":  # continued pre-training from another run's weights
+        cfg.update(overrides)
+        cfg.update(fixed, init_from="resume", out_dir=out_dir)  # written where it was read
+    elif cfg["init_from"] != "scratch":  # continued pre-training from another run's weights: a new run
         source = load_checkpoint(cfg["init_from"])
-        model_vocab = source["model_args"]["vocab_size"]
-    if ckpt is not None or source is not None:  # the weights fix the tokenizer: take it, or refuse a different one
-        if "vocab" in overrides and overrides["vocab"] != model_vocab:
-            raise ConfigError(f"--vocab={overrides['vocab']}, but the checkpoint's model has vocab {model_vocab}")
-        cfg["vocab"] = model_vocab
+        cfg.update(refuse_changes(overrides, cfg["init_from"], source["model_args"]))
+    if ckpt is not None or source is not None:
         configure(cfg, [], RULES)  # the checkpoint's saved settings pass the same rules
     C = SimpleNamespace(**cfg)
     check_config(C)
@@ -250,8 +305,7 @@ def main(argv):
     ptdtype = getattr(torch, C.dtype)
     ctx = torch.autocast(device_type, dtype=ptdtype) if device_type == "cuda" and C.dtype != "float32" else nullcontext()
     use_compile, compile_why = compile_choice(C.compile, device_type)
-    if C.eval_act == "auto":  # resolved here, so that checkpoints carry it for sample.py and bench.py
-        C.eval_act = "silu" if C.act == "silu" and C.alpha == 0 else "relu"
+    C.eval_act = inference_act(C.eval_act, C.act, C.alpha)  # resolved, so that checkpoints carry it for sample.py
     eval_act = C.eval_act
     switch_iter = C.max_iters - round(C.alpha * C.max_iters)  # act before it, relu from it on
 
@@ -283,8 +337,6 @@ def main(argv):
         model = GPT(GPTConfig(**model_args))
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
-    if model.config.block_size < C.block_size:
-        raise ConfigError(f"block_size={C.block_size} exceeds the model's {model.config.block_size}")
     model.to(C.device)
     raw = model
 
