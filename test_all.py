@@ -493,6 +493,41 @@ def test_prepare_single_file_and_bad_paths(tmp_path):
     with pytest.raises(ValueError):
         data.prepare(str(tmp_path / "empty"), str(tmp_path / "data"))
 
+
+def test_text_that_is_not_utf8_is_refused(tmp_path):
+    """--data must be UTF-8 text: random bytes, UTF-16 (with its byte-order mark), a folder with an executable
+    among its .txt files, and NUL characters are refused with one line naming the file and the offset of the
+    first bad byte, before anything is written to the data cache. A UTF-8 byte-order mark is dropped."""
+    rng = random.Random(0)
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(bytes(rng.randrange(256) for _ in range(4096)))
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("Romeo loves Juliet in act 1.\n".encode("utf-16"))  # BOM, then little-endian pairs
+    folder = write_corpus(tmp_path / "texts", n_docs=3)
+    elf = folder / "doc01.txt"
+    elf.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)))  # the start of an executable
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes("Romeo loves Juliet.\n".encode() + b"\x00" + b"more text\n")
+    with pytest.raises(UnicodeDecodeError) as bad:
+        noise.read_bytes().decode("utf-8")
+    cases = [(noise, noise, f"byte offset {bad.value.start} "), (utf16, utf16, "byte offset 0 .*UTF-16"),
+             (folder, elf, "NUL character at byte offset 7 "), (nul, nul, "NUL character at byte offset 20 ")]
+    root = tmp_path / "cache"
+    for path, bad_file, where in cases:
+        for call in (lambda: data.prepare(str(path), str(root), vocab=1024),
+                     lambda: train.main([f"--data={path}", f"--data_root={root}", f"--out_dir={tmp_path / 'out'}"] + TINY)):
+            with pytest.raises(ValueError, match=f"^{re.escape(str(bad_file))}: not UTF-8 text.*{where}") as e:
+                call()
+            assert "\n" not in str(e.value)
+        assert not root.exists() and not (tmp_path / "out").exists()  # nothing half-written
+    r = subprocess.run([sys.executable, "train.py", f"--data={folder}", f"--data_root={root}"], cwd=HERE,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, (r.stdout, r.stderr)
+    assert f"error: {elf}: not UTF-8 text" in r.stderr and not root.exists()
+    bom = tmp_path / "bom.txt"  # a UTF-8 byte-order mark is dropped, the text kept
+    bom.write_bytes(b"\xef\xbb\xbf" + "".join(f"line {i} of the play\n" for i in range(100)).encode())
+    assert data.text_docs(str(bom)) == [("bom.txt", "".join(f"line {i} of the play\n" for i in range(100)))]
+
 # -----------------------------------------------------------------------------
 # training, resuming, sampling
 
