@@ -49,6 +49,7 @@ gate = "relu"  # the kernel rows' gate: relu, or silu with the threshold t that 
 gather = True  # also time the pure-torch gather fallback
 min_time = 0.25  # seconds of timed calls per row (at least min_reps calls)
 min_reps = 10
+roof_mb = 1024  # MiB summed to measure the read roof (the roof before each row sums a quarter of it)
 rotate_mb = 1024  # weight copies per implementation, up to this many MB: out of the caches (some hosts have 100+ MB)
 threads = 0  # torch threads; 0 = torch's default
 e2e = True  # decoding tokens/s through model.generate, dense vs sparse
@@ -83,7 +84,7 @@ RULES = dict(
     devices=either(one_of(""), listed(["cpu"] + (["cuda"] if torch.cuda.is_available() else []))),
     sizes=either(one_of(""), dxh_list), batches=int_list(1), sparsities=int_list(0, 100),
     dtypes=listed(["float32", "bfloat16", "float16", "int8"]), gate=one_of("relu", "silu"), gather=one_of(True, False), min_time=between(0, lo_open=True),
-    min_reps=positive_int, rotate_mb=between(0), threads=between(0, integer=True), e2e=one_of(True, False),
+    min_reps=positive_int, roof_mb=between(1, integer=True), rotate_mb=between(0), threads=between(0, integer=True), e2e=one_of(True, False),
     e2e_tokens=positive_int, llama=one_of(True, False), compiled=one_of(True, False), ckpt=either(one_of(""), existing_file), data_dir=either(one_of(""), existing_dir),
     quick=one_of(True, False), json=either(one_of(""), new_file), seed=between(0, integer=True),
 )
@@ -178,16 +179,16 @@ def huge(n, dev):  # n floats of ones: on huge pages on the CPU, as the kernels'
 
 
 def read_bandwidth(dev):
-    """GB/s of a 1 GiB sum (a pure read, like the kernels) and of a 1 GiB copy (read + write), in memory from
+    """GB/s of a roof_mb sum (1 GiB by default; a pure read, like the kernels) and of a roof_mb copy (read + write), in memory from
     PyTorch's allocator, and of the same sum on huge pages (None where they are the same: not the CPU)."""
-    a = torch.randn(1 << 28, device=dev)
+    a = torch.randn(roof_mb << 18, device=dev)
     b = torch.empty_like(a)
     t_sum, t_copy = bench([lambda: a.sum()], dev), bench([lambda: b.copy_(a)], dev)
     read, copy = a.nbytes / t_sum / 1e9, 2 * a.nbytes / t_copy / 1e9
     del a, b
     if dev != "cpu":
         return read, copy, None
-    hp = huge(1 << 28, dev)
+    hp = huge(roof_mb << 18, dev)
     return read, copy, hp.nbytes / bench([lambda: hp.sum()], dev) / 1e9
 
 
@@ -198,7 +199,7 @@ def roof_now(dev):
     """Read GB/s right now (a 256 MiB sum on huge pages, median of 5): on a shared host the memory bandwidth
     drifts by 20-30% over seconds, so each row is compared with the roof measured just before it."""
     if dev not in _roof_buf:
-        _roof_buf[dev] = huge(1 << 26, dev)
+        _roof_buf[dev] = huge(roof_mb << 16, dev)
     a = _roof_buf[dev]
     a.sum()
     ts = []
@@ -604,9 +605,9 @@ for dev in device_list:
         print(f"\nGPU: {meta['gpu']}")
     rd, cp, rd_huge = read_bandwidth(dev)
     meta[f"roof_{dev}"] = dict(read_GBps=rd, copy_GBps=cp, read_huge_GBps=rd_huge)
-    huge_note = f"; on huge pages, as the kernels' weights are, the 1 GiB sum reads {rd_huge:.1f} GB/s" if rd_huge else ""
-    print(f"\n[{dev}] memory: read {rd:.1f} GB/s (1 GiB sum), copy {cp:.1f} GB/s (1 GiB copy, read + write "
-          f"counted){huge_note}.\nThe kernels only read: 'roof' below is the read GB/s of a 256 MiB sum"
+    huge_note = f"; on huge pages, as the kernels' weights are, the {roof_mb} MiB sum reads {rd_huge:.1f} GB/s" if rd_huge else ""
+    print(f"\n[{dev}] memory: read {rd:.1f} GB/s ({roof_mb} MiB sum), copy {cp:.1f} GB/s ({roof_mb} MiB copy, read + write "
+          f"counted){huge_note}.\nThe kernels only read: 'roof' below is the read GB/s of a {roof_mb // 4} MiB sum"
           f"{' on huge pages' if rd_huge else ''} measured just before each row (it drifts on a shared host),\n"
           "'%1GiB' the same GB/s against the 1 GiB read (PyTorch's allocator, no huge pages)")
     print("s% = hidden units zero for the whole batch (the union), tok% = zero per token; GB/s = bytes that\n"

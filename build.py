@@ -30,9 +30,9 @@ int sffn_openmp(void);
 size_t sffn_scratch_floats(int B, int d, int nthreads);
 void sffn_advise_hugepages(void* p, size_t bytes);
 int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void* w32, int dtype,
-                 const float* scales, int gate, float t, float* y, float* scratch, int nthreads);
+                 const float* scales, int gate, float t, float* y, float* scratch, size_t n_scratch, int nthreads);
 int sffn_gemv(const float* x, int B, int d, int n, const void* w, int dtype, const float* scales, float* y,
-              float* scratch, int nthreads);
+              float* scratch, size_t n_scratch, int nthreads);
 """
 
 # the flag sets tried in order: the first that compiles wins

@@ -767,8 +767,10 @@ INLINE void prefetch_units(const Args* a, const int* list, int k0, int k1, size_
     (void)a; (void)list; (void)k0; (void)k1; (void)rowb; (void)most;
 #endif
 }
-// int8: the scales of W3_j and W2^T_j, applied once to g; else 1
-INLINE float w32_scale(const Args* a, int j) { return a->scales ? a->scales[a->h + j] * a->scales[2 * a->h + j] : 1.0f; }
+// int8: the scale of W3_j (applied to its dot before g(u) multiplies it, so that g holds W3_j . x g(u) as in
+// fp32 and overflows only where that does) and of W2^T_j (applied after); else 1
+INLINE float w3_scale(const Args* a, int j) { return a->scales ? a->scales[a->h + j] : 1.0f; }
+INLINE float w2_scale(const Args* a, int j) { return a->scales ? a->scales[2 * a->h + j] : 1.0f; }
 
 // g(u) for the nr units from j whose W1 x are at ur (B each, overwritten), listing the active ones
 INLINE int gate_rows(const Args* a, int j, int nr, float* ur, int* list, int n) {
@@ -873,8 +875,7 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
                 const void* w[1] = {row};
                 float g;
                 dot_rows(w, 1, xr, NULL, 1, d, dt, next, &g);
-                g *= u[(j - j0) * B + b];
-                if (a->scales) g *= w32_scale(a, j);
+                g = g * w3_scale(a, j) * u[(j - j0) * B + b] * w2_scale(a, j);
                 axpy(row + rowb, &g, yr, 1, d, dt, next ? next + rowb : NULL);
             }
             continue;
@@ -903,11 +904,11 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
                 unsigned rows = 0;
                 for (int r = 0; r < nu; r++) {
                     const int j = list[k0 + r];
-                    const float sc = w32_scale(a, j);
+                    const float s3 = w3_scale(a, j), s2 = w2_scale(a, j);
                     for (int b = 0; b < B; b++) {
                         const float uv = u[(j - j0) * B + b];
                         const int on = is_on(uv, a->t);
-                        g[r * B + b] = on ? g[r * B + b] * uv * sc : 0.0f;  // g(u), or nan, as in torch
+                        g[r * B + b] = on ? g[r * B + b] * s3 * uv * s2 : 0.0f;  // g(u), or nan, as in torch
                         rows |= (unsigned)on << b;
                     }
                 }
@@ -929,9 +930,8 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
                 if (is_on(uj[b], a->t)) { xs[m] = xb[b]; ys[m] = part + (size_t)b * a->ld; ub[m++] = uj[b]; }
             const void* w[1] = {row};
             dot_rows(w, 1, xs, a->q, m, d, dt, next, g);
-            for (int b = 0; b < m; b++) g[b] *= ub[b];  // g(u), or nan, as in torch
-            if (a->scales)  // int8: the W3 row's scale, and the W2^T row's, applied once to g
-                for (int b = 0; b < m; b++) g[b] *= w32_scale(a, j);
+            const float s3 = w3_scale(a, j), s2 = w2_scale(a, j);
+            for (int b = 0; b < m; b++) g[b] = g[b] * s3 * ub[b] * s2;  // g(u), or nan, as in torch
             for (int b0 = 0; b0 < m; b0 += 4) {
                 const int nb = m - b0 < 4 ? m - b0 : 4;
                 axpy(row + rowb, g + b0, ys + b0, nb, d, dt, b0 || !next ? NULL : next + rowb);
@@ -1030,11 +1030,11 @@ void sffn_advise_hugepages(void* p, size_t bytes) {
 
 // y = W x for B <= SFFN_MAX_B rows: W [n, d] fp32 / fp16 / bf16 / int8 (then scales: n floats, else NULL),
 // x [B, d] and y [B, n] fp32. Returns 0, or -1 for arguments it cannot take.
-// scratch: sffn_scratch_floats(B, d, 0) floats (the padded x).
+// scratch: n_scratch floats, at least sffn_scratch_floats(B, d, 0) (the padded x; checked here).
 int sffn_gemv(const float* x, int B, int d, int n, const void* w, int dtype, const float* scales, float* y,
-              float* scratch, int nthreads) {
+              float* scratch, size_t n_scratch, int nthreads) {
     if (B < 1 || B > SFFN_MAX_B || d < 1 || n < 1 || nthreads < 1 || dtype < F32 || dtype > I8
-        || (dtype == I8) != (scales != NULL)) return -1;
+        || (dtype == I8) != (scales != NULL) || n_scratch < sffn_scratch_floats(B, d, 0)) return -1;
     nthreads = threads_for((size_t)n * d * ES(dtype) * B, nthreads);
     const size_t ld = row_stride(d);
     const float* xb[SFFN_MAX_B];
@@ -1059,11 +1059,12 @@ int sffn_gemv(const float* x, int B, int d, int n, const void* w, int dtype, con
 // int8 weights (dtype I8) take scales: 3h floats, the per-row scales of W1, then W3, then W2^T (the
 // weight is q * scale); NULL for the other dtypes. Returns the number of active units (the union over
 // the batch), or -1 for arguments it cannot take (sparse_ffn.py checks them first).
-// scratch: sffn_scratch_floats(B, d, nthreads) floats.
+// scratch: n_scratch floats, at least sffn_scratch_floats(B, d, nthreads) (checked here).
 int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void* w32, int dtype,
-                 const float* scales, int gate, float t, float* y, float* scratch, int nthreads) {
+                 const float* scales, int gate, float t, float* y, float* scratch, size_t n_scratch, int nthreads) {
     if (B < 1 || B > SFFN_MAX_B || d < 1 || h < 1 || nthreads < 1 || dtype < F32 || dtype > I8
-        || (dtype == I8) != (scales != NULL) || (gate != RELU && gate != SILU) || !(t >= 0.0f) || isinf(t))
+        || (dtype == I8) != (scales != NULL) || (gate != RELU && gate != SILU) || !(t >= 0.0f) || isinf(t)
+        || n_scratch < sffn_scratch_floats(B, d, nthreads))
         return -1;
     nthreads = threads_for((size_t)h * d * ES(dtype) * B, nthreads);  // W1's bytes x rows
     // about 4 chunks per thread (at most SFFN_MAX_CHUNK units each): round-robin chunks balance the threads,

@@ -12,11 +12,10 @@ thresholding of a SILU model, Lee et al. 2024); t >= 0 is per call, so per layer
     sparse_ffn.attach(model)         # every relu FFN of an eval-mode model uses its kernel
     sparse_ffn.detach(model)
 
-Never slower than dense (mode="auto", the default on the CPU): a call whose batch leaves more units
-active than the break-even runs PyTorch's dense GEMMs on the same packed weights instead. The break-even
-is measured once per shape, dtype, batch size and thread count (the kernel with no unit active, with
-every unit active, and dense), and the choice for a call is predicted from the layer's previous call
-(consecutive tokens keep similar sparsity; the dense path measures it too). mode="sparse" / "dense"
+The path depends on the batch size only, so the same input gives the same bits on every call (mode="auto",
+the default on the CPU): batches of at most SFFN_MAX_B rows (decoding) run the sparse kernel; larger ones
+(a prompt's prefill, where the union of active units covers nearly every unit) run PyTorch's dense GEMMs on
+the same packed fp32 weights, which read each weight once for the whole batch. mode="sparse" / "dense"
 force one path.
 
 Packed weights are a snapshot: after training or editing the weights, attach again.
@@ -28,7 +27,6 @@ Importing this file compiles nothing and needs no network; the first use of a ba
 
 import sys
 import threading
-import time
 
 import numpy as np
 import torch
@@ -38,8 +36,7 @@ _c_lock = threading.Lock()
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}  # as in sparse_ffn.c
 GATES = {"relu": 0, "silu": 1}  # as in sparse_ffn.c and sparse_ffn.cu
 MODES = ("auto", "sparse", "dense")
-_BREAKEVEN = {}  # (d, h, dtype, batch, threads) -> active fraction above which dense is faster
-DENSE_MARGIN = 0.85  # auto runs dense where its measured time is below this fraction of the kernel's (breakeven())
+T_MAX = float(torch.finfo(torch.float32).max)  # the largest threshold t: the kernels hold t in fp32
 CUDA_MAX_BATCH = 16  # rows per launch of sparse_ffn.cu (its kMaxBatch); larger batches are split
 SFFN_MAX_B = 16  # rows per call of sparse_ffn.c (its SFFN_MAX_B, checked when it loads); larger batches are split
 
@@ -136,25 +133,23 @@ def _as_tensor(a, name):
 
 def _c_chunks(owner, call, x, out, d_in, d_out, scratch_floats, name):
     """Run a C kernel over x (N, d_in) -> out (N, d_out) in the row chunks it takes, with owner's scratch
-    (grown rarely, sized for the largest chunk) under the lock. Returns the largest result of a call.
-    Lean on purpose: at d=192 a decoding step calls it ~20 times, and each Python microsecond shows."""
-    ffi, lib = _mods["c"].ffi, _mods["c"].lib
+    (grown to what this call needs; the kernel checks the size it is given) under the lock. Returns the
+    largest result of a call. Lean on purpose: at d=192 a decoding step calls it ~20 times."""
+    ffi = _mods["c"].ffi
     T = torch.get_num_threads()  # torch's thread count, so the kernel shares torch's cores
-    with _c_lock:  # cffi releases the GIL during the call, and the scratch is per instance
-        if owner._scratch_key != (d_in, T):
-            need = scratch_floats(SFFN_MAX_B, d_in, T)
-            if owner._scratch.numel() < need:
-                owner._scratch = torch.empty(need)
-                owner._scratch_p = ffi.cast("float *", owner._scratch.data_ptr())
-            owner._scratch_key = (d_in, T)
-        px, py, scratch = ffi.cast("float *", x.data_ptr()), ffi.cast("float *", out.data_ptr()), owner._scratch_p
-        N = x.shape[0]
+    N = x.shape[0]
+    with _c_lock:  # cffi releases the GIL during the call, and the scratch is shared by the owner's calls
+        need = scratch_floats(min(N, SFFN_MAX_B), d_in, T)  # this call's own need: no cache key stands in for it
+        if owner._scratch.numel() < need:
+            owner._scratch = torch.empty(need)
+            owner._scratch_p = ffi.cast("float *", owner._scratch.data_ptr())
+        px, py, scratch, ns = ffi.cast("float *", x.data_ptr()), ffi.cast("float *", out.data_ptr()), owner._scratch_p, owner._scratch.numel()
         if N <= SFFN_MAX_B:
-            most = call(px, N, py, scratch, T)
+            most = call(px, N, py, scratch, ns, T)
         else:
-            ns = [call(px + b0 * d_in, min(SFFN_MAX_B, N - b0), py + b0 * d_out, scratch, T)
+            rs = [call(px + b0 * d_in, min(SFFN_MAX_B, N - b0), py + b0 * d_out, scratch, ns, T)
                   for b0 in range(0, N, SFFN_MAX_B)]
-            most = min(ns) if min(ns) < 0 else max(ns)
+            most = min(rs) if min(rs) < 0 else max(rs)
     if most < 0:  # the Python checks should make this unreachable
         raise RuntimeError(f"{name} rejected its arguments")
     return most  # sffn_forward: for N > SFFN_MAX_B, the largest union of one call
@@ -172,7 +167,7 @@ def _ffn_c(owner, x, out, w1, w32, scales, gate, t, ptrs=None):
     (h, d), code = w1.shape, DTYPE_CODES[w1.dtype]
     pw1, pw32, sc = ptrs or (_ptr(ffi, w1), _ptr(ffi, w32), _ptr(ffi, scales, "float *"))
     fwd = lib.sffn_forward
-    call = lambda px, nb, py, scratch, T: fwd(px, nb, d, h, pw1, pw32, code, sc, gate, t, py, scratch, T)
+    call = lambda px, nb, py, scratch, ns, T: fwd(px, nb, d, h, pw1, pw32, code, sc, gate, t, py, scratch, ns, T)
     return _c_chunks(owner, call, x, out, d, d, lib.sffn_scratch_floats, "sffn_forward")
 
 
@@ -181,7 +176,7 @@ def _gemv_c(owner, x, out, w, scales):
     ffi, lib = _mods["c"].ffi, _mods["c"].lib
     (n, d), code = w.shape, DTYPE_CODES[w.dtype]
     pw, sc = _ptr(ffi, w), _ptr(ffi, scales, "float *")
-    call = lambda px, nb, py, scratch, T: lib.sffn_gemv(px, nb, d, n, pw, code, sc, py, scratch, T)
+    call = lambda px, nb, py, scratch, ns, T: lib.sffn_gemv(px, nb, d, n, pw, code, sc, py, scratch, ns, T)
     _c_chunks(owner, call, x, out, d, n, lambda b, d_, T: lib.sffn_scratch_floats(b, d_, 0), "sffn_gemv")
 
 
@@ -190,7 +185,7 @@ class _Scratch:
     SparseFFN / DenseLinear, and one shared by the custom ops (all used under _c_lock)."""
 
     def __init__(self):
-        self._scratch, self._scratch_p, self._scratch_key = torch.empty(0), None, None
+        self._scratch, self._scratch_p = torch.empty(0), None
 
 
 class SparseFFN(_Scratch):
@@ -234,13 +229,12 @@ class SparseFFN(_Scratch):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
-        # the per-call choice, for fp32 weights in the C kernel only: with 16-bit weights the kernel reads half
+        # the per-batch-size choice, for fp32 weights in the C kernel only: with 16-bit weights the kernel reads half
         # the bytes of fp32 dense, and PyTorch's 16-bit GEMMs on the CPU would round x and y to 16 bits
         self._auto = mode == "auto" and backend == "c" and self.dtype == torch.float32
         self._cptrs = None
         self.last_active = None  # active units (union over the batch) of the last call, when known
         self.last_path = None  # "sparse" or "dense": what the last call ran
-        self._recent = {}  # batch size -> the active fraction of the last call: the next call's prediction
 
         packed = lambda shape: huge_empty(shape, self.dtype, self.device)
 
@@ -284,12 +278,13 @@ class SparseFFN(_Scratch):
 
     def __call__(self, x, out=None, gate="relu", t=0.0):
         """y = W2 (g_t(W1 x) * (W3 x)) for x (B, d). out: an optional (B, d) buffer, overwritten.
-        gate: "relu" or "silu"; t: the threshold, a finite float >= 0 (0 with relu: plain relu)."""
+        gate: "relu" or "silu"; t: the threshold, a float in [0, T_MAX] (0 with relu: plain relu)."""
         code = GATES.get(gate) if isinstance(gate, str) else None
         if code is None:
             raise ValueError(f"gate must be one of {list(GATES)}, got {gate!r}")
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
-            raise ValueError(f"threshold t must be a finite number >= 0, got {t!r}")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= T_MAX:
+            raise ValueError(f"threshold t must be a number in [0, {T_MAX:.8g}] (fp32's range: the kernels "
+                             f"compare in fp32), got {t!r}")
         t = float(t)
         if not self._plain(x):  # the checks one by one, for their messages (and numpy arrays, lazy views)
             x = _as_tensor(x, "x")
@@ -324,8 +319,6 @@ class SparseFFN(_Scratch):
                                       out[b0:b0 + CUDA_MAX_BATCH], code, t)
         else:
             self._torch(x, out, gate, t)
-        if self.last_active is not None and self._auto:
-            self._recent[min(B, SFFN_MAX_B)] = self.last_active / self.h
         return out
 
     def _plain(self, t):
@@ -334,41 +327,13 @@ class SparseFFN(_Scratch):
                 and t.shape[1] == self.d and t.is_contiguous() and not t.is_neg() and not t.is_conj())
 
     def _choose(self, B):
-        """dense when the active fraction predicted from the last call of this batch size is above the
-        measured break-even; the sparse kernel otherwise (and always on the first call: it measures)."""
-        if not self._auto:
+        """auto: the sparse kernel for a batch it takes in one call, dense GEMMs past that. A function of B
+        alone, never of timings or of earlier calls: a model, an input and a thread count give one result."""
+        if self._auto:
+            self.last_path = "dense" if B > SFFN_MAX_B else "sparse"
+        else:
             self.last_path = "dense" if self.mode == "dense" else "sparse"
-            return self.last_path
-        B = min(B, SFFN_MAX_B)  # larger batches run in calls of at most 16 rows
-        f = self._recent.get(B)
-        self.last_path = "dense" if f is not None and f > self.breakeven(B) else "sparse"
         return self.last_path
-
-    def breakeven(self, B):
-        """The active fraction above which the dense path is faster for batch B (measured once per shape,
-        dtype, batch and thread count, then cached): the kernel's time is close to linear in the active
-        units, from its W1 pass alone (no unit active) to every unit active."""
-        key = (self.d, self.h, self.dtype, B, torch.get_num_threads())
-        if key not in _BREAKEVEN:
-            x, out = torch.randn(B, self.d), torch.empty(B, self.d)
-
-            fns = [lambda: self._dense(x, out, "relu", 0.0),  # dense
-                   lambda: self._c(x, out, "relu", 3e38),  # the kernel with no unit active: W1 only
-                   lambda: self._c(x, out, "silu", 0.0)]  # the kernel with every unit active, for every row
-            ts = [[] for _ in fns]
-            for i in range(12):  # interleaved rounds, so that a noisy neighbour hits all three alike
-                for f, tl in zip(fns, ts):
-                    t0 = time.perf_counter()
-                    f()
-                    if i >= 2:  # the first two rounds warm up
-                        tl.append(time.perf_counter() - t0)
-            t_dense, t_none, t_all = (float(np.median(tl)) for tl in ts)
-            # dense only where it takes under DENSE_MARGIN of the kernel's time: measured here with the weights in
-            # cache, where the dense GEMMs are at their best; from memory the kernel gains that back (d=192 batch
-            # 16, every unit active: dense takes 0.93x the kernel's time in cache, 0.97-1.1x from memory, 2-core Xeon)
-            t_dense /= DENSE_MARGIN
-            _BREAKEVEN[key] = min(1.0, max(0.0, (t_dense - t_none) / max(t_all - t_none, 1e-12)))
-        return _BREAKEVEN[key]
 
     def _weights(self, rows=None, parts=(0, 1, 2)):
         """Of w1, w3, w2t (parts: which) the weights torch computes with, for the units in rows (or

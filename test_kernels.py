@@ -205,6 +205,33 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError):
         sparse_ffn.SparseFFN(ffn, backend="cuda")  # CUDA kernel for CPU weights
     assert kernel(torch.empty(0, 16)).shape == (0, 16)
+    # a threshold past fp32's range: refused with a clear message, not by the kernel's bare -1
+    for t in (3.5e38, float("inf"), float("nan"), -1.0, True, "0.1"):
+        with pytest.raises(ValueError, match="threshold t"):
+            kernel(x, t=t)
+    kernel(x, t=sparse_ffn.T_MAX)  # the largest one the kernel takes
+
+
+@pytest_kernel
+@pytest.mark.parametrize("B", [1, 4, 16])
+def test_int8_huge_inputs_overflow_only_where_the_result_does(B):
+    """int8 weights scale each dot by its row's scale before g(u) multiplies it (the unscaled W3 dot times
+    g(u) once overflowed to inf, and inf * 0 to nan, where the exact result is finite)."""
+    a = torch.full((1, 1), 1e-3)
+    y = sparse_ffn.SparseFFN(a, a, a, dtype=torch.int8, mode="sparse")(torch.full((B, 1), 1e20))
+    check_close(y, torch.full((B, 1), 1e31), atol=0, rtol=1e-5)
+    gen = torch.Generator().manual_seed(B)
+    ffn = ref_ffn(67, 301)
+    ref = rounded(ffn, torch.int8)
+    kernel = sparse_ffn.SparseFFN(ffn, dtype=torch.int8, mode="sparse")
+    for scale in (1e18, 1e30):
+        x = torch.randn(B, 67, generator=gen) * scale
+        with torch.no_grad():
+            want = ref(x.double().float())  # fp32, as the kernel: finite where the exact result fits
+        y = kernel(x)
+        assert torch.equal(y.isfinite(), want.isfinite()), f"scale {scale}"
+        ok = want.isfinite()
+        check_close(y[ok], want[ok], atol=0, rtol=1e-3, note=f"scale {scale}: ")
 
 
 def test_c_kernel_is_built_on_first_use_and_rebuilt_when_stale(tmp_path):
@@ -401,32 +428,71 @@ def test_dense_path_matches_reference(B, dtype, gate, s):
 
 
 @pytest_kernel
-def test_auto_mode_picks_dense_above_the_break_even():
-    """The first call runs the kernel; later calls go dense when the last call's active fraction was above
-    the break-even, and back to sparse when it falls below; every call matches the reference."""
-    ffn = ref_ffn(64, 300)
-    kernel = sparse_ffn.SparseFFN(ffn)
-    assert kernel.mode == "auto"
-    assert 0.0 <= kernel.breakeven(1) <= 1.0  # measured once, then cached for this shape
-    sparse_ffn._BREAKEVEN[(64, 300, torch.float32, 1, torch.get_num_threads())] = 0.5
-    gen = torch.Generator().manual_seed(0)
-    dense_x, sparse_x = torch.randn(1, 64, generator=gen), torch.randn(1, 64, generator=gen)
-    set_sparsity(ffn, dense_x, 0.1, gen)  # 90% of the units active for dense_x
-    kernel = sparse_ffn.SparseFFN(ffn)
-    paths = []
-    for x in (dense_x, dense_x, dense_x, sparse_x, sparse_x):
-        with torch.no_grad():
-            sparse_x_units = (x @ ffn.w1.weight.T > 0).float().mean().item()
-            want = ffn(x)
-        check_close(kernel(x), want, atol=1e-5, rtol=1e-4)
-        paths.append(kernel.last_path)
-    expect_last = "dense" if sparse_x_units > 0.5 else "sparse"  # after one sparse_x call, its own fraction decides
-    assert paths[:4] == ["sparse", "dense", "dense", "dense"] and paths[4] == expect_last, paths
-    bf = sparse_ffn.SparseFFN(ffn, dtype=torch.bfloat16)  # 16-bit weights: always the kernel in auto mode
-    bf(dense_x), bf(dense_x)
+def test_auto_mode_gives_the_same_bits_every_call():
+    """mode="auto" (the default) picks its path from the batch size alone: the same input gives the same bits
+    on every call, whatever came before (it once switched to dense after a sparse call: 30 of 200 cases
+    differed). 200 random fp32 cases, d 1-300, h 1-600, batch 1-40, 1 thread and torch's own."""
+    gen = torch.Generator().manual_seed(26)
+    threads = torch.get_num_threads()
+    try:
+        for case in range(200):
+            torch.set_num_threads(1 if case % 2 else threads)
+            d, h, B = (int(torch.randint(1, n + 1, (), generator=gen)) for n in (300, 600, 40))
+            ffn = ref_ffn(d, h)
+            kernel = sparse_ffn.SparseFFN(ffn)
+            assert kernel.mode == "auto"
+            x = torch.randn(B, d, generator=gen)
+            other = -3 * x  # a call with other units active in between: it must not change the next result
+            first = kernel(x)
+            assert kernel.last_path == ("sparse" if B <= sparse_ffn.SFFN_MAX_B else "dense"), (d, h, B)
+            kernel(other)
+            assert torch.equal(first, kernel(x)) and torch.equal(first, kernel(x)), f"case {case}: d={d} h={h} B={B}"
+            with torch.no_grad():
+                check_close(first, ffn(x), atol=1e-5, rtol=1e-4, note=f"case {case}: ")
+    finally:
+        torch.set_num_threads(threads)
+    bf = sparse_ffn.SparseFFN(ref_ffn(64, 300), dtype=torch.bfloat16)  # 16-bit weights: always the kernel in auto mode
+    bf(torch.randn(40, 64))
     assert bf.last_path == "sparse"
     with pytest.raises(ValueError, match="mode"):
-        sparse_ffn.SparseFFN(ffn, mode="fast")
+        sparse_ffn.SparseFFN(ref_ffn(8, 8), mode="fast")
+
+
+@pytest_kernel
+def test_custom_ops_share_scratch_in_any_order():
+    """The custom ops' shared scratch is sized by each call's own need: the GEMV (which needs no per-thread
+    partial y's) first, then the FFN at the same d, once overran it (a heap overflow that killed compiled
+    decoding with attach(linear=True)). Also the kernel itself refuses a scratch smaller than a call needs."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        sparse_ffn._OP_SCRATCH = sparse_ffn._Scratch()  # as in a fresh process
+        d, h = 192, 512
+        lin = sparse_ffn.DenseLinear(torch.randn(d, d))
+        ffn = ref_ffn(d, h)
+        packed = sparse_ffn.SparseFFN(ffn, mode="sparse")
+        for B in (1, 16, 40):
+            x = torch.randn(B, d)
+            check_close(sparse_ffn.c_gemv_op(x, lin.w, None), F.linear(x, lin.w), atol=1e-5, rtol=1e-4)
+            with torch.no_grad():
+                check_close(sparse_ffn.c_ffn_op(x, packed.w1, packed.w32, None, 0, 0.0), ffn(x), atol=1e-5, rtol=1e-4)
+        sparse_ffn._OP_SCRATCH = sparse_ffn._Scratch()
+        sparse_ffn.c_ffn_op(torch.randn(16, d), packed.w1, packed.w32, None, 0, 0.0)
+        check_close(sparse_ffn.c_gemv_op(x[:1], lin.w, None), F.linear(x[:1], lin.w), atol=1e-5, rtol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+    mod = sparse_ffn._mods["c"]
+    ffi, lib = mod.ffi, mod.lib
+    x, y = torch.randn(4, d), torch.empty(4, d)
+    need = lib.sffn_scratch_floats(4, d, 2)
+    scratch = torch.empty(need)
+    p = lambda t: ffi.cast("float *", t.data_ptr())
+    args = (p(x), 4, d, h, ffi.cast("void *", packed.w1.data_ptr()), ffi.cast("void *", packed.w32.data_ptr()), 0,
+            ffi.NULL, 0, 0.0, p(y), p(scratch))
+    assert lib.sffn_forward(*args, need - 1, 2) == -1
+    assert lib.sffn_forward(*args, need, 2) >= 0
+    need = lib.sffn_scratch_floats(4, d, 0)
+    assert lib.sffn_gemv(p(x), 4, d, d, ffi.cast("void *", lin.w.data_ptr()), 0, ffi.NULL, p(y), p(scratch), need - 1, 2) == -1
 
 
 @pytest_kernel
@@ -809,6 +875,38 @@ def test_backends_and_build_report():
     if torch.version.cuda is None:  # a CPU-only torch: the CUDA build says why it skips
         ok, msg = build.build_cuda()
         assert ok is None and "CPU-only" in msg
+
+
+@pytest_kernel
+def test_bench_smoke(tmp_path):
+    """bench.py's main path at its smallest (tiny sizes, few reps, a 16 MiB roof): every row it should print is
+    printed and written, as strict JSON; the numbers are checked for sense, never for speed."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "bench.py", "--sizes=40x72,24x50", "--batches=1,3", "--sparsities=0,90",
+                        "--dtypes=float32,int8", "--min_time=0.001", "--min_reps=2", "--rotate_mb=1", "--roof_mb=16",
+                        "--e2e=False", f"--json={out}"], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+    def no_constant(c):
+        raise ValueError(f"not strict JSON: {c}")
+    report = json.loads(out.read_text(), parse_constant=no_constant)
+    rows = report["rows"]
+    assert report["threads"] == torch.get_num_threads() and report["cpu"]
+    want = {("torch dense", "float32", d, B, None) for d in (40, 24) for B in (1, 3)}
+    want |= {(impl, dt, d, B, s) for d in (40, 24) for B in (1, 3) for s in (0.0, 90.0)
+             for impl, dt in (("C sparse", "float32"), ("C sparse", "int8"), ("C auto:sparse", "float32"),
+                              ("torch gather", "float32"))}
+    got = {(r_["impl"], r_["dtype"], r_["d"], r_["B"], r_["s"]) for r_ in rows}
+    assert want <= got, sorted(want - got)
+    for row in rows:
+        assert row["time_ms"] > 0 and row["GBps"] > 0 and row["roof_GBps"] > 0, row
+        assert f"{row['impl']:13s} {row['dtype']:8s} {row['d']:5d}" in r.stdout, row
+        if row["impl"] != "torch dense":
+            assert row["speedup"] > 0, row
+        if row["impl"] == "C sparse" and row["dtype"] == "float32":  # dense bytes / these bytes, W1 read in full
+            n_on = row["h"] - round(row["s"] / 100 * row["h"])
+            assert row["ideal"] == pytest.approx(3 / (1 + 2 * n_on / row["h"]), rel=1e-6), row
+
 
 # -----------------------------------------------------------------------------
 # CUDA (skipped without a GPU): x, out and the weights share one dtype
