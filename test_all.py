@@ -11,6 +11,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -1071,6 +1072,78 @@ def test_diversity_tables_and_plots_from_a_checkpoint(tiny_run, tmp_path, capsys
     else:
         plot.main([f"--out={out}", f"--assets={tmp_path / 'assets'}"])
         assert (tmp_path / "assets" / "diversity.png").stat().st_size > 1000
+
+
+def shell_commands(text):
+    """The commands of a text's ```bash blocks, in order, as argv lists (comments dropped, && chains split)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            words = shlex.split(line, comments=True)
+            while words:
+                cut = words.index("&&") if "&&" in words else len(words)
+                commands.append(words[:cut])
+                words = words[cut + 1:]
+    return commands
+
+
+def script_of(argv):
+    """(launcher, script, its args) for `python x.py ...`, `.venv/bin/python x.py ...`, `torchrun ... x.py ...`."""
+    if argv[0] in ("python", "python3", ".venv/bin/python") and len(argv) > 1 and argv[1].endswith(".py"):
+        return argv[:1], argv[1], argv[2:]
+    if argv[0] == "torchrun":
+        i = next(i for i, w in enumerate(argv) if w.endswith(".py"))
+        return argv[:i], argv[i], argv[i + 1:]
+    return argv, None, []
+
+
+def test_readme_commands_run_as_written(tmp_path, monkeypatch):
+    """Every train.py and sample.py command of README.md's shell blocks, in the order shown, in a fresh
+    folder holding the scripts as a fresh clone does, each with tiny settings appended (a tiny model, a few
+    steps, a small corpus for the default one, which needs the network): each must finish, and each run
+    writes into its own out_dir, so that no baseline overwrites the main job's out/ that sample.py reads.
+    The rest (the venv and pip, pytest, build.py, bench.py, experiments.py, plot.py) are not run here;
+    train.py's docstring lists the same commands."""
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for name in os.listdir(HERE):
+        if name.endswith(".py") or name == "config":
+            os.symlink(os.path.join(HERE, name), clone / name)
+    corpus = write_corpus(tmp_path / "texts", n_docs=12)
+    write_corpus(clone / "my_texts", n_docs=12, seed=1)  # the README's stand-in for your own texts
+    tiny_train = TINY + ["--max_iters=4", "--eval_interval=4", "--log_interval=2", "--final_eval_iters=1"]
+    tiny_sample = ["--num_samples=2", "--max_new_tokens=4", "--quiet=True"]
+    monkeypatch.chdir(clone)
+    commands = shell_commands(open(os.path.join(HERE, "README.md")).read())
+    ran = []
+    for argv in commands:
+        launcher, script, args = script_of(argv)
+        if script == "train.py":
+            args = args + tiny_train + ([] if any(a.startswith("--data=") for a in args) else [f"--data={corpus}"])
+            if launcher[0] == "torchrun":
+                r = subprocess.run([sys.executable, "-m", "torch.distributed.run", *launcher[1:], script, *args],
+                                   capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                assert r.returncode == 0, (argv, r.stderr[-3000:])
+                out_dir = next((a[len("--out_dir="):] for a in reversed(args) if a.startswith("--out_dir=")), "out")
+                summary = json.load(open(os.path.join(out_dir, "summary.json")))
+            else:
+                summary = train.main(args)
+            assert summary is not None and summary["iters"] == 4, argv
+        elif script == "sample.py":
+            report = sample.main(args + tiny_sample)
+            assert len(report["samples"]) == 2, argv
+        else:
+            continue
+        ran.append(" ".join(argv))
+    assert len(ran) >= 14 and sum("sample.py" in r for r in ran) >= 3, ran
+    assert (clone / "report.json").exists()
+    # each run's own out_dir: the main job's out/ holds the main job (stoch, p=0.5), not a later baseline's
+    runs = {d: json.load(open(clone / d / "summary.json")) for d in os.listdir(clone) if d.startswith("out")}
+    assert runs["out"]["act"] == "stoch" and runs["out-silu"]["act"] == "silu" and runs["out-relu"]["act"] == "relu"
+    assert runs["out-cpt"]["act"] == "stoch" and runs["out-gpu"]["vocab"] == 1024 and runs["out-ddp"]["processes"] == 2
+    doc = [shlex.split(line, comments=True) for line in train.__doc__.splitlines()
+           if line.strip().startswith(("python train.py", "torchrun"))]
+    assert len(doc) == 8 and all(c in commands for c in doc), doc  # the docstring's commands are the README's
 
 
 def test_torchrun_ddp_on_cpu(tiny_run, tmp_path):

@@ -2,14 +2,17 @@
 Pre-train with stochastic activations (StochA), then switch to RELU for the final fraction alpha of
 the steps (Swi+FT), so that the model comes out with a sparse FFN. Baselines are flags:
 
-    python train.py --p=0.5                      # StochA for 90% of the steps, then RELU (the default)
-    python train.py --act=silu --alpha=0         # SILU, no switch
-    python train.py --act=relu                   # RELU from scratch
-    python train.py --act=silu --alpha=0.1       # Swi+FT from SILU
-    python train.py --init_from=out-silu/ckpt.pt --out_dir=out-cpt --max_iters=200   # continued pre-training
-    python train.py --init_from=resume           # continue out_dir/ckpt.pt exactly (also after Ctrl-C)
-    python train.py config/gpu.py                # a config file of `key = value` lines, then flags
-    torchrun --standalone --nproc_per_node=2 train.py   # DDP (gloo on CPU, nccl on CUDA)
+    python train.py --p=0.5                                     # StochA for 90% of the steps, then RELU (the default)
+    python train.py --act=silu --alpha=0 --out_dir=out-silu     # SILU, no switch
+    python train.py --act=relu --out_dir=out-relu               # RELU from scratch
+    python train.py --act=silu --alpha=0.1 --out_dir=out-swift  # Swi+FT from SILU
+    python train.py --init_from=out-silu/ckpt.pt --out_dir=out-cpt --act=stoch --max_iters=200  # continued pre-training
+    python train.py --init_from=resume                          # continue out/ckpt.pt's run exactly (also after Ctrl-C)
+    python train.py config/gpu.py                               # a config file of `key = value` lines, then flags
+    torchrun --standalone --nproc_per_node=2 train.py --out_dir=out-ddp  # DDP (gloo on CPU, nccl on CUDA)
+
+Each run has its own out_dir: out/, the default, is the main job's, which sample.py and bench.py read by
+default. These are the README's commands (a test runs them).
 
 Writes out_dir/ckpt.pt (atomically, at every eval, on Ctrl-C / SIGTERM and at the end),
 out_dir/log.jsonl (every logged row) and out_dir/summary.json.
