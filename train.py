@@ -256,7 +256,7 @@ def refuse_changes(overrides, path, model_args, saved_config=None):
                                         ffn_hidden=0).ffn_hidden
     changed = [k for k in SHAPE if k in given and given[k] != shape[k]]
     if changed:
-        raise ConfigError(f"{' and '.join(f'--{k}={given[k]}' for k in changed)}, but the checkpoint's model has "
+        raise ConfigError(f"{' and '.join(f'--{k}={overrides[k]}' for k in changed)}, but the checkpoint's model has "
                           f"{' and '.join(f'{k} {shape[k]}' for k in changed)} ({path}): its weights fix the model's shape")
     if saved_config is None:
         return shape
