@@ -633,7 +633,7 @@ if busy0:
     print(f"\nother processes used {others:.0f}% of the {ncpu} CPUs during this run"
           + (": the machine was shared, timings are noisy" if others > 10 else ""))
 if json:
-    from model import strict_json
+    from configurator import strict_json
     with open(json, "w") as f:
         f.write(strict_json(dict(meta, rows=rows), indent=1))
     print(f"wrote {len(rows)} rows to {json}")

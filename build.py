@@ -12,7 +12,6 @@ Nothing is compiled at import time of sparse_ffn.py: run this once after a check
 the kernels (ensure_c() rebuilds when sparse_ffn.c is newer than the built module).
 """
 
-import glob
 import os
 import shutil
 import sys

@@ -15,6 +15,7 @@ exit status 1, without a traceback.
 """
 
 import ast
+import json
 import math
 import os
 import sys
@@ -188,3 +189,18 @@ def cli(main):
         return main(sys.argv[1:])
     except (ValueError, OSError) as e:  # ConfigError is a ValueError
         sys.exit(f"error: {e}")
+
+
+def strict_json(obj, **kw):
+    """obj as strict JSON text (RFC 8259 has no NaN or Infinity, which json.dumps would write and strict
+    parsers reject): a float that is not finite becomes null, the value undefined; numpy and torch
+    values become Python numbers and lists. Every JSON the project writes goes through this."""
+    def clean(o):
+        if hasattr(o, "tolist"):  # numpy and torch scalars and arrays
+            o = o.tolist()
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return None if isinstance(o, float) and not math.isfinite(o) else o
+    return json.dumps(clean(obj), allow_nan=False, **kw)

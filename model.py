@@ -11,18 +11,18 @@ The FFN is h = act(W1 x) * (W3 x), y = W2 h. With act = relu, every negative W1 
 so at inference only W1 must be read in full (see sparse_ffn.c / sparse_ffn.cu).
 """
 
-import json
 import math
 import os
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 ACTS = ("silu", "relu", "stoch")
+T_MAX = float(torch.finfo(torch.float32).max)  # the largest threshold t: the kernels compare in fp32
 
 # -----------------------------------------------------------------------------
 # the activations
@@ -306,10 +306,10 @@ class GPT(nn.Module):
     # thresholds: inference sparsity without retraining (CATS for SILU; also RELU models)
 
     def set_thresholds(self, ts):
-        """Per-layer thresholds t (a list of floats >= 0, one per layer; None = 0 everywhere)."""
+        """Per-layer thresholds t (a list of floats in [0, T_MAX], one per layer; None = 0 everywhere)."""
         ts = [0.0] * len(self.blocks) if ts is None else list(ts)
-        if len(ts) != len(self.blocks) or not all(isinstance(t, (int, float)) and 0 <= t < math.inf for t in ts):
-            raise ValueError(f"need {len(self.blocks)} finite thresholds >= 0, got {ts}")
+        if len(ts) != len(self.blocks) or not all(isinstance(t, (int, float)) and 0 <= t <= T_MAX for t in ts):
+            raise ValueError(f"need {len(self.blocks)} thresholds in [0, {T_MAX:.8g}] (fp32's range), got {ts}")
         for block, t in zip(self.blocks, ts):
             block.ffn.threshold = float(t)
 
@@ -414,21 +414,6 @@ def load_checkpoint(path):
     if missing:
         raise ValueError(f"checkpoint {path} is not one of train.py's: it lacks {sorted(missing)}")
     return ckpt
-
-
-def strict_json(obj, **kw):
-    """obj as strict JSON text (RFC 8259 has no NaN or Infinity, which json.dumps would write and strict
-    parsers reject): a float that is not finite becomes null, the value undefined; numpy and torch
-    values become Python numbers and lists. Every JSON the project writes goes through this."""
-    def clean(o):
-        if hasattr(o, "tolist"):  # numpy and torch scalars and arrays
-            o = o.tolist()
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return None if isinstance(o, float) and not math.isfinite(o) else o
-    return json.dumps(clean(obj), allow_nan=False, **kw)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

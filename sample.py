@@ -19,9 +19,9 @@ from types import SimpleNamespace
 import torch
 
 from configurator import (between, cli, configure, device as device_rule, either, existing_file, is_setting, new_file,
-                          one_of, optional, positive_int)
+                          one_of, optional, positive_int, strict_json)
 from data import tokenizer
-from model import ACTS, GPT, load_checkpoint, strict_json
+from model import ACTS, GPT, load_checkpoint
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"

@@ -32,11 +32,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model import T_MAX
+
 _c_lock = threading.Lock()
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}  # as in sparse_ffn.c
 GATES = {"relu": 0, "silu": 1}  # as in sparse_ffn.c and sparse_ffn.cu
 MODES = ("auto", "sparse", "dense")
-T_MAX = float(torch.finfo(torch.float32).max)  # the largest threshold t: the kernels hold t in fp32
 CUDA_MAX_BATCH = 16  # rows per launch of sparse_ffn.cu (its kMaxBatch); larger batches are split
 SFFN_MAX_B = 16  # rows per call of sparse_ffn.c (its SFFN_MAX_B, checked when it loads); larger batches are split
 

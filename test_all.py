@@ -28,7 +28,7 @@ import data
 import sample
 import train
 from configurator import ConfigError, configure
-from model import GPT, Attention, GPTConfig, apply_rope, rope_tables, sample_next, stoch_act
+from model import T_MAX, GPT, Attention, GPTConfig, apply_rope, rope_tables, sample_next, stoch_act
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
@@ -270,8 +270,10 @@ def test_calibrate_thresholds_reaches_target():
     model.set_act("stoch", 0.5)
     with pytest.raises(ValueError, match="relu or silu"):
         model.calibrate_thresholds(calib, 0.5)
-    with pytest.raises(ValueError, match="thresholds"):
-        model.set_thresholds([0.1, -1.0, 0.0])
+    for bad in (-1.0, 3.5e38, float("inf"), float("nan")):  # past fp32's range: the kernels could not take it
+        with pytest.raises(ValueError, match="thresholds"):
+            model.set_thresholds([0.1, bad, 0.0])
+    model.set_thresholds([0.1, T_MAX, 0.0])
 
 
 def test_calibration_is_sequential_so_every_layer_meets_its_target():
@@ -838,7 +840,7 @@ def strict_loads(text):
 
 
 def test_strict_json_writes_null_for_undefined_numbers():
-    from model import strict_json
+    from configurator import strict_json
     nan, inf = float("nan"), float("inf")
     obj = dict(a=nan, b=[1, inf, (2.5, -inf)], c=dict(d=[dict(e=nan)]), f=np.float32(1.5), g=np.float64(nan),
                h=torch.tensor(nan), i=torch.tensor([1.0, -inf]), j=np.array([[inf, 2.0]]), k=np.int64(3), l=True,
@@ -945,7 +947,7 @@ def test_tables_read_back_the_null_of_undefined_numbers(tmp_path, capsys, monkey
     """What the stages write is strict JSON, and the tables read its nulls (a diverged seed's losses, the
     self-BLEU of one sample) back as NaN rather than failing on them."""
     import experiments
-    from model import strict_json
+    from configurator import strict_json
     monkeypatch.setattr(experiments, "out", str(tmp_path))
     nan = float("nan")
     for seed, loss in ((1337, 5.0), (1338, nan)):  # seed 1338 diverged

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import (ConfigError, between, cli, configure, device as device_rule, either, existing_dir, existing_file,
-                          is_setting, new_dir, one_of, positive_int)
+                          is_setting, new_dir, one_of, positive_int, strict_json)
 from data import VOCAB_RULE, prepare, token_bytes, tokenizer, tokenizer_name
 from model import ACTS, GPT, GPTConfig, load_checkpoint
 
@@ -224,7 +224,7 @@ def read_log(path):
 def log_row(C, master, **row):
     if master:
         with open(os.path.join(C.out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(strict_json(row) + "\n")
 
 
 # What a checkpoint fixes. SHAPE: its weights fix the model (setting -> GPTConfig field), for
@@ -385,7 +385,7 @@ def main(argv):
             rows = read_log(log_path)
             with open(log_path, "w") as f:
                 # a train row's iter counts the steps done (kept up to start_iter); evals at start_iter rerun
-                f.writelines(json.dumps(r) + "\n" for r in rows if r["iter"] < start_iter
+                f.writelines(strict_json(r) + "\n" for r in rows if r["iter"] < start_iter
                              or (r["iter"] == start_iter and r["kind"] == "train"))
         tokens_per_iter = C.batch_size * C.block_size * C.grad_accum * world
         name = torch.cuda.get_device_name() if device_type == "cuda" else device_type
@@ -524,7 +524,7 @@ def main(argv):
                        sparsity_per_layer=[l["sparsity"] for l in res["layers"]],
                        dead_per_layer=[l["dead"] for l in res["layers"]])
         with open(os.path.join(C.out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+            f.write(strict_json(summary, indent=1))
         print(f"done in {seconds:.0f} s: val loss {summary['val_loss']:.4f} nats/token = {summary['val_bpb']:.3f} bits/byte "
               f"with {eval_act}, FFN sparsity {100 * summary['sparsity']:.1f}% (layers "
               f"{' / '.join(f'{100 * s:.0f}' for s in summary['sparsity_per_layer'])}), dead units "
