@@ -1,5 +1,6 @@
 """
-Draws the README's figures from what experiments.py, train.py and bench.py wrote (results/ by default):
+Draws the figures of README.md and RESULTS.md from what experiments.py, train.py and bench.py wrote (results/
+by default):
 
     pip install matplotlib      # only this script needs it
     python plot.py              # -> assets/*.png; --out=results --assets=assets
@@ -13,11 +14,13 @@ import sys
 import numpy as np
 
 from configurator import cli, configure, existing_dir, existing_file, new_dir
-from experiments import load_json, log_rows
+import results
+from results import load_json, log_rows
 
 out = "results"
 config = "config/sweep.py"  # as experiments.py's --config
 assets = "assets"
+TUNED = ("C tuned", "C sparse")  # bench.py's rows of the tuned C kernel (C sparse: its name in older JSON)
 
 
 def load_log(d):
@@ -39,7 +42,7 @@ def seed_mean(runs, key, kind):
 
 
 def quality_figures(plt, experiments):
-    table = experiments.quality_rows()
+    table = results.quality_rows(experiments)
     scratch = [(name, table[("scratch", name)]["runs"]) for name, _ in experiments.SCRATCH if ("scratch", name) in table]
     if not scratch or scratch[0][0] != experiments.SCRATCH[0][0]:  # every figure here is drawn against SILU
         print("no SILU runs yet: skipping the loss, sparsity and alpha figures")
@@ -95,7 +98,7 @@ def quality_figures(plt, experiments):
     # the SILU run of the same seed: the seeds differ by more than the alphas do, and pairing removes that
     silu = {r["seed"]: r["val_loss"] for r in scratch[0][1]}
     points = [(a, {r["seed"]: r["val_loss"] - silu[r["seed"]] for r in e["runs"] if r["seed"] in silu})
-              for a, _, e in experiments.alpha_axis(table)]  # (alpha, {seed: loss - SILU's})
+              for a, _, e in results.alpha_axis(table)]  # (alpha, {seed: loss - SILU's})
     if len(points) > 2:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         a = [p[0] for p in points]
@@ -151,9 +154,9 @@ def speed_figure(plt):
     b = read_json("bench.json", "the speed figure")
     if b is None:
         return
-    rows = [r for r in b["rows"] if r.get("impl") == "C sparse" and r["B"] == 1]
+    rows = [r for r in b["rows"] if r.get("impl") in TUNED and r["B"] == 1]
     if not rows:
-        print("bench.json has no C sparse rows at batch 1: skipping the speed figure")
+        print("bench.json has no tuned C kernel rows at batch 1: skipping the speed figure")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     s = np.linspace(0, 1, 101)
@@ -180,13 +183,14 @@ def frontier_figure(plt, experiments):
     rep = read_json("frontier.json", "the frontier figure")
     if rep is None:
         return
-    speed = {}
+    speed, cpu = {}, ""
     for gate in ("relu", "silu"):
         path = os.path.join(out, f"bench_{gate}.json")
         if os.path.exists(path):
-            sel = sorted((r["s"], r["speedup"]) for r in load_json(path)["rows"]
-                         if r.get("impl") == "C sparse" and r["B"] == 1 and r["dtype"] == "float32")
-            speed[gate] = np.array([(0.0, 1.0)] + sel).T  # 0%: the dense FFN itself
+            b = load_json(path)
+            sel = sorted((r["s"], r["speedup"]) for r in b["rows"]
+                         if r.get("impl") in TUNED and r["B"] == 1 and r["dtype"] == "float32")
+            speed[gate], cpu = np.array([(0.0, 1.0)] + sel).T, b["cpu"]  # 0%: the dense FFN itself
     fig, axes = plt.subplots(1, 2 if speed else 1, figsize=(12 if speed else 7, 4.8), squeeze=False)
     # each point minus the SILU model of the same seed (same init and data): the seeds differ by more
     # than the recipes do, and pairing removes that
@@ -212,15 +216,15 @@ def frontier_figure(plt, experiments):
     axes[0][0].set_xlabel("FFN sparsity at inference, % (thresholds calibrated on training text)")
     axes[0][0].set_title(f"Retrain or threshold? mean over {len(silu)} seeds, bars: half the range", fontsize=10)
     if speed:
-        axes[0][1].set_xlabel("C kernel FFN speedup at that sparsity (fp32, 2048x8192, batch 1)")
+        axes[0][1].set_xlabel(f"C kernel FFN speedup at that sparsity (fp32, 2048x8192, batch 1; {cpu})")
         axes[0][1].set_title("The same points against measured speed", fontsize=10)
     save(plt, fig, "frontier.png")
 
 
 def science_figures(plt, experiments):
     """Sparsity against p, and along the long run."""
-    table = experiments.quality_rows()
-    axis = experiments.p_axis(table)
+    table = results.quality_rows(experiments)
+    axis = results.p_axis(table)
     if len(axis) > 2:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         ps = [a[0] for a in axis]
@@ -248,7 +252,7 @@ def science_figures(plt, experiments):
         ax2.plot([e["iter"] * tok for e in evals], [e["val_bpb_infer"] for e in evals], "s--", color="C3")
         ax2.set_ylabel("validation bits per byte with RELU", color="C3")
         ax.axvline(r["switch_iter"] * tok, color="gray", ls="--", lw=0.8)
-        ax.set_title(f"One long run of StochA p=0.5 + Swi+FT (switch to RELU dashed)", fontsize=10)
+        ax.set_title("One long run of StochA p=0.5 + Swi+FT (switch to RELU dashed)", fontsize=10)
         ax.grid(alpha=0.3)
         save(plt, fig, "sparsity_long.png")
 
