@@ -28,27 +28,26 @@ device, dtype and compile. --init_from=<ckpt> starts a new run from another run'
 fix the model's shape (a different shape flag is refused), everything else is this run's own.
 """
 
-import gc
-import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import inference_act, load_training_state, log_row, open_out_dir, refuse_changes, save_checkpoint
+from checkpoint import read_log  # noqa: F401 (experiments.py and the tests read logs through train)
 from configurator import (ConfigError, between, cli, configure, device as device_rule, either, existing_dir, existing_file,
                           is_setting, new_dir, one_of, positive_int, strict_json)
 from data import VOCAB_RULE, prepare, token_bytes, tokenizer, tokenizer_name
 from model import ACTS, GPT, GPTConfig, load_checkpoint
+from runtime import (Throughput, any_stop, autocast, catch_stop_signals, compile_choice, compiled_step,
+                     deterministic_if_compiled, device_name, end_ddp, peak_flops, pick_device, setup_ddp, wrap)
 
 # -----------------------------------------------------------------------------
 # defaults: a run that finishes in about ten minutes on a 2-core laptop CPU
@@ -94,11 +93,6 @@ seed = 1337
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if is_setting(k, v)}
 
-# bf16 dense tensor-core peaks (FLOP/s) for MFU; an unknown GPU gets no MFU rather than a wrong one
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
-              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
-
-
 RULES = dict(
     out_dir=new_dir, data=either(one_of("shakespeare"), existing_file, existing_dir), data_root=new_dir,
     vocab=VOCAB_RULE, init_from=either(one_of("scratch", "resume"), existing_file),
@@ -121,25 +115,55 @@ def check_config(C):
               n_embd=C.n_embd, ffn_hidden=C.ffn_hidden, act=C.act, p=C.p, dropout=C.dropout)  # head sizes etc.
 
 
-def compile_choice(setting, device_type):
-    """(use torch.compile?, why). Auto compiles on CUDA, and on a CPU when a C++ compiler is
-    there for inductor (1.3x faster training on 2 CPU cores); never on MPS (experimental)."""
-    if setting is not None:
-        return setting, "set by --compile"
-    if device_type == "cuda":
-        return True, "CUDA"
-    if device_type == "cpu":
-        cxx = shutil.which(os.environ.get("CXX") or "g++") or shutil.which("clang++") or shutil.which("c++")
-        return (True, f"CPU, C++ compiler {cxx}") if cxx else (False, "CPU without a C++ compiler")
-    return False, f"not on {device_type}"
+# -----------------------------------------------------------------------------
+# the run's settings: what the command line asks for, and what a checkpoint fixes
+
+def resolve_config(argv):
+    """The defaults, then config files and flags, checked by RULES. Resume takes the saved run, with
+    only what does not change it changed; --init_from=<ckpt> takes the weights' shape. Returns
+    (C, the checkpoint to resume or None, the checkpoint whose weights start a new run or None)."""
+    cfg = dict(DEFAULTS)
+    overrides = configure(cfg, argv, RULES)
+    ckpt = source = None
+    if cfg["init_from"] == "resume":  # the saved run, with only what does not change it changed
+        out_dir = cfg["out_dir"]
+        path = os.path.join(out_dir, "ckpt.pt")
+        ckpt = load_checkpoint(path)
+        fixed = refuse_changes(overrides, path, ckpt["model_args"], ckpt["config"])
+        cfg.update({k: v for k, v in ckpt["config"].items() if k in DEFAULTS})
+        cfg.update(overrides)
+        cfg.update(fixed, init_from="resume", out_dir=out_dir)  # written where it was read
+    elif cfg["init_from"] != "scratch":  # continued pre-training from another run's weights: a new run
+        source = load_checkpoint(cfg["init_from"])
+        cfg.update(refuse_changes(overrides, cfg["init_from"], source["model_args"]))
+    if ckpt is not None or source is not None:
+        configure(cfg, [], RULES)  # the checkpoint's saved settings pass the same rules
+    C = SimpleNamespace(**cfg)
+    check_config(C)
+    return C, ckpt, source
 
 
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    return name  # the rules checked that it exists
+# -----------------------------------------------------------------------------
+# data, model, optimizer
+
+def setup_data(C, master, ddp):
+    """Tokenize the corpus once (rank 0 does, the others wait) into C.data_dir, which checkpoints keep so
+    that sample.py, bench.py and experiments.py read the same ids. Returns train.bin's and val.bin's
+    paths and every token's length in bytes (for bits per byte)."""
+    data_dir = prepare(C.data, C.data_root, C.vocab) if master else None
+    if ddp:
+        box = [data_dir]
+        dist.broadcast_object_list(box, src=0)
+        data_dir = box[0]
+    C.data_dir = data_dir
+    train_path, val_path = os.path.join(data_dir, "train.bin"), os.path.join(data_dir, "val.bin")
+    tbytes = torch.from_numpy(token_bytes(tokenizer(C.vocab))).to(C.device)
+    for path in (train_path, val_path):
+        n = os.path.getsize(path) // 2
+        if n <= C.block_size:
+            raise ConfigError(f"{path} holds {n} tokens, not more than block_size={C.block_size}: "
+                             "use more text or a smaller --block_size")
+    return train_path, val_path, tbytes
 
 
 def get_batch(path, gen, batch_size, block_size, device):
@@ -152,11 +176,53 @@ def get_batch(path, gen, batch_size, block_size, device):
     return x.to(device), y.to(device)
 
 
+def build_model(C, ckpt, source):
+    """From scratch; from this run's checkpoint (resume); or from another run's weights (continued
+    pre-training), with this run's act, p and dropout."""
+    if source is not None:
+        model_args, weights = dict(source["model_args"], act=C.act, p=C.p, dropout=C.dropout), source["model"]
+    elif ckpt is not None:
+        model_args, weights = ckpt["model_args"], ckpt["model"]
+    else:
+        model_args, weights = dict(vocab_size=C.vocab, block_size=C.block_size, n_layer=C.n_layer, n_head=C.n_head,
+                                   n_kv_head=C.n_kv_head, n_embd=C.n_embd, ffn_hidden=C.ffn_hidden, act=C.act, p=C.p,
+                                   dropout=C.dropout), None
+    model = GPT(GPTConfig(**model_args))
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model.to(C.device)
+
+
+def make_optimizer(model, C, device_type):
+    """AdamW, with weight decay on the matrices only (not on the norms' gains)."""
+    decay = [q for q in model.parameters() if q.dim() >= 2]
+    no_decay = [q for q in model.parameters() if q.dim() < 2]
+    return torch.optim.AdamW([dict(params=decay, weight_decay=C.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                             lr=C.lr, betas=(C.beta1, C.beta2), fused=device_type == "cuda")
+
+
+# -----------------------------------------------------------------------------
+# one step, its learning rate, and an evaluation
+
 def get_lr(it, C):
     if it < C.warmup_iters:
         return C.lr * (it + 1) / (C.warmup_iters + 1)
     progress = (it - C.warmup_iters) / max(1, C.max_iters - C.warmup_iters)
     return C.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (C.lr - C.min_lr)
+
+
+def forward_backward(model, next_batch, grad_accum, scaler, ctx, ddp):
+    """One optimizer step's forwards and backwards over grad_accum micro-batches (DDP averages the
+    gradients on the last one only). Returns the step's loss as a tensor."""
+    loss_sum = 0.0
+    for micro in range(grad_accum):
+        x, y = next_batch()
+        sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
+        with sync, ctx:
+            loss = model(x, y)[1] / grad_accum
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    return loss_sum
 
 
 @torch.no_grad()
@@ -185,364 +251,157 @@ def evaluate(model, act, p, val_path, C, device, ctx, n_batches, tbytes):
                 dead=sum(l["dead"] for l in layers) / len(layers), layers=layers)
 
 
-def save_checkpoint(path, raw_model, optimizer, C, it, data_gen, rank, world):
-    """Every rank's RNG states go into rank 0's file, so a DDP run resumes exactly too."""
-    rng = dict(torch=torch.get_rng_state(), data=data_gen.get_state(),
-               cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() and C.device.startswith("cuda") else None)
-    rngs = [None] * world
-    if world > 1:
-        dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
-    if rank == 0:
-        ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(raw_model.config),
-                    config=vars(C), iter_num=it, rng=rngs)
-        tmp = path + ".tmp"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+def evaluate_and_log(raw, it, act, C, val_path, ctx, tbytes):
+    """Evaluate with the activation training uses now, and with the inference one (C.eval_act) where
+    it differs; the sparsity is the inference activation's. One log row, one printed line."""
+    res = evaluate(raw, act, C.p, val_path, C, C.device, ctx, C.eval_iters, tbytes)
+    row = dict(kind="eval", iter=it, act=act, val_loss=res["loss"], val_bpb=res["bpb"])
+    if C.eval_act != act:
+        res = evaluate(raw, C.eval_act, C.p, val_path, C, C.device, ctx, C.eval_iters, tbytes)
+    row.update(eval_act=C.eval_act, val_loss_infer=res["loss"], val_bpb_infer=res["bpb"], sparsity=res["sparsity"],
+               dead=res["dead"])
+    log_row(C.out_dir, row)
+    print(f"iter {it}: val loss {row['val_loss']:.4f} ({act}), {res['loss']:.4f} nats/token = "
+          f"{res['bpb']:.3f} bits/byte ({C.eval_act}), {C.eval_act} sparsity {100 * res['sparsity']:.1f}%, "
+          f"dead units {100 * res['dead']:.1f}%")
 
 
-def read_log(path):
-    """The rows of a log.jsonl. A run killed mid-append can leave a torn last line; the checkpoint,
-    not the log, is the truth, so unreadable lines are dropped, and said so, rather than fatal."""
-    rows, bad = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-                if isinstance(row, dict) and isinstance(row.get("iter"), int) and row.get("kind") in ("train", "eval"):
-                    rows.append(row)
-                    continue
-            except ValueError:
-                pass
-            bad += line.strip() != ""
-    if bad:
-        print(f"{path}: dropped {bad} unreadable line(s), e.g. torn by a kill mid-write")
-    return rows
+# -----------------------------------------------------------------------------
+# the report: the run's first lines, and its summary
+
+def describe_run(C, raw, world, use_compile, compile_why, switch_iter, tokens_per_step, device_type):
+    """Where the run happens, the model and the data, and the schedule of activations."""
+    print(f"device {C.device} ({device_name(device_type)}), dtype {C.dtype}, compile {use_compile} ({compile_why}), "
+          f"processes {world}, threads {torch.get_num_threads()}")
+    print(f"model: {raw.num_params() / 1e6:.2f}M parameters, {raw.config.n_layer} layers, d={raw.config.n_embd}, "
+          f"ffn_hidden={raw.config.ffn_hidden}; data {C.data_dir}; {tokens_per_step:,} tokens per step")
+    print(f"schedule: {C.act}" + (f" (p={C.p})" if C.act == "stoch" else "") + f" for steps [0, {switch_iter})"
+          + (f", relu for [{switch_iter}, {C.max_iters}) (alpha={C.alpha})" if switch_iter < C.max_iters else "")
+          + f"; evaluated with {C.eval_act}")
 
 
-def log_row(C, master, **row):
-    if master:
-        with open(os.path.join(C.out_dir, "log.jsonl"), "a") as f:
-            f.write(strict_json(row) + "\n")
+def write_summary(res, raw, C, switch_iter, world, seconds, tok_s, compiled, resumed_from):
+    """summary.json from the final evaluation `res`, and the line that ends the run."""
+    summary = dict(val_loss=res["loss"], val_bpb=res["bpb"], sparsity=res["sparsity"], dead_fraction=res["dead"], act=C.act,
+                   p=C.p, alpha=C.alpha, eval_act=C.eval_act, switch_iter=switch_iter, iters=C.max_iters,
+                   tokens=C.max_iters * C.batch_size * C.block_size * C.grad_accum * world,
+                   seconds=round(seconds, 1), train_tok_per_s=tok_s, compile=compiled, vocab=C.vocab,
+                   tokenizer=tokenizer_name(C.vocab), resumed_from=resumed_from, device=C.device,
+                   device_name=device_name(C.device.split(":")[0]), threads=torch.get_num_threads(), processes=world,
+                   dtype=C.dtype, params=raw.num_params(), val_tokens=C.final_eval_iters * C.batch_size * C.block_size,
+                   data=C.data_dir, sparsity_per_layer=[l["sparsity"] for l in res["layers"]],
+                   dead_per_layer=[l["dead"] for l in res["layers"]])
+    path = os.path.join(C.out_dir, "summary.json")
+    with open(path, "w") as f:
+        f.write(strict_json(summary, indent=1))
+    print(f"done in {seconds:.0f} s: val loss {summary['val_loss']:.4f} nats/token = {summary['val_bpb']:.3f} bits/byte "
+          f"with {C.eval_act}, FFN sparsity {100 * summary['sparsity']:.1f}% (layers "
+          f"{' / '.join(f'{100 * s:.0f}' for s in summary['sparsity_per_layer'])}), dead units "
+          f"{100 * summary['dead_fraction']:.1f}%, training {summary['train_tok_per_s'] or 0:,} tok/s -> {path}")
+    return summary
 
 
-# What a checkpoint fixes. SHAPE: its weights fix the model (setting -> GPTConfig field), for
-# --init_from=resume and for --init_from=<ckpt> alike. RUN: what makes a run the run it is (its method,
-# schedule, optimizer, batches and data), which --init_from=resume continues exactly. A value on the
-# command line (or in a config file) that differs from the checkpoint's is refused with one line; the
-# settings in neither list only say how the run is carried out, and may change on resume.
-SHAPE = dict(vocab="vocab_size", n_layer="n_layer", n_head="n_head", n_kv_head="n_kv_head", n_embd="n_embd",
-             ffn_hidden="ffn_hidden", block_size="block_size")
-RUN = ("data", "act", "p", "alpha", "eval_act", "dropout", "max_iters", "lr", "min_lr", "warmup_iters", "batch_size",
-       "grad_accum", "weight_decay", "beta1", "beta2", "grad_clip", "seed")
-
-
-def inference_act(eval_act, act, alpha):
-    """eval_act with auto resolved: relu, or silu for a SILU run with no switch."""
-    if eval_act != "auto":
-        return eval_act
-    return "silu" if act == "silu" and alpha == 0 else "relu"
-
-
-def refuse_changes(overrides, path, model_args, saved_config=None):
-    """One ConfigError naming every setting given with another value than the checkpoint at `path`
-    fixes: its model's shape, and with saved_config (resume) the run's RUN settings. Returns the
-    fixed values, which the caller takes."""
-    shape = {k: model_args[m] for k, m in SHAPE.items()}
-    given = dict(overrides)
-    if given.get("ffn_hidden") == 0:  # 0 = the default size for the model's width
-        given["ffn_hidden"] = GPTConfig(n_embd=shape["n_embd"], n_head=shape["n_head"], n_kv_head=shape["n_kv_head"],
-                                        ffn_hidden=0).ffn_hidden
-    changed = [k for k in SHAPE if k in given and given[k] != shape[k]]
-    if changed:
-        raise ConfigError(f"{' and '.join(f'--{k}={overrides[k]}' for k in changed)}, but the checkpoint's model has "
-                          f"{' and '.join(f'{k} {shape[k]}' for k in changed)} ({path}): its weights fix the model's shape")
-    if saved_config is None:
-        return shape
-    run = {k: saved_config[k] for k in RUN if k in saved_config}
-    if "eval_act" in given:
-        given["eval_act"] = inference_act(given["eval_act"], run.get("act"), run.get("alpha"))
-    same = lambda k: given[k] == run[k] or k == "data" and os.path.normpath(given[k]) == os.path.normpath(run[k])
-    changed = [k for k in RUN if k in given and k in run and not same(k)]
-    if changed:
-        raise ConfigError(f"{' and '.join(f'--{k}={given[k]}' for k in changed)}, but {path} was trained with "
-                          f"{' and '.join(f'{k}={run[k]}' for k in changed)}; resume continues that run exactly "
-                          f"(start a new run from its weights with --init_from={path} to change it)")
-    return dict(shape, **run)
-
+# -----------------------------------------------------------------------------
 
 def main(argv):
-    cfg = dict(DEFAULTS)
-    overrides = configure(cfg, argv, RULES)
-    ckpt = source = None
-    if cfg["init_from"] == "resume":  # the saved run, with only what does not change it changed
-        out_dir = cfg["out_dir"]
-        path = os.path.join(out_dir, "ckpt.pt")
-        ckpt = load_checkpoint(path)
-        fixed = refuse_changes(overrides, path, ckpt["model_args"], ckpt["config"])
-        cfg.update({k: v for k, v in ckpt["config"].items() if k in DEFAULTS})
-        cfg.update(overrides)
-        cfg.update(fixed, init_from="resume", out_dir=out_dir)  # written where it was read
-    elif cfg["init_from"] != "scratch":  # continued pre-training from another run's weights: a new run
-        source = load_checkpoint(cfg["init_from"])
-        cfg.update(refuse_changes(overrides, cfg["init_from"], source["model_args"]))
-    if ckpt is not None or source is not None:
-        configure(cfg, [], RULES)  # the checkpoint's saved settings pass the same rules
-    C = SimpleNamespace(**cfg)
-    check_config(C)
-
-    ddp = int(os.environ.get("RANK", -1)) != -1
+    C, ckpt, source = resolve_config(argv)
     C.device = pick_device(C.device)
-    rank, world = 0, 1
-    if ddp:
-        dist.init_process_group(backend="nccl" if C.device.startswith("cuda") else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if C.device.startswith("cuda"):
-            C.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(C.device)
+    ddp, rank, world = setup_ddp(C)
     master = rank == 0
     device_type = C.device.split(":")[0]
-    if C.dtype == "auto":
-        C.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    ptdtype = getattr(torch, C.dtype)
-    ctx = torch.autocast(device_type, dtype=ptdtype) if device_type == "cuda" and C.dtype != "float32" else nullcontext()
+    ctx = autocast(C, device_type)
     use_compile, compile_why = compile_choice(C.compile, device_type)
     C.eval_act = inference_act(C.eval_act, C.act, C.alpha)  # resolved, so that checkpoints carry it for sample.py
-    eval_act = C.eval_act
     switch_iter = C.max_iters - round(C.alpha * C.max_iters)  # act before it, relu from it on
-
-    data_dir = prepare(C.data, C.data_root, C.vocab) if master else None
-    if ddp:  # rank 0 prepares the data once, the others wait for it
-        box = [data_dir]
-        dist.broadcast_object_list(box, src=0)
-        data_dir = box[0]
-    C.data_dir = data_dir  # stored in checkpoints, so that sample.py, bench.py, experiments.py read the same ids
-    train_path, val_path = os.path.join(data_dir, "train.bin"), os.path.join(data_dir, "val.bin")
-    tbytes = torch.from_numpy(token_bytes(tokenizer(C.vocab))).to(C.device)
-    for path in (train_path, val_path):
-        n = os.path.getsize(path) // 2
-        if n <= C.block_size:
-            raise ConfigError(f"{path} holds {n} tokens, not more than block_size={C.block_size}: "
-                             "use more text or a smaller --block_size")
+    train_path, val_path, tbytes = setup_data(C, master, ddp)
 
     torch.manual_seed(C.seed + rank)
     data_gen = torch.Generator().manual_seed(C.seed + 1000 + rank)
-    if source is not None:  # continued pre-training from another run's weights
-        model_args = dict(source["model_args"], act=C.act, p=C.p, dropout=C.dropout)
-        model = GPT(GPTConfig(**model_args))
-        model.load_state_dict(source["model"])
-        del source
-    else:  # from scratch, or resuming this run's own checkpoint
-        model_args = ckpt["model_args"] if ckpt is not None else dict(
-            vocab_size=C.vocab, block_size=C.block_size, n_layer=C.n_layer, n_head=C.n_head, n_kv_head=C.n_kv_head,
-            n_embd=C.n_embd, ffn_hidden=C.ffn_hidden, act=C.act, p=C.p, dropout=C.dropout)
-        model = GPT(GPTConfig(**model_args))
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-    model.to(C.device)
-    raw = model
-
-    decay = [q for q in model.parameters() if q.dim() >= 2]
-    no_decay = [q for q in model.parameters() if q.dim() < 2]
-    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=C.weight_decay), dict(params=no_decay, weight_decay=0.0)],
-                                  lr=C.lr, betas=(C.beta1, C.beta2), fused=device_type == "cuda")
+    raw = build_model(C, ckpt, source)  # the plain module; `model` below is what training calls
+    del source
+    optimizer = make_optimizer(raw, C, device_type)
     start_iter = 0
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_iter = ckpt["iter_num"]
-        if len(ckpt["rng"]) == world:
-            rng = ckpt["rng"][rank]
-            torch.set_rng_state(rng["torch"])
-            data_gen.set_state(rng["data"])
-            if rng["cuda"] is not None and device_type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"])
-        elif master:
-            print(f"warning: checkpoint written by {len(ckpt['rng'])} processes, resuming with {world}: "
-                  "the data order and StochA draws will differ from an uninterrupted run")
+        start_iter = load_training_state(ckpt, optimizer, data_gen, rank, world, C.device)
         del ckpt
     scaler = torch.amp.GradScaler(device_type, enabled=C.dtype == "float16")
+    was_deterministic = deterministic_if_compiled(use_compile, device_type)
+    model = wrap(raw, use_compile, ddp, device_type)
 
-    def wrap(compiled):
-        m = torch.compile(raw) if compiled else raw
-        return DDP(m, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None) if ddp else m
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    if use_compile and device_type == "cpu":
-        # inductor's CPU kernels accumulate the embedding's gradient with atomic adds, in a different
-        # order each run; deterministic mode keeps compiled training (and resume) bit-exact
-        torch.use_deterministic_algorithms(True)
-        torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN fill: nothing reads it
-    model = wrap(use_compile)
-
+    tokens_per_step = C.batch_size * C.block_size * C.grad_accum * world
     if master:
-        os.makedirs(C.out_dir, exist_ok=True)
-        if os.path.exists(os.path.join(C.out_dir, "ckpt.pt.tmp")):  # left by a kill mid-save: never read
-            os.remove(os.path.join(C.out_dir, "ckpt.pt.tmp"))
-        log_path = os.path.join(C.out_dir, "log.jsonl")
-        if start_iter == 0:
-            open(log_path, "w").close()
-        elif os.path.exists(log_path):  # drop rows from after the checkpoint: they are about to be redone
-            rows = read_log(log_path)
-            with open(log_path, "w") as f:
-                # a train row's iter counts the steps done (kept up to start_iter); evals at start_iter rerun
-                f.writelines(strict_json(r) + "\n" for r in rows if r["iter"] < start_iter
-                             or (r["iter"] == start_iter and r["kind"] == "train"))
-        tokens_per_iter = C.batch_size * C.block_size * C.grad_accum * world
-        name = torch.cuda.get_device_name() if device_type == "cuda" else device_type
-        print(f"device {C.device} ({name}), dtype {C.dtype}, compile {use_compile} ({compile_why}), "
-              f"processes {world}, threads {torch.get_num_threads()}")
-        print(f"model: {raw.num_params() / 1e6:.2f}M parameters, {raw.config.n_layer} layers, d={raw.config.n_embd}, "
-              f"ffn_hidden={raw.config.ffn_hidden}; data {data_dir}; {tokens_per_iter:,} tokens per step")
-        print(f"schedule: {C.act}" + (f" (p={C.p})" if C.act == "stoch" else "") + f" for steps [0, {switch_iter})"
-              + (f", relu for [{switch_iter}, {C.max_iters}) (alpha={C.alpha})" if switch_iter < C.max_iters else "")
-              + f"; evaluated with {eval_act}")
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None) \
-        if device_type == "cuda" and C.dtype != "float32" else None
-    flops_per_token = 6 * raw.num_params() + 12 * raw.config.n_layer * raw.config.n_embd * C.block_size
-
-    stop = []  # set by Ctrl-C / SIGTERM: checkpoint at the next step boundary, then exit
-    def request_stop(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        if master:
-            print(f"\nsignal {signum}: checkpointing at the next step (again to abort)", flush=True)
-    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def step():  # one optimizer step's forwards and backwards; `model` may change to eager
-        loss_sum = 0.0
-        for micro in range(C.grad_accum):
-            x, y = get_batch(train_path, data_gen, C.batch_size, C.block_size, C.device)
-            sync = nullcontext() if not ddp or micro == C.grad_accum - 1 else model.no_sync()
-            with sync, ctx:
-                loss = model(x, y)[1] / C.grad_accum
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        return loss_sum
-
+        open_out_dir(C.out_dir, start_iter)
+        describe_run(C, raw, world, use_compile, compile_why, switch_iter, tokens_per_step, device_type)
+    flops_per_token = 6 * raw.num_params() + 12 * raw.config.n_layer * raw.config.n_embd * C.block_size  # for MFU
+    speed = Throughput(tokens_per_step, flops_per_token, peak_flops(device_type, C.dtype), world)
+    stop, old_handlers = catch_stop_signals(master)
+    next_batch = lambda: get_batch(train_path, data_gen, C.batch_size, C.block_size, C.device)
+    step = lambda m: forward_backward(m, next_batch, C.grad_accum, scaler, ctx, ddp)
+    eager = lambda: wrap(raw, False, ddp, device_type)  # if compiling fails
     ckpt_path = os.path.join(C.out_dir, "ckpt.pt")
     run_start = time.time()
-    t0, tokens = time.time(), 0
     it = start_iter
-    compiling = True
-    timed = [0, 0.0]  # tokens and seconds of the logged training steps, for the summary's tokens/s
+    compiling = True  # the first step compiles, and the first after the switch
     while True:
-        cur_act = C.act if it < switch_iter else "relu"
-        if raw.config.act != cur_act:
-            raw.set_act(cur_act, C.p)
+        # the method's switch (Swi+FT): train with act (StochA by default) until switch_iter, then with relu
+        act_now = C.act if it < switch_iter else "relu"
+        if raw.config.act != act_now:
+            raw.set_act(act_now, C.p)
             compiling = True
             if master and it > start_iter:
-                print(f"iter {it}: switching the FFN activation to {cur_act} (Swi+FT)")
+                print(f"iter {it}: switching the FFN activation to {act_now} (Swi+FT)")
         lr = get_lr(it, C)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        halt = bool(stop)
-        if ddp:  # every process must stop at the same step
-            flag = torch.tensor([float(halt)], device=C.device)
-            dist.all_reduce(flag)
-            halt = flag.item() > 0
+        halt = any_stop(stop, ddp, C.device)
         if (it % C.eval_interval == 0 or it == C.max_iters) and master and not halt:
             t_eval = time.time()
-            res = evaluate(raw, cur_act, C.p, val_path, C, C.device, ctx, C.eval_iters, tbytes)
-            row = dict(kind="eval", iter=it, act=cur_act, val_loss=res["loss"], val_bpb=res["bpb"])
-            if eval_act != cur_act:
-                res = evaluate(raw, eval_act, C.p, val_path, C, C.device, ctx, C.eval_iters, tbytes)
-            row.update(eval_act=eval_act, val_loss_infer=res["loss"], val_bpb_infer=res["bpb"], sparsity=res["sparsity"],
-                       dead=res["dead"])
-            log_row(C, master, **row)
-            print(f"iter {it}: val loss {row['val_loss']:.4f} ({cur_act}), {res['loss']:.4f} nats/token = "
-                  f"{res['bpb']:.3f} bits/byte ({eval_act}), {eval_act} sparsity {100 * res['sparsity']:.1f}%, "
-                  f"dead units {100 * res['dead']:.1f}%")
-            t0 += time.time() - t_eval  # tokens/s counts training time only
+            evaluate_and_log(raw, it, act_now, C, val_path, ctx, tbytes)
+            speed.pause(time.time() - t_eval)  # tokens/s counts training time only
         if (it % C.eval_interval == 0 and it > start_iter) or it == C.max_iters or halt:
             save_checkpoint(ckpt_path, raw, optimizer, C, it, data_gen, rank, world)
         if it == C.max_iters or halt:
             break
 
         compiled_now = use_compile and compiling
-        if compiled_now:  # the first step, and the first after the switch, compile
-            t_compile = time.time()
-            rng = (torch.get_rng_state(), data_gen.get_state(),
-                   torch.cuda.get_rng_state() if device_type == "cuda" else None)
-            try:
-                loss_sum = step()
-            except Exception as e:  # inductor needs a working compiler and toolchain: fall back to eager
-                if master:
-                    first_line = (str(e).strip().splitlines() or [""])[0][:200]
-                    print(f"torch.compile failed ({type(e).__name__}: {first_line}); "
-                          "training eagerly (--compile=False skips the attempt)")
-                torch.set_rng_state(rng[0])  # redo the step exactly as it would have run
-                data_gen.set_state(rng[1])
-                if rng[2] is not None:
-                    torch.cuda.set_rng_state(rng[2])
-                optimizer.zero_grad(set_to_none=True)
-                use_compile = False
-                model = wrap(False)
-                loss_sum = step()
-            else:
-                if master:
-                    print(f"iter {it}: compiled the {cur_act} training step in {time.time() - t_compile:.0f} s")
+        if compiled_now:
+            loss_sum, model, use_compile = compiled_step(model, step, eager, optimizer, data_gen, C.device, master,
+                                                         it, act_now)
         else:
-            loss_sum = step()
+            loss_sum = step(model)
         if C.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw.parameters(), C.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        tokens += C.batch_size * C.block_size * C.grad_accum * world
+        speed.step()
         it += 1
         if compiled_now:  # tokens/s counts training, not compiling
             compiling = False
-            t0, tokens = time.time(), 0
+            speed.restart()
 
         if it % C.log_interval == 0 and master:
-            dt = time.time() - t0
-            tok_s = tokens / dt if tokens else None  # None right after a compiling step
-            timed[0] += tokens
-            timed[1] += dt if tokens else 0.0
+            tok_s, speed_text = speed.lap()
             loss_val = loss_sum.item()
-            mfu = f", MFU {100 * flops_per_token * tok_s / (peak * world):.1f}%" if peak and tok_s else ""
-            speed = f"{tok_s:,.0f} tok/s" if tok_s else "compiling"
-            print(f"iter {it}: loss {loss_val:.4f}, lr {lr:.2e}, act {cur_act}, {speed}{mfu}", flush=True)
-            log_row(C, master, kind="train", iter=it, loss=loss_val, lr=lr, act=cur_act, tok_per_s=tok_s)
-            t0, tokens = time.time(), 0
+            print(f"iter {it}: loss {loss_val:.4f}, lr {lr:.2e}, act {act_now}, {speed_text}", flush=True)
+            log_row(C.out_dir, dict(kind="train", iter=it, loss=loss_val, lr=lr, act=act_now, tok_per_s=tok_s))
+            speed.restart()
 
     seconds = time.time() - run_start
     summary = None
     if master and it == C.max_iters and not halt:
-        res = evaluate(raw, eval_act, C.p, val_path, C, C.device, ctx, C.final_eval_iters, tbytes)
-        summary = dict(val_loss=res["loss"], val_bpb=res["bpb"], sparsity=res["sparsity"], dead_fraction=res["dead"], act=C.act, p=C.p,
-                       alpha=C.alpha, eval_act=eval_act, switch_iter=switch_iter, iters=C.max_iters,
-                       tokens=C.max_iters * C.batch_size * C.block_size * C.grad_accum * world,
-                       seconds=round(seconds, 1), train_tok_per_s=round(timed[0] / timed[1]) if timed[1] else None,
-                       compile=use_compile, vocab=C.vocab, tokenizer=tokenizer_name(C.vocab), resumed_from=start_iter, device=C.device,
-                       device_name=torch.cuda.get_device_name() if device_type == "cuda" else device_type,
-                       threads=torch.get_num_threads(), processes=world, dtype=C.dtype, params=raw.num_params(),
-                       val_tokens=C.final_eval_iters * C.batch_size * C.block_size, data=data_dir,
-                       sparsity_per_layer=[l["sparsity"] for l in res["layers"]],
-                       dead_per_layer=[l["dead"] for l in res["layers"]])
-        with open(os.path.join(C.out_dir, "summary.json"), "w") as f:
-            f.write(strict_json(summary, indent=1))
-        print(f"done in {seconds:.0f} s: val loss {summary['val_loss']:.4f} nats/token = {summary['val_bpb']:.3f} bits/byte "
-              f"with {eval_act}, FFN sparsity {100 * summary['sparsity']:.1f}% (layers "
-              f"{' / '.join(f'{100 * s:.0f}' for s in summary['sparsity_per_layer'])}), dead units "
-              f"{100 * summary['dead_fraction']:.1f}%, training {summary['train_tok_per_s'] or 0:,} tok/s "
-              f"-> {os.path.join(C.out_dir, 'summary.json')}")
+        res = evaluate(raw, C.eval_act, C.p, val_path, C, C.device, ctx, C.final_eval_iters, tbytes)
+        summary = write_summary(res, raw, C, switch_iter, world, seconds, speed.overall(), use_compile, start_iter)
     elif master and halt:
         print(f"stopped at iter {it}; continue with: python train.py --init_from=resume --out_dir={C.out_dir}")
     for s, handler in old_handlers.items():
         signal.signal(s, handler)
     torch.use_deterministic_algorithms(was_deterministic)
     if ddp:
-        # DDP's reducer holds the process group: dropped here, gloo's threads stop while Python is whole (with
-        # the group alive until exit, rank 1 aborted at exit in ~1 run of 16 on 2 busy cores: "terminate called
-        # without an active exception"). Then together, so that no rank tears gloo down while rank 0 evaluates
-        model = None
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
+        model = None  # the DDP wrapper goes first: it holds the process group (see end_ddp)
+        end_ddp()
     return summary
 
 
