@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import attach as attach_mod
 import sparse_ffn
 from configurator import between, configure, either, existing_dir, existing_file, int_list, new_file, one_of, positive_int
 from data import checkpoint_data
@@ -453,8 +454,8 @@ def e2e_table(dev, model, label, prompt):
                     + [(str(dt)[6:], dt, True, True) for dt in dev_dtypes(dev) if linear_ok])
     for name, dt, linear, comp in configs:
         if dt is not None:
-            sparse_ffn.attach(model, dtype=dt, linear=linear)
-            name = f"sparse {model.blocks[0].ffn.kernel.packed.backend} {name}" + (" +linear" if linear else "")
+            attach_mod.attach(model, dtype=dt, linear=linear)
+            name = f"sparse {model.blocks[0].ffn.kernel.backend} {name}" + (" +linear" if linear else "")
         if comp:
             name += " compiled"
             torch._dynamo.reset()  # one configuration's graphs at a time (dynamo's recompile limit)
@@ -471,7 +472,7 @@ def e2e_table(dev, model, label, prompt):
               + ("" if comp else "; one step, part by part:"), flush=True)
         parts = None if comp else breakdown(dev, model, prompt, s, None if dt is None else dt.itemsize,
                                             4 if not linear else dt.itemsize)
-        sparse_ffn.detach(model)
+        attach_mod.detach(model)
         rows.append(dict(device=dev, impl=f"e2e {name}", model=label, tokens_per_s=tps, sparsity=s, breakdown=parts))
     if llama and dev == "cpu":
         llama_table(model, label, prompt, n)

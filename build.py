@@ -20,6 +20,7 @@ import sysconfig
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILD_DIR = os.path.join(HERE, "build")
 
+C_SOURCES = ("sparse_ffn.c", "sparse_ffn_tuned.h", "sparse_ffn_simd.h", "sparse_ffn_x86.h")  # one unit: .c includes the .h
 # the C API, shared by cffi's cdef and the generated module's prototypes
 CDEF = """
 int sffn_max_batch(void);
@@ -28,6 +29,9 @@ int sffn_amx(void);
 int sffn_openmp(void);
 size_t sffn_scratch_floats(int B, int d, int nthreads);
 void sffn_advise_hugepages(void* p, size_t bytes);
+size_t sffn_plain_scratch_floats(int B, int d, int h, int nthreads);
+int sffn_forward_plain(const float* x, int B, int d, int h, const void* w1, const void* w32, int dtype,
+                       const float* scales, int gate, float t, float* y, float* scratch, size_t n_scratch, int nthreads);
 int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void* w32, int dtype,
                  const float* scales, int gate, float t, float* y, float* scratch, size_t n_scratch, int nthreads);
 int sffn_gemv(const float* x, int B, int d, int n, const void* w, int dtype, const float* scales, float* y,
@@ -50,11 +54,11 @@ def _built(name):
 
 
 def c_is_stale():
-    """True when the C module is missing or older than its source (or this build script)."""
+    """True when the C module is missing or older than its sources (or this build script)."""
     so = _built("_sparse_ffn_c")
     if so is None:
         return True
-    newest = max(os.path.getmtime(os.path.join(HERE, f)) for f in ("sparse_ffn.c", "build.py"))
+    newest = max(os.path.getmtime(os.path.join(HERE, f)) for f in C_SOURCES + ("build.py",))
     return os.path.getmtime(so) < newest
 
 

@@ -130,8 +130,9 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """The gated FFN w2(act(w1 x) * w3 x), act in {silu, relu, stoch}. The plain PyTorch reference
-    that the C and CUDA kernels are tested against."""
+    """The gated FFN w2(act(w1 x) * w3 x), act in {silu, relu, stoch}: the method's one line of math, and
+    the plain PyTorch reference that the C and CUDA kernels are tested against. attach.attach() switches
+    a model onto the sparse kernels from outside (self.kernel and its own forward)."""
 
     def __init__(self, config):
         super().__init__()
@@ -141,29 +142,24 @@ class FeedForward(nn.Module):
         self.dropout = config.dropout
         self.act, self.p = config.act, config.p
         self.generator = None  # torch.Generator for StochA's draws; None = the global RNG
-        self.kernel = None  # set by sparse_ffn.attach(): a sparse callable used for relu inference
-        self.stats = None  # a dict while GPT.ffn_stats() counts zeros
         self.threshold = 0.0  # t: units with |act(W1 x)| <= t count as zero (GPT.calibrate_thresholds)
+        self.kernel = None  # the packed sparse FFN, set by attach.attach()
+        self.stats = None  # a dict while GPT.ffn_stats() counts zeros
 
     def forward(self, x):
-        # the sparse kernel computes exactly relu (or thresholded silu) inference: no gradients,
-        # no stats, no dropout
-        if (self.kernel is not None and (self.act == "relu" or self.act == "silu" and self.threshold > 0)
-                and not self.training and self.stats is None and not (x.requires_grad and torch.is_grad_enabled())):
-            return self.kernel(x.reshape(-1, x.shape[-1]), self.act, self.threshold).view_as(x)
-        u = self.w1(x)
-        if self.threshold and self.act in ("relu", "silu"):
-            a = gated(u, self.act, self.threshold)
-        elif self.threshold:
+        return F.dropout(self.w2(self.activate(self.w1(x)) * self.w3(x)), self.dropout, self.training)
+
+    def activate(self, u):
+        """act(u); with a threshold t > 0, units with |act(u)| <= t are zero (act relu or silu)."""
+        if self.threshold and self.act not in ("relu", "silu"):
             raise ValueError(f"a threshold needs act relu or silu, not {self.act!r}")
-        else:
-            a = activation(u, self.act, self.p, self.generator)
-        if self.stats is not None:
+        a = gated(u, self.act, self.threshold) if self.threshold else activation(u, self.act, self.p, self.generator)
+        if self.stats is not None:  # GPT.ffn_stats() is counting
             zero = (a == 0).reshape(-1, a.shape[-1])
             self.stats["zeros"] += zero.sum().item()
             self.stats["count"] += zero.numel()
             self.stats["fired"] |= ~zero.all(0)
-        return F.dropout(self.w2(a * self.w3(x)), self.dropout, self.training)
+        return a
 
 
 class Block(nn.Module):
@@ -364,7 +360,7 @@ class GPT(nn.Module):
 
     def compiled(self):
         """This model under torch.compile (dynamic shapes: one compile serves every position), made
-        once and kept; the C kernels that sparse_ffn.attach() adds run inside it as custom ops."""
+        once and kept; the C kernels that attach.attach() adds run inside it as custom ops."""
         if self not in _COMPILED:
             _COMPILED[self] = torch.compile(self, dynamic=True)
         return _COMPILED[self]

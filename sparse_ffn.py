@@ -1,28 +1,26 @@
 """
-The sparse FFN for inference: y = W2 (g_t(W1 x) * (W3 x)), reading W3 rows and W2 columns only for
-the active hidden units (see sparse_ffn.c, sparse_ffn.cu and PAPER.md). g_t(u) = g(u) where
-|g(u)| > t, else 0, with the gate g = relu (the method: t = 0 is plain relu) or silu (CATS-style
-thresholding of a SILU model, Lee et al. 2024); t >= 0 is per call, so per layer.
+The sparse FFN for inference: y = W2 (g_t(W1 x) * (W3 x)), reading W3 rows and W2 columns only for the
+active hidden units. g_t(u) = g(u) where |g(u)| > t, else 0, with the gate g = relu (the method: t = 0 is
+plain relu) or silu (CATS-style thresholding of a SILU model, Lee et al. 2024); t >= 0 is per call.
 
     import sparse_ffn
-    sparse_ffn.backends()            # {"c": True or why not, "cuda": ..., "torch": True}
-    ffn = sparse_ffn.SparseFFN(model.blocks[0].ffn)   # packs the weights once (a copy)
-    y = ffn(x)                       # x: (B, d) fp32 on CPU, or the weight dtype on CUDA
-    y = ffn(x, gate="silu", t=0.05)  # CATS: units with |silu(W1 x)| <= 0.05 are skipped
-    sparse_ffn.attach(model)         # every relu FFN of an eval-mode model uses its kernel
-    sparse_ffn.detach(model)
+    y, n = sparse_ffn.gather_ffn(x, w1, w3, w2)        # the idea in four torch lines (any device, autograd too)
+    ffn = sparse_ffn.SparseFFN(model.blocks[0].ffn)    # the weights packed once for a kernel (a copy)
+    y = ffn(x)                                         # x: (B, d) fp32 on CPU, or the weight dtype on CUDA
+    y = ffn(x, gate="silu", t=0.05)                    # CATS: units with |silu(W1 x)| <= 0.05 are skipped
+    plain = sparse_ffn.SparseFFN(ffn_module, variant="plain")  # the plain C kernel, beside the tuned one
+    sparse_ffn.attach(model)                           # every FFN of an eval-mode model uses its kernel
+    sparse_ffn.backends()                              # {"c": True or why not, "cuda": ..., "torch": True}
 
-The path depends on the batch size only, so the same input gives the same bits on every call (mode="auto",
-the default on the CPU): batches of at most SFFN_MAX_B rows (decoding) run the sparse kernel; larger ones
-(a prompt's prefill, where the union of active units covers nearly every unit) run PyTorch's dense GEMMs on
-the same packed fp32 weights, which read each weight once for the whole batch. mode="sparse" / "dense"
-force one path.
+Backends: the C kernel (_sparse_ffn_c: sparse_ffn.c, its plain and tuned kernels) on CPU, built with cffi on
+first use (or by `python build.py`) and rebuilt when its source changes; the CUDA extension (_sparse_ffn_cuda,
+`python build.py`) on GPU; and the torch gather wherever no compiled kernel is present. Importing this file
+compiles nothing and needs no network. Packed weights are a snapshot: after training, attach again.
 
-Packed weights are a snapshot: after training or editing the weights, attach again.
-Backends: the C kernel (_sparse_ffn_c) on CPU, built with cffi on first use (or by `python build.py`)
-and rebuilt when its source changes, the CUDA extension (_sparse_ffn_cuda, `python build.py`) on GPU,
-and a pure-torch gather (index_select of the active rows) wherever no compiled kernel is present.
-Importing this file compiles nothing and needs no network; the first use of a backend may compile.
+The path depends on the batch size only, so the same input gives the same bits on every call (mode="auto", the
+default): batches of at most SFFN_MAX_B rows (decoding) run the sparse kernel; larger ones (a prompt's prefill,
+where the union of active units covers nearly every unit) run PyTorch's dense GEMMs on the packed fp32 weights,
+which read each weight once for the whole batch. mode="sparse" / "dense" force one path.
 """
 
 import sys
@@ -32,14 +30,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import T_MAX
+from model import T_MAX, gated
 
 _c_lock = threading.Lock()
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}  # as in sparse_ffn.c
 GATES = {"relu": 0, "silu": 1}  # as in sparse_ffn.c and sparse_ffn.cu
 MODES = ("auto", "sparse", "dense")
+VARIANTS = ("tuned", "plain")  # the C kernel: sffn_forward, or sffn_forward_plain (the reference C, timed beside it)
 CUDA_MAX_BATCH = 16  # rows per launch of sparse_ffn.cu (its kMaxBatch); larger batches are split
 SFFN_MAX_B = 16  # rows per call of sparse_ffn.c (its SFFN_MAX_B, checked when it loads); larger batches are split
+
+# -----------------------------------------------------------------------------
+# the idea, in torch
+
+
+def gather_ffn(x, w1, w3, w2, gate="relu", t=0.0):
+    """The sparse FFN as the kernels compute it, in torch: x (B, d); w1, w3 (h, d) and w2 (d, h), as nn.Linear
+    holds them. W1 is read in full; of W3 and W2 only the rows / columns of the units active for some row of
+    the batch. Returns (y (B, d), the number of active units). Equals FeedForward with act=gate, threshold t."""
+    a = gated(x @ w1.T, gate, t)  # (B, h): g_t(W1 x)
+    idx = (a != 0).any(0).nonzero().squeeze(1)  # the union of the active units (nan counts as active)
+    g = a[:, idx] * (x @ w3[idx].T)  # (B, n): W3 rows of the active units only
+    return g @ w2[:, idx].T, idx.numel()  # W2 columns of the active units only
+
 
 # -----------------------------------------------------------------------------
 # loading the compiled kernels (lazily, so that build.py can build them first in the same process)
@@ -93,7 +106,7 @@ def c_info():
                 amx=bool(lib.sffn_amx()), openmp=lib.sffn_openmp(), max_batch=lib.sffn_max_batch())
 
 # -----------------------------------------------------------------------------
-# the packed weights
+# the packed weights, and running a C kernel on them
 
 
 def huge_empty(shape, dtype=torch.float32, device="cpu"):
@@ -132,74 +145,55 @@ def _as_tensor(a, name):
     return a
 
 
-def _c_chunks(owner, call, x, out, d_in, d_out, scratch_floats, name):
-    """Run a C kernel over x (N, d_in) -> out (N, d_out) in the row chunks it takes, with owner's scratch
-    (grown to what this call needs; the kernel checks the size it is given) under the lock. Returns the
-    largest result of a call. Lean on purpose: at d=192 a decoding step calls it ~20 times."""
-    ffi = _mods["c"].ffi
-    T = torch.get_num_threads()  # torch's thread count, so the kernel shares torch's cores
-    N = x.shape[0]
-    with _c_lock:  # cffi releases the GIL during the call, and the scratch is shared by the owner's calls
-        need = scratch_floats(min(N, SFFN_MAX_B), d_in, T)  # this call's own need: no cache key stands in for it
-        if owner._scratch.numel() < need:
-            owner._scratch = torch.empty(need)
-            owner._scratch_p = ffi.cast("float *", owner._scratch.data_ptr())
-        px, py, scratch, ns = ffi.cast("float *", x.data_ptr()), ffi.cast("float *", out.data_ptr()), owner._scratch_p, owner._scratch.numel()
-        if N <= SFFN_MAX_B:
-            most = call(px, N, py, scratch, ns, T)
-        else:
-            rs = [call(px + b0 * d_in, min(SFFN_MAX_B, N - b0), py + b0 * d_out, scratch, ns, T)
-                  for b0 in range(0, N, SFFN_MAX_B)]
-            most = min(rs) if min(rs) < 0 else max(rs)
-    if most < 0:  # the Python checks should make this unreachable
-        raise RuntimeError(f"{name} rejected its arguments")
-    return most  # sffn_forward: for N > SFFN_MAX_B, the largest union of one call
-
-
-def _ptr(ffi, t, kind="void *"):
-    return ffi.NULL if t is None else ffi.cast(kind, t.data_ptr())
-
-
-def _ffn_c(owner, x, out, w1, w32, scales, gate, t, ptrs=None):
-    """sffn_forward over x (N, d) -> out on packed w1 (h, d), w32 (h, 2d), int8 scales or None; gate a
-    GATES code. ptrs: their cffi pointers, cached by the caller, or None. Returns the largest union of
-    active units of one call."""
-    ffi, lib = _mods["c"].ffi, _mods["c"].lib
-    (h, d), code = w1.shape, DTYPE_CODES[w1.dtype]
-    pw1, pw32, sc = ptrs or (_ptr(ffi, w1), _ptr(ffi, w32), _ptr(ffi, scales, "float *"))
-    fwd = lib.sffn_forward
-    call = lambda px, nb, py, scratch, ns, T: fwd(px, nb, d, h, pw1, pw32, code, sc, gate, t, py, scratch, ns, T)
-    return _c_chunks(owner, call, x, out, d, d, lib.sffn_scratch_floats, "sffn_forward")
-
-
-def _gemv_c(owner, x, out, w, scales):
-    """sffn_gemv: out (N, n) = x (N, d) W^T on packed w (n, d), int8 scales or None."""
-    ffi, lib = _mods["c"].ffi, _mods["c"].lib
-    (n, d), code = w.shape, DTYPE_CODES[w.dtype]
-    pw, sc = _ptr(ffi, w), _ptr(ffi, scales, "float *")
-    call = lambda px, nb, py, scratch, ns, T: lib.sffn_gemv(px, nb, d, n, pw, code, sc, py, scratch, ns, T)
-    _c_chunks(owner, call, x, out, d, n, lambda b, d_, T: lib.sffn_scratch_floats(b, d_, 0), "sffn_gemv")
+def _ptr(t, kind="void *"):
+    return _mods["c"].ffi.NULL if t is None else _mods["c"].ffi.cast(kind, t.data_ptr())
 
 
 class _Scratch:
-    """The C kernels' scratch memory (x padded, per-thread partial y's), grown rarely; one per
+    """The C kernels' scratch memory (x padded, per-thread partial y's), grown to each call's need; one per
     SparseFFN / DenseLinear, and one shared by the custom ops (all used under _c_lock)."""
 
     def __init__(self):
         self._scratch, self._scratch_p = torch.empty(0), None
 
+    def __getstate__(self):  # a copy gets scratch and weight pointers of its own (cffi pointers do not copy)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_scratch", "_scratch_p", "_cargs")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        _Scratch.__init__(self)
+
+    def run_c(self, fn, need, x, out, *args):
+        """fn(x, rows, *args, out, scratch, n_scratch, threads), a C kernel, over x (N, d) -> out (N, d_out) in calls
+        of at most SFFN_MAX_B rows, with this scratch grown to need(rows, threads) floats (the kernel checks the
+        size it is given). Returns the largest result of a call (sffn_forward: the union of active units)."""
+        T = torch.get_num_threads()  # torch's thread count, so the kernel shares torch's cores
+        (N, d), d_out = x.shape, out.shape[1]
+        with _c_lock:  # cffi releases the GIL during the call, and the scratch is shared by this owner's calls
+            n = need(min(N, SFFN_MAX_B), T)  # this call's own need: no cache key stands in for it
+            if self._scratch.numel() < n:
+                self._scratch = torch.empty(n)
+                self._scratch_p = _ptr(self._scratch, "float *")
+            px, py, n = _ptr(x, "float *"), _ptr(out, "float *"), self._scratch.numel()
+            rs = [fn(px + b0 * d, min(SFFN_MAX_B, N - b0), *args, py + b0 * d_out, self._scratch_p, n, T)
+                  for b0 in range(0, N, SFFN_MAX_B)]
+        if min(rs) < 0:  # the Python checks make this unreachable
+            raise RuntimeError(f"the C kernel rejected its arguments ({fn})")
+        return max(rs)
+
 
 class SparseFFN(_Scratch):
-    """The weights of one gated relu FFN, packed once for the sparse kernels (a copy: a snapshot).
+    """The weights of one gated FFN, packed once for the sparse kernels (a copy: a snapshot).
 
     SparseFFN(ffn) takes a model.FeedForward; SparseFFN(w1, w3, w2) takes nn.Linear-layout weights
     w1, w3: (h, d), w2: (d, h). dtype: how the weights are stored (default: theirs); fp16 / bf16
-    halve the bytes read. device: where (default: theirs). backend: "c", "cuda" or "torch"
-    (default: the compiled kernel for the device if there is one, else "torch").
+    halve the bytes read, int8 quarter them. device: where (default: theirs). backend: "c", "cuda" or "torch"
+    (default: the compiled kernel for the device if there is one, else "torch"). variant (backend "c"):
+    "tuned" (sffn_forward) or "plain" (sffn_forward_plain). mode: see the module's docstring.
     Inputs: x (B, d), contiguous, on `device`; fp32 on CPU (any weight dtype), the weight dtype on CUDA.
     """
 
-    def __init__(self, w1, w3=None, w2=None, dtype=None, device=None, backend=None, mode="auto"):
+    def __init__(self, w1, w3=None, w2=None, dtype=None, device=None, backend=None, mode="auto", variant="tuned"):
         if w3 is None and w2 is None and hasattr(w1, "w1"):
             w1, w3, w2 = w1.w1.weight, w1.w3.weight, w1.w2.weight
         w1, w3, w2 = (_as_tensor(w, n) for w, n in ((w1, "w1"), (w3, "w3"), (w2, "w2")))
@@ -230,10 +224,12 @@ class SparseFFN(_Scratch):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
+        if variant not in VARIANTS or (variant == "plain" and backend != "c"):
+            raise ValueError(f"variant must be one of {VARIANTS} (plain: backend 'c' only), got {variant!r}")
+        self.variant = variant
         # the per-batch-size choice, for fp32 weights in the C kernel only: with 16-bit weights the kernel reads half
         # the bytes of fp32 dense, and PyTorch's 16-bit GEMMs on the CPU would round x and y to 16 bits
         self._auto = mode == "auto" and backend == "c" and self.dtype == torch.float32
-        self._cptrs = None
         self.last_active = None  # active units (union over the batch) of the last call, when known
         self.last_path = None  # "sparse" or "dense": what the last call ran
 
@@ -260,8 +256,18 @@ class SparseFFN(_Scratch):
                 self.w2t.copy_(w2.t())
         _Scratch.__init__(self)
 
+    def _c_kernel(self):
+        """The C kernel of this variant, its scratch need and its arguments past x and the row count."""
+        lib, d, h = _mods["c"].lib, self.d, self.h
+        if "_cargs" not in self.__dict__:  # the weights' cffi pointers, once (not copied: see __getstate__)
+            self._cargs = (d, h, _ptr(self.w1), _ptr(self.w32), DTYPE_CODES[self.dtype], _ptr(self.scales, "float *"))
+        if self.variant == "plain":
+            return lib.sffn_forward_plain, lambda B, T: lib.sffn_plain_scratch_floats(B, d, h, T), self._cargs
+        return lib.sffn_forward, lambda B, T: lib.sffn_scratch_floats(B, d, T), self._cargs
+
     def __repr__(self):
-        return f"SparseFFN(d={self.d}, h={self.h}, dtype={self.dtype}, device={self.device}, backend={self.backend})"
+        v = f", variant={self.variant}" if self.backend == "c" else ""
+        return f"SparseFFN(d={self.d}, h={self.h}, dtype={self.dtype}, device={self.device}, backend={self.backend}{v})"
 
     def _check(self, t, name, B=None):
         if t.device != self.device:
@@ -310,10 +316,8 @@ class SparseFFN(_Scratch):
         if self._choose(B) == "dense":
             self._dense(x, out, gate, t)
         elif self.backend == "c":
-            if self._cptrs is None:  # the weights' cffi pointers, once
-                ffi = _mods["c"].ffi
-                self._cptrs = (_ptr(ffi, self.w1), _ptr(ffi, self.w32), _ptr(ffi, self.scales, "float *"))
-            self.last_active = _ffn_c(self, x, out, self.w1, self.w32, self.scales, code, t, self._cptrs)
+            fn, need, args = self._c_kernel()
+            self.last_active = self.run_c(fn, need, x, out, *args, code, t)
         elif self.backend == "cuda":
             for b0 in range(0, B, CUDA_MAX_BATCH):  # no host sync: the launches queue on the stream
                 _mods["cuda"].forward(x[b0:b0 + CUDA_MAX_BATCH], self.w1, self.w3, self.w2t,
@@ -336,24 +340,15 @@ class SparseFFN(_Scratch):
             self.last_path = "dense" if self.mode == "dense" else "sparse"
         return self.last_path
 
-    def _weights(self, rows=None, parts=(0, 1, 2)):
-        """Of w1, w3, w2t (parts: which) the weights torch computes with, for the units in rows (or
-        all): the packed tensors themselves, or for int8 their dequantized fp32 copies."""
-        out = []
-        for i in parts:
-            m = (self.w1, self.w3, self.w2t)[i]
-            m = m if rows is None else m.index_select(0, rows)
-            if self.scales is not None:
-                s = self.scales[i] if rows is None else self.scales[i].index_select(0, rows)
-                m = m.float() * s[:, None]
-            out.append(m)
-        return out
+    def _weights(self):
+        """w1, w3, w2t as torch computes with them: the packed tensors, or for int8 their dequantized fp32 copies."""
+        ws = (self.w1, self.w3, self.w2t)
+        return ws if self.scales is None else tuple(w.float() * s[:, None] for w, s in zip(ws, self.scales))
 
     def _dense(self, x, out, gate, t):
         """The dense FFN with PyTorch's GEMMs on the packed weights (W3 and W2^T are strided views of
         the packed rows: BLAS reads them in place, no copy). With 16-bit weights (mode="dense" only),
         x and the result are rounded to the weights' dtype; int8 weights are dequantized (a copy)."""
-        from model import gated
         w1, w3, w2t = self._weights()
         xd = x if x.dtype == w1.dtype else x.to(w1.dtype)
         a = gated(F.linear(xd, w1), gate, t)
@@ -361,20 +356,11 @@ class SparseFFN(_Scratch):
         y = torch.matmul(a * F.linear(xd, w3), w2t)
         out.copy_(y)
 
-    def _c(self, x, out, gate, t):
-        self.last_active = _ffn_c(self, x, out, self.w1, self.w32, self.scales, GATES[gate], t)
-
     def _torch(self, x, out, gate, t):
-        """The same sparse computation with torch ops: gather the active rows, then two matmuls."""
-        from model import gated
-        w1, = self._weights(parts=(0,))
-        w1 = w1 if w1.dtype == x.dtype else w1.to(x.dtype)
-        a = gated(F.linear(x, w1), gate, t)  # (B, h)
-        idx = (a != 0).any(0).nonzero().squeeze(1)  # the union of active units; nan counts as active
-        self.last_active = idx.numel()
-        w3, w2t = self._weights(idx, parts=(1, 2))  # (n, d) each
-        g = a.index_select(1, idx) * F.linear(x, w3.to(x.dtype))
-        torch.matmul(g, w2t.to(x.dtype), out=out)
+        """The torch backend: gather_ffn on the packed weights (int8: dequantized)."""
+        w1, w3, w2t = (w if w.dtype == x.dtype else w.to(x.dtype) for w in self._weights())
+        y, self.last_active = gather_ffn(x, w1, w3, w2t.T, gate, t)
+        out.copy_(y)
 
     def apply(self, x, gate="relu", t=0.0):
         """Any (N, d) x: converts dtype and layout as needed and returns y in x's dtype."""
@@ -416,130 +402,12 @@ class DenseLinear(_Scratch):
             raise ValueError(f"x must be a (N, {self.d}) float32 CPU tensor, got {tuple(x.shape)} {x.dtype} on {x.device}")
         x = x.resolve_neg().resolve_conj().contiguous()
         out = torch.empty(x.shape[0], self.n)
-        _gemv_c(self, x, out, self.w, self.scales)
+        lib, code = _mods["c"].lib, DTYPE_CODES[self.w.dtype]
+        self.run_c(lib.sffn_gemv, lambda B, T: lib.sffn_scratch_floats(B, self.d, 0), x, out,
+                   self.d, self.n, _ptr(self.w), code, _ptr(self.scales, "float *"))
         return out
 
     def apply(self, x):
         """Any (..., d) x: y in x's dtype and shape (..., n)."""
         y = self(x.reshape(-1, self.d).to(torch.float32))
         return y.view(*x.shape[:-1], self.n).to(x.dtype)
-
-
-def int8_twin(model, linear=False):
-    """A copy of `model` whose FFN weights (and with linear=True, its attention projections and output
-    layer) are what the int8 kernels compute with: per-row quantized and dequantized, W2 per column
-    (as packed). Plain PyTorch, any device: how int8 weights change the loss and the sparsity.
-    The tied output layer gets its own weight; the embedding lookup keeps the original."""
-    import copy
-
-    from model import Attention, FeedForward
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for m in twin.modules():
-            if isinstance(m, FeedForward):
-                m.w1.weight.copy_(dequantized(m.w1.weight))
-                m.w3.weight.copy_(dequantized(m.w3.weight))
-                m.w2.weight.copy_(dequantized(m.w2.weight.t()).t())
-            elif isinstance(m, Attention) and linear:
-                for l in (m.wq, m.wk, m.wv, m.wo):
-                    l.weight.copy_(dequantized(l.weight))
-        if linear and hasattr(twin, "lm_head"):
-            twin.lm_head.weight = torch.nn.Parameter(dequantized(twin.lm_head.weight))
-    return twin
-
-# -----------------------------------------------------------------------------
-# attaching to a model
-
-
-# -----------------------------------------------------------------------------
-# the C kernels as torch custom ops: opaque to torch.compile, so a compiled decode step (model.generate(...,
-# compile=True)) keeps them in one graph instead of breaking it at every cffi call. Defined with
-# torch.library.Library and a CPU kernel rather than @torch.library.custom_op: a call costs ~8 us against
-# ~15 us (measured on the 2-core Xeon), which matters at ~40 calls per decoded token on a small model
-
-
-_OP_SCRATCH = _Scratch()
-
-
-def _c_ffn_cpu(x, w1, w32, scales, gate, t):
-    out = torch.empty_like(x)
-    _ffn_c(_OP_SCRATCH, x, out, w1, w32, scales, gate, t)
-    return out
-
-
-def _c_gemv_cpu(x, w, scales):
-    out = x.new_empty(x.shape[0], w.shape[0])
-    _gemv_c(_OP_SCRATCH, x, out, w, scales)
-    return out
-
-
-_OPS = torch.library.Library("sparse_ffn", "DEF")  # kept alive for the process: it owns the definitions
-_OPS.define("c_ffn(Tensor x, Tensor w1, Tensor w32, Tensor? scales, int gate, float t) -> Tensor")
-_OPS.define("c_gemv(Tensor x, Tensor w, Tensor? scales) -> Tensor")
-_OPS.impl("c_ffn", _c_ffn_cpu, "CPU")
-_OPS.impl("c_gemv", _c_gemv_cpu, "CPU")
-torch.library.register_fake("sparse_ffn::c_ffn", lambda x, w1, w32, scales, gate, t: torch.empty_like(x), lib=_OPS)
-torch.library.register_fake("sparse_ffn::c_gemv", lambda x, w, scales: x.new_empty(x.shape[0], w.shape[0]), lib=_OPS)
-c_ffn_op = torch.ops.sparse_ffn.c_ffn  # (x (N, d) fp32 contiguous, SparseFFN's w1, w32, scales, GATES code, t)
-c_gemv_op = torch.ops.sparse_ffn.c_gemv  # (x (N, d) fp32 contiguous, DenseLinear's w, scales): x W^T
-
-
-class Attached:
-    """What attach() puts in FeedForward.kernel: the packed sparse FFN. FeedForward itself decides
-    when to call it (relu, or silu with a threshold; eval mode, no autograd, no stats) and otherwise
-    runs its own ops. Under torch.compile the C kernel runs as the custom op sparse_ffn::c_ffn, always
-    sparse (auto's per-call choice is Python state that a compiled graph cannot keep)."""
-
-    def __init__(self, packed):
-        self.packed = packed
-
-    def __call__(self, x, gate="relu", t=0.0):
-        k = self.packed
-        if torch.compiler.is_compiling() and k.backend == "c":
-            y = c_ffn_op(x.to(torch.float32).contiguous(), k.w1, k.w32, k.scales, GATES[gate], float(t))
-            return y.to(x.dtype)
-        return k.apply(x, gate, t)
-
-    def __repr__(self):
-        return f"Attached({self.packed})"
-
-
-def _linear_forward(m):
-    """The forward a projection gets from attach(linear=True): the C GEMV at inference, else its own."""
-    def forward(x):
-        if m.training or (x.requires_grad and torch.is_grad_enabled()):
-            return F.linear(x, m.weight, m.bias)
-        k = m.dense_kernel
-        if torch.compiler.is_compiling():
-            y = c_gemv_op(x.reshape(-1, k.d).to(torch.float32).contiguous(), k.w, k.scales)
-            return y.view(*x.shape[:-1], k.n).to(x.dtype)
-        return k.apply(x)
-    return forward
-
-
-def attach(model, enable=True, dtype=None, backend=None, linear=False):
-    """Pack every FeedForward of `model` and set its .kernel, which the module uses in eval mode
-    with act == "relu", or act == "silu" with a threshold > 0 (CATS). dtype: how the weights are
-    stored (default: the model's); backend: as in SparseFFN. linear=True (CPU): the attention
-    projections and the output layer also run through the C kernel's dense GEMV, in the same dtype.
-    The packed weights are a snapshot: after training or loading new weights, attach again.
-    attach(model, False) clears the kernels. Returns the number of FFNs touched."""
-    from model import Attention, FeedForward
-    n = 0
-    for m in model.modules():
-        if isinstance(m, FeedForward):
-            m.kernel = Attached(SparseFFN(m, dtype=dtype, backend=backend)) if enable else None
-            n += 1
-    heads = [l for a in model.modules() if isinstance(a, Attention) for l in (a.wq, a.wk, a.wv, a.wo)]
-    heads += [model.lm_head] if hasattr(model, "lm_head") else []
-    for l in heads:
-        if enable and linear and l.bias is None:
-            l.dense_kernel = DenseLinear(l.weight, dtype)
-            l.forward = _linear_forward(l)
-        elif "forward" in l.__dict__:  # detach: back to nn.Linear's own forward
-            del l.forward, l.dense_kernel
-    return n
-
-
-def detach(model):
-    return attach(model, False)

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attach as attach_mod
 import build
 import model as model_mod
 import sparse_ffn
@@ -99,10 +100,17 @@ def check_close(y, ref, atol, rtol, note=""):
 
 
 pytest_kernel = pytest.mark.usefixtures("c_kernel")
+CPU_BACKENDS = ["c", "plain", "torch"]  # plain: the C backend's plain kernel (sffn_forward_plain)
+
+
+def packed(ffn, backend, **kw):
+    """SparseFFN on one of CPU_BACKENDS."""
+    plain = backend == "plain"
+    return sparse_ffn.SparseFFN(ffn, backend="c" if plain else backend, variant="plain" if plain else "tuned", **kw)
 
 
 @pytest_kernel
-@pytest.mark.parametrize("backend", ["c", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("B", [1, 3, 20])  # 20 > the C kernel's 16 rows per call: split in two calls
 @pytest.mark.parametrize("s", [0.0, 0.5, 0.95, 1.0])
@@ -117,7 +125,7 @@ def test_cpu_matches_reference(d, h, s, B, dtype, backend):
     with torch.no_grad():
         want = ref(x)
         u = x @ ref.w1.weight.T
-    kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend=backend, mode="sparse")
+    kernel = packed(ffn, backend, dtype=dtype, mode="sparse")
     y = kernel(x)
     assert y.shape == (B, d) and y.dtype == torch.float32
     check_close(y, want, atol=1e-5, rtol=1e-4, note=f"seed {seed}: ")
@@ -130,12 +138,12 @@ def test_cpu_matches_reference(d, h, s, B, dtype, backend):
 
 
 @pytest_kernel
-@pytest.mark.parametrize("backend", ["c", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_out_is_overwritten(backend):
     ffn, x = ref_ffn(40, 97), torch.randn(5, 40)
     set_sparsity(ffn, x, 0.9, torch.Generator().manual_seed(1))
     out = torch.full((5, 40), float("nan"))
-    kernel = sparse_ffn.SparseFFN(ffn, backend=backend, mode="sparse")
+    kernel = packed(ffn, backend, mode="sparse")
     assert kernel(x, out=out) is out
     with torch.no_grad():
         check_close(out, ffn(x), atol=1e-5, rtol=1e-4)
@@ -145,20 +153,21 @@ def test_out_is_overwritten(backend):
 
 
 @pytest_kernel
-@pytest.mark.parametrize("backend", ["c", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_nan_propagates_per_row(backend):
     ffn, x = ref_ffn(24, 50), torch.randn(3, 24)
     x[1, 5] = float("nan")
-    y = sparse_ffn.SparseFFN(ffn, backend=backend, mode="sparse")(x)
+    y = packed(ffn, backend, mode="sparse")(x)
     with torch.no_grad():
         ref = ffn(x)
     assert torch.equal(y.isnan(), ref.isnan()) and y[1].isnan().all() and not y[[0, 2]].isnan().any()
 
 
 @pytest_kernel
-def test_deterministic_and_thread_counts():
+@pytest.mark.parametrize("backend", ["c", "plain"])
+def test_deterministic_and_thread_counts(backend):
     ffn, x = ref_ffn(300, 1001), torch.randn(4, 300)
-    kernel = sparse_ffn.SparseFFN(ffn, mode="sparse")
+    kernel = packed(ffn, backend, mode="sparse")
     y = kernel(x)
     assert torch.equal(y, kernel(x))  # same threads, same sums in the same order
     threads = torch.get_num_threads()
@@ -167,6 +176,7 @@ def test_deterministic_and_thread_counts():
             torch.set_num_threads(t)
             with torch.no_grad():
                 check_close(kernel(x), ffn(x), atol=1e-5, rtol=1e-4)
+                assert torch.equal(kernel(x), kernel(x))
     finally:
         torch.set_num_threads(threads)
 
@@ -204,6 +214,9 @@ def test_rejects_bad_inputs():
         sparse_ffn.SparseFFN(ffn, dtype=torch.float64)
     with pytest.raises(ValueError):
         sparse_ffn.SparseFFN(ffn, backend="cuda")  # CUDA kernel for CPU weights
+    for backend, variant in (("c", "fast"), ("torch", "plain")):  # the plain variant is the C backend's
+        with pytest.raises(ValueError, match="variant"):
+            sparse_ffn.SparseFFN(ffn, backend=backend, variant=variant)
     assert kernel(torch.empty(0, 16)).shape == (0, 16)
     # a threshold past fp32's range: refused with a clear message, not by the kernel's bare -1
     for t in (3.5e38, float("inf"), float("nan"), -1.0, True, "0.1"):
@@ -253,22 +266,22 @@ def test_c_kernel_is_built_on_first_use_and_rebuilt_when_stale(tmp_path):
 
 
 @pytest_kernel
-@pytest.mark.parametrize("backend", ["c", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_lazy_negated_views(backend):
     """x._neg_view() keeps the un-negated values in memory: the kernel sees the negated values (x
     and weights are materialized), and an `out` that is such a view is refused."""
     ffn, x = ref_ffn(33, 70), torch.randn(3, 33)
     set_sparsity(ffn, -x, 0.8, torch.Generator().manual_seed(2))
-    kernel = sparse_ffn.SparseFFN(ffn, backend=backend, mode="sparse")
+    kernel = packed(ffn, backend, mode="sparse")
     with torch.no_grad():
         want = ffn(-x)
         neg = x._neg_view()
         assert neg.is_neg() and neg.is_contiguous()
         check_close(kernel(neg), want, atol=1e-5, rtol=1e-4)
         check_close(kernel.apply(neg), want, atol=1e-5, rtol=1e-4)
-        packed = sparse_ffn.SparseFFN(ffn.w1.weight._neg_view(), ffn.w3.weight._neg_view(), ffn.w2.weight._neg_view(),
-                                      backend=backend)  # relu(-W1 x) * (-W3 x) then -W2: the FFN of -x, negated
-        check_close(packed(x), -want, atol=1e-5, rtol=1e-4)
+        negated = sparse_ffn.SparseFFN(ffn.w1.weight._neg_view(), ffn.w3.weight._neg_view(), ffn.w2.weight._neg_view(),
+                                       backend=kernel.backend, variant=kernel.variant)  # the FFN of -x, negated
+        check_close(negated(x), -want, atol=1e-5, rtol=1e-4)
         with pytest.raises(ValueError, match="lazy negated"):
             kernel(x, out=torch.empty(3, 33)._neg_view())
 
@@ -345,7 +358,7 @@ def test_gated_matches_its_definition():
 
 
 @pytest_kernel
-@pytest.mark.parametrize("backend", ["c", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("gate", ["relu", "silu"])
 @pytest.mark.parametrize("B", [1, 5, 20])
@@ -366,7 +379,7 @@ def test_threshold_matches_reference(d, h, s, B, gate, dtype, backend):
     ref = ref_thresholded(ref0, gate, t)
     with torch.no_grad():
         want = ref(x)
-    kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend=backend, mode="sparse")
+    kernel = packed(ffn, backend, dtype=dtype, mode="sparse")
     y = kernel(x, gate=gate, t=t)
     check_close(y, want, atol=1e-5, rtol=1e-4, note=f"seed {seed}, t {t}: ")
     if B <= 16:
@@ -376,12 +389,12 @@ def test_threshold_matches_reference(d, h, s, B, gate, dtype, backend):
 
 
 @pytest_kernel
-@pytest.mark.parametrize("backend", ["c", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_threshold_edge_values(backend):
     """t = 0 with relu is the plain kernel bit for bit; nan still propagates through a silu gate;
     -inf in W1 x gives silu 0, not nan; bad gates and thresholds are one clear error."""
     ffn, x = ref_ffn(40, 97), torch.randn(4, 40)
-    kernel = sparse_ffn.SparseFFN(ffn, backend=backend, mode="sparse")
+    kernel = packed(ffn, backend, mode="sparse")
     assert torch.equal(kernel(x), kernel(x, gate="relu", t=0.0))
     x[2, 3] = float("nan")
     y = kernel(x, gate="silu", t=0.01)
@@ -389,7 +402,7 @@ def test_threshold_edge_values(backend):
     big = torch.full((1, 40), -1e30)
     with torch.no_grad():
         w = ffn.w1.weight.abs().clone()
-    k2 = sparse_ffn.SparseFFN(w, ffn.w3.weight, ffn.w2.weight, backend=backend, mode="sparse")
+    k2 = sparse_ffn.SparseFFN(w, ffn.w3.weight, ffn.w2.weight, backend=kernel.backend, variant=kernel.variant, mode="sparse")
     assert (k2(big, gate="silu", t=0.0) == 0).all()  # W1 x = -inf everywhere: silu -> 0
     for bad in (dict(gate="gelu"), dict(t=-0.1), dict(t=float("nan")), dict(t=float("inf")), dict(t="0.1"),
                 dict(t=True)):
@@ -466,19 +479,19 @@ def test_custom_ops_share_scratch_in_any_order():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        sparse_ffn._OP_SCRATCH = sparse_ffn._Scratch()  # as in a fresh process
+        attach_mod._OP_SCRATCH = sparse_ffn._Scratch()  # as in a fresh process
         d, h = 192, 512
         lin = sparse_ffn.DenseLinear(torch.randn(d, d))
         ffn = ref_ffn(d, h)
         packed = sparse_ffn.SparseFFN(ffn, mode="sparse")
         for B in (1, 16, 40):
             x = torch.randn(B, d)
-            check_close(sparse_ffn.c_gemv_op(x, lin.w, None), F.linear(x, lin.w), atol=1e-5, rtol=1e-4)
+            check_close(attach_mod.c_gemv_op(x, lin.w, None), F.linear(x, lin.w), atol=1e-5, rtol=1e-4)
             with torch.no_grad():
-                check_close(sparse_ffn.c_ffn_op(x, packed.w1, packed.w32, None, 0, 0.0), ffn(x), atol=1e-5, rtol=1e-4)
-        sparse_ffn._OP_SCRATCH = sparse_ffn._Scratch()
-        sparse_ffn.c_ffn_op(torch.randn(16, d), packed.w1, packed.w32, None, 0, 0.0)
-        check_close(sparse_ffn.c_gemv_op(x[:1], lin.w, None), F.linear(x[:1], lin.w), atol=1e-5, rtol=1e-4)
+                check_close(attach_mod.c_ffn_op(x, packed.w1, packed.w32, None, 0, 0.0), ffn(x), atol=1e-5, rtol=1e-4)
+        attach_mod._OP_SCRATCH = sparse_ffn._Scratch()
+        attach_mod.c_ffn_op(torch.randn(16, d), packed.w1, packed.w32, None, 0, 0.0)
+        check_close(attach_mod.c_gemv_op(x[:1], lin.w, None), F.linear(x[:1], lin.w), atol=1e-5, rtol=1e-4)
     finally:
         torch.set_num_threads(threads)
     mod = sparse_ffn._mods["c"]
@@ -491,13 +504,18 @@ def test_custom_ops_share_scratch_in_any_order():
             ffi.NULL, 0, 0.0, p(y), p(scratch))
     assert lib.sffn_forward(*args, need - 1, 2) == -1
     assert lib.sffn_forward(*args, need, 2) >= 0
+    need = lib.sffn_plain_scratch_floats(4, d, h, 2)
+    scratch = torch.empty(need)
+    args = args[:-1] + (p(scratch),)
+    assert lib.sffn_forward_plain(*args, need - 1, 2) == -1
+    assert lib.sffn_forward_plain(*args, need, 2) >= 0
     need = lib.sffn_scratch_floats(4, d, 0)
     assert lib.sffn_gemv(p(x), 4, d, d, ffi.cast("void *", lin.w.data_ptr()), 0, ffi.NULL, p(y), p(scratch), need - 1, 2) == -1
 
 
 @pytest_kernel
 @pytest.mark.parametrize("act", ["silu", "relu"])
-def test_attach_with_thresholds_matches_model(act):
+def test_attach_with_thresholds_matches_model(act, monkeypatch):
     """A thresholded model (CATS for silu) gives the same logits and greedy tokens through the kernel."""
     torch.manual_seed(int(torch.randint(1 << 30, ())))
     model = GPT(GPTConfig(vocab_size=97, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, act=act)).eval()
@@ -506,14 +524,14 @@ def test_attach_with_thresholds_matches_model(act):
     with torch.no_grad():
         want, _ = model(idx, targets=idx)
         want_tokens = model.generate(idx[:1, :8], 12, temperature=0)
-        sparse_ffn.attach(model)
-        calls = []
-        for b in model.blocks:
-            kernel = b.ffn.kernel
-            b.ffn.kernel = lambda x, g, t, k=kernel: calls.append((g, t)) or k(x, g, t)
+        attach_mod.attach(model)
+        calls, call = [], sparse_ffn.SparseFFN.__call__
+        monkeypatch.setattr(sparse_ffn.SparseFFN, "__call__",
+                            lambda k, x, out=None, gate="relu", t=0.0: calls.append((k, gate, t)) or call(k, x, out, gate, t))
         got, _ = model(idx, targets=idx)
         tokens = model.generate(idx[:1, :8], 12, temperature=0)
-    assert calls and all(g == act and t == b.ffn.threshold for (g, t), b in zip(calls, model.blocks))
+    thresholds = {id(b.ffn.kernel): b.ffn.threshold for b in model.blocks}
+    assert len(calls) >= 2 and all(g == act and t == thresholds[id(k)] for k, g, t in calls)
     check_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens, want_tokens)
 
@@ -547,11 +565,11 @@ def test_attach_linear_matches_model():
     with torch.no_grad():
         want, _ = model(idx, targets=idx)
         want_tokens = model.generate(idx[:1, :8], 12, temperature=0)
-        sparse_ffn.attach(model, linear=True)
+        attach_mod.attach(model, linear=True)
         assert all("forward" in l.__dict__ for l in (model.blocks[0].attn.wq, model.lm_head))
         got, _ = model(idx, targets=idx)
         tokens = model.generate(idx[:1, :8], 12, temperature=0)
-        sparse_ffn.attach(model, dtype=torch.bfloat16, linear=True)
+        attach_mod.attach(model, dtype=torch.bfloat16, linear=True)
         half, _ = model(idx, targets=idx)
     check_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens, want_tokens)
@@ -560,7 +578,7 @@ def test_attach_linear_matches_model():
     loss = model(idx, targets=idx)[1]
     loss.backward()
     assert model.blocks[0].attn.wq.weight.grad is not None
-    sparse_ffn.detach(model)
+    attach_mod.detach(model)
     assert not any("forward" in l.__dict__ for l in (model.blocks[0].attn.wq, model.lm_head))
 
 
@@ -604,8 +622,10 @@ def test_simd_variants_match_reference(c_variant, dtype, monkeypatch):
                 n_on = set_sparsity(ffn, x, s, gen)
                 ref = rounded(ffn, dtype)
                 kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend="c", mode="sparse")
+                plain = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend="c", mode="sparse", variant="plain")
                 with torch.no_grad():
                     check_close(kernel(x), ref(x), atol=1e-5, rtol=1e-4, note=f"seed {seed}, {d}x{h} B={B} s={s}: ")
+                    check_close(plain(x), ref(x), atol=1e-5, rtol=1e-4, note=f"plain, seed {seed}, {d}x{h} B={B} s={s}: ")
                     assert kernel.last_active == ((x @ ref.w1.weight.T > 0).any(0).sum() if dtype == torch.int8 else n_on)
                     a = model_mod.gated(x @ ref.w1.weight.T, "silu")
                     t = threshold_for(a, s)
@@ -624,16 +644,16 @@ def test_generate_compiled_matches_eager():
     prompt = torch.randint(97, (1, 8))
     for dtype, linear in ((None, False), (torch.float32, False), (torch.int8, True)):
         if dtype is not None:
-            sparse_ffn.attach(model, dtype=dtype, linear=linear)
+            attach_mod.attach(model, dtype=dtype, linear=linear)
         torch._dynamo.reset()
         want = model.generate(prompt, 12, temperature=0)
         assert torch.equal(model.generate(prompt, 12, temperature=0, compile=True), want), (dtype, linear)
-        sparse_ffn.detach(model)
+        attach_mod.detach(model)
     x = torch.randn(3, 64)  # the ops themselves, called directly, against the eager kernels
     k = sparse_ffn.SparseFFN(model.blocks[0].ffn, dtype=torch.int8, mode="sparse")
-    check_close(sparse_ffn.c_ffn_op(x, k.w1, k.w32, k.scales, 0, 0.0), k(x), atol=0, rtol=0)
+    check_close(attach_mod.c_ffn_op(x, k.w1, k.w32, k.scales, 0, 0.0), k(x), atol=0, rtol=0)
     lin = sparse_ffn.DenseLinear(model.lm_head.weight, torch.bfloat16)
-    check_close(sparse_ffn.c_gemv_op(x, lin.w, lin.scales), lin(x), atol=0, rtol=0)
+    check_close(attach_mod.c_gemv_op(x, lin.w, lin.scales), lin(x), atol=0, rtol=0)
 
 
 @pytest_kernel
@@ -661,14 +681,14 @@ def test_int8_quantization_and_attach():
                 p.copy_(as_stored(p, torch.int8, rows_of_t=name.endswith("w2.weight")))
         twin.lm_head.weight = torch.nn.Parameter(as_stored(model.lm_head.weight, torch.int8))  # untied: the
         # output layer reads int8, the embedding lookup stays as it is
-    for name, p in sparse_ffn.int8_twin(model, linear=True).named_parameters():  # the library's own copy
+    for name, p in attach_mod.int8_twin(model, linear=True).named_parameters():  # the library's own copy
         assert torch.equal(p, dict(twin.named_parameters())[name]), name
-    assert torch.equal(sparse_ffn.int8_twin(model).blocks[0].attn.wq.weight, model.blocks[0].attn.wq.weight)
+    assert torch.equal(attach_mod.int8_twin(model).blocks[0].attn.wq.weight, model.blocks[0].attn.wq.weight)
     idx = torch.randint(97, (2, 20))
     with torch.no_grad():
         want, _ = twin(idx, targets=idx)
         want_tokens = twin.generate(idx[:1, :8], 12, temperature=0)
-        sparse_ffn.attach(model, dtype=torch.int8, linear=True)
+        attach_mod.attach(model, dtype=torch.int8, linear=True)
         got, _ = model(idx, targets=idx)
         tokens = model.generate(idx[:1, :8], 12, temperature=0)
     check_close(got, want, atol=1e-4, rtol=1e-4)
@@ -813,7 +833,8 @@ def test_cuda_source_compiles(tmp_path):
 
 
 @pytest_kernel
-def test_attach_matches_model():
+@pytest.mark.parametrize("variant", sparse_ffn.VARIANTS)
+def test_attach_matches_model(variant):
     torch.manual_seed(int(torch.randint(1 << 30, ())))
     config = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, act="relu")
     model = GPT(config).eval()
@@ -825,7 +846,7 @@ def test_attach_matches_model():
         want_step, _ = model(idx[:, :1], start_pos=20)  # one decode step through the KV cache
         with model.ffn_stats() as want_stats:
             model(idx)
-        assert sparse_ffn.attach(model) == 2
+        assert attach_mod.attach(model, variant=variant) == 2
         with model.ffn_stats() as stats:  # counting zeros takes the plain path, kernel or not
             model(idx)
         assert stats == want_stats
@@ -838,7 +859,7 @@ def test_attach_matches_model():
         check_close(got_step, want_step, atol=1e-4, rtol=1e-4)
         model.set_act("silu")  # the kernel runs silu only with a threshold: plain silu takes the plain path
         silu, _ = model(idx, targets=idx)
-        sparse_ffn.detach(model)
+        attach_mod.detach(model)
         assert all(b.ffn.kernel is None for b in model.blocks)
         silu_plain, _ = model(idx, targets=idx)
         assert torch.equal(silu, silu_plain)
@@ -854,16 +875,23 @@ def test_autograd_and_deepcopy():
     want.backward()
     grad = model.blocks[0].ffn.w1.weight.grad.clone()
     model.zero_grad()
-    sparse_ffn.attach(model)
+    attach_mod.attach(model)
     _, loss = model(idx, targets=idx)  # autograd on: the module's own ops, so the FFN gets its gradients
     loss.backward()
     check_close(loss, want, atol=1e-6, rtol=1e-6)
     check_close(model.blocks[0].ffn.w1.weight.grad, grad, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError):  # the kernel itself has no backward: it says so
-        model.blocks[0].ffn.kernel.packed(torch.randn(2, 32, requires_grad=True))
-    twin = copy.deepcopy(model)  # packed weights are plain tensors: a model with kernels copies
+        model.blocks[0].ffn.kernel(torch.randn(2, 32, requires_grad=True))
     with torch.no_grad():
-        check_close(twin(idx)[0], model(idx)[0], atol=0, rtol=0)
+        want = model(idx)[0]  # the kernels have run: their weight pointers and scratch exist
+    twin = copy.deepcopy(model)  # packed weights are plain tensors: a model with kernels copies
+    k, k2 = model.blocks[0].ffn.kernel, twin.blocks[0].ffn.kernel
+    assert k2 is not k and k2.w1.data_ptr() != k.w1.data_ptr() and "_cargs" not in k2.__dict__  # its own pointers
+    assert twin.blocks[0].ffn.forward.__self__ is twin.blocks[0].ffn  # the attached forward rebound to the copy
+    del model, k
+    with torch.no_grad():
+        check_close(twin(idx)[0], want, atol=0, rtol=0)
+        assert k2._cargs[2] == sparse_ffn._ptr(k2.w1)
 
 
 @pytest_kernel
