@@ -249,9 +249,9 @@ def test_int8_huge_inputs_overflow_only_where_the_result_does(B):
 
 def test_c_kernel_is_built_on_first_use_and_rebuilt_when_stale(tmp_path):
     """A fresh checkout: the first use of sparse_ffn builds the C kernel (one line), the next
-    reuses it, and a newer sparse_ffn.c triggers a rebuild."""
+    reuses it, and a newer sparse_ffn.c or header triggers a rebuild."""
     import shutil
-    for f in ("sparse_ffn.py", "sparse_ffn.c", "build.py"):
+    for f in ("sparse_ffn.py", "model.py", "build.py") + build.C_SOURCES:
         shutil.copy(os.path.join(HERE, f), tmp_path / f)
     use = lambda: subprocess.run([sys.executable, "-c", "import sparse_ffn; print(sparse_ffn.backends()['c'])"],
                                  cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -259,10 +259,11 @@ def test_c_kernel_is_built_on_first_use_and_rebuilt_when_stale(tmp_path):
     assert first.stdout.strip() == "True" and "building the C kernel once" in first.stderr, first.stderr
     again = use()
     assert again.stdout.strip() == "True" and again.stderr == ""
-    later = time.time() + 5
-    os.utime(tmp_path / "sparse_ffn.c", (later, later))
-    rebuilt = use()
-    assert rebuilt.stdout.strip() == "True" and "building the C kernel once" in rebuilt.stderr
+    for i, f in enumerate(("sparse_ffn.c", "sparse_ffn_tuned.h")):
+        later = time.time() + 5 * (i + 1)
+        os.utime(tmp_path / f, (later, later))
+        rebuilt = use()
+        assert rebuilt.stdout.strip() == "True" and "building the C kernel once" in rebuilt.stderr, f
 
 
 @pytest_kernel
