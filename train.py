@@ -26,6 +26,9 @@ learning rate's cosine). What may differ on resume only says how the rest is car
 (eval_interval, eval_iters, final_eval_iters), log_interval, data_root (where the tokens are cached),
 device, dtype and compile. --init_from=<ckpt> starts a new run from another run's weights: the weights
 fix the model's shape (a different shape flag is refused), everything else is this run's own.
+
+main(), at the bottom, is the run step by step, the switch to RELU in its loop. checkpoint.py holds what
+a checkpoint stores and fixes; runtime.py how the run is carried out (DDP, device, compile, Ctrl-C, tok/s).
 """
 
 import math
