@@ -3,8 +3,8 @@ Times the sparse RELU FFN y = W2 (relu(W1 x) * (W3 x)) against PyTorch's dense g
 napkin math beside every number: batch-1 decoding is memory bound, so the bytes that must move are
 d*h*b*(1 + 2(1-s)) (W1 in full, W3 rows and W2 columns of the active units; b = bytes per weight).
 
-    python bench.py                                   # both sizes, batches 1/4/16, 0..99% sparsity, end to end (~2 min)
-    python bench.py --quick                           # batch 1, fewer rows, shorter timings (~1 min)
+    python bench.py                                   # dense, plain and tuned kernels, batch 1, both sizes; one e2e row
+    python bench.py --full                            # batches 1/4/16, 0..99% sparsity, the torch gather, compiled, llama.cpp
     python bench.py --sizes=2048x8192 --batches=1 --sparsities=90 --e2e=False
     python bench.py --ckpt=out/ckpt.pt                # a trained model's real sparsity, on its own val text
     python bench.py --json=bench.json                 # every row as JSON too
@@ -15,7 +15,8 @@ Weights are random; W1 is built so that exactly a fraction s of the hidden units
 the rate an independent per-token sparsity gives). Each implementation rotates over copies of its
 weights (--rotate_mb in all) so that, as in a many-layer model, they come from memory, not cache.
 Times are medians of many calls after a warm-up; a speedup is the ratio of the row's median to that of
-torch dense, whose calls alternate with the row's. The kernels' packed weights sit on huge pages; the
+torch dense, whose calls alternate with the row's. "C plain" is sffn_forward_plain, the kernel in one
+screen; "C tuned" is sffn_forward: the ratio of the two is what the tuning buys on this machine. The kernels' packed weights sit on huge pages; the
 "dense hugepg" row puts dense's there too, to show what that alone is worth. The roof of each row is the
 read bandwidth (on huge pages) measured just before it (a shared host drifts by 20-30%);
 the last line says how much CPU other processes used meanwhile. The C kernel is built on first use
@@ -23,7 +24,6 @@ the last line says how much CPU other processes used meanwhile. The C kernel is 
 nvcc. Without a kernel, bench.py times the torch gather fallback only, and says so.
 """
 
-import json as jsonlib
 import math
 import os
 import platform
@@ -43,29 +43,29 @@ from model import GPT, GPTConfig, load_checkpoint
 # -----------------------------------------------------------------------------
 devices = ""  # "cpu", "cuda" or "cpu,cuda"; empty: cpu, and cuda when there is one
 sizes = ""  # d x h pairs; empty: the default model's FFN and 2048x8192
-batches = "1,4,16"
-sparsities = "0,50,80,90,95,99"  # percent of the hidden units that are zero (the union over a batch)
+full = False  # the full grid: the defaults marked "--full" below
+batches = ""  # empty: 1 (--full: 1,4,16)
+sparsities = ""  # percent of the hidden units that are zero (the union over a batch); empty: 0,50,90 (--full: 0,50,80,90,95,99)
 dtypes = "float32,bfloat16,int8"  # weight dtypes of the sparse kernels (x and y stay fp32 on the CPU; int8: CPU only)
 gate = "relu"  # the kernel rows' gate: relu, or silu with the threshold t that zeroes s% of the units (CATS)
-gather = True  # also time the pure-torch gather fallback
+gather = None  # also time the pure-torch gather; None: with --full
 min_time = 0.25  # seconds of timed calls per row (at least min_reps calls)
 min_reps = 10
 roof_mb = 1024  # MiB summed to measure the read roof (the roof before each row sums a quarter of it)
 rotate_mb = 1024  # weight copies per implementation, up to this many MB: out of the caches (some hosts have 100+ MB)
 threads = 0  # torch threads; 0 = torch's default
 e2e = True  # decoding tokens/s through model.generate, dense vs sparse
-llama = True  # and llama.cpp on the same weights, where llama-cpp-python and gguf are installed
-compiled = True  # and the same decoded through model.generate(compile=True) (torch.compile; ~30 s per row to compile)
+llama = None  # and llama.cpp on the same weights, where llama-cpp-python and gguf are installed; None: with --full
+compiled = None  # and model.generate(compile=True) (torch.compile; ~30 s per row to compile); None: with --full
 e2e_tokens = 32
 ckpt = ""  # a train.py checkpoint: its per-layer sparsity on real text, and kernel times on its inputs
 data_dir = ""  # the checkpoint's tokenized text; empty = the one it was trained on
-quick = False  # batch 1, sparsities 0,50,90,99, shorter timings
 json = ""  # write the rows here
 seed = 0
 # -----------------------------------------------------------------------------
 
 
-def _arg(a):  # --quick means --quick=True
+def _arg(a):  # --full means --full=True
     return a + "=True" if a.startswith("--") and "=" not in a else a
 
 
@@ -83,11 +83,13 @@ def dxh_list(v):
 
 RULES = dict(
     devices=either(one_of(""), listed(["cpu"] + (["cuda"] if torch.cuda.is_available() else []))),
-    sizes=either(one_of(""), dxh_list), batches=int_list(1), sparsities=int_list(0, 100),
-    dtypes=listed(["float32", "bfloat16", "float16", "int8"]), gate=one_of("relu", "silu"), gather=one_of(True, False), min_time=between(0, lo_open=True),
+    full=one_of(True, False), sizes=either(one_of(""), dxh_list), batches=either(one_of(""), int_list(1)),
+    sparsities=either(one_of(""), int_list(0, 100)), dtypes=listed(["float32", "bfloat16", "float16", "int8"]),
+    gate=one_of("relu", "silu"), gather=one_of(None, True, False), min_time=between(0, lo_open=True),
     min_reps=positive_int, roof_mb=between(1, integer=True), rotate_mb=between(0), threads=between(0, integer=True), e2e=one_of(True, False),
-    e2e_tokens=positive_int, llama=one_of(True, False), compiled=one_of(True, False), ckpt=either(one_of(""), existing_file), data_dir=either(one_of(""), existing_dir),
-    quick=one_of(True, False), json=either(one_of(""), new_file), seed=between(0, integer=True),
+    e2e_tokens=positive_int, llama=one_of(None, True, False), compiled=one_of(None, True, False),
+    ckpt=either(one_of(""), existing_file), data_dir=either(one_of(""), existing_dir), json=either(one_of(""), new_file),
+    seed=between(0, integer=True),
 )
 try:  # every setting, and the checkpoint and its data, checked before minutes of benchmarking
     configure(globals(), [_arg(a) for a in sys.argv[1:]], RULES)
@@ -96,8 +98,9 @@ try:  # every setting, and the checkpoint and its data, checked before minutes o
         data_dir = checkpoint_data(ckpt_state, data_dir)
 except (OSError, ValueError) as e:
     sys.exit(f"error: {e}")
-if quick:
-    batches, sparsities, min_time, min_reps = "1", "0,50,90,99", 0.1, 5
+batches = batches or ("1,4,16" if full else "1")
+sparsities = sparsities or ("0,50,80,90,95,99" if full else "0,50,90")
+gather, llama, compiled = (full if v is None else v for v in (gather, llama, compiled))
 if threads:
     torch.set_num_threads(threads)
 torch.manual_seed(seed)
@@ -284,17 +287,16 @@ def kernel_table(dev):
                                 dense_ms[dt], dense_fns[dt] = t, fns
                             else:
                                 del ws, fns
-                impls = [("c" if dev == "cpu" else "cuda", dt, "sparse") for dt in dev_dtypes(dev)]
-                if dev == "cpu" and torch.float32 in dtype_list:  # the per-call choice: kernel or dense GEMMs
-                    impls.append(("c", torch.float32, "auto"))
+                impls = [("cuda", dt, "tuned") for dt in dev_dtypes(dev)] if dev == "cuda" else \
+                    [("c", dt, v) for dt in dev_dtypes(dev) for v in ("plain", "tuned")]
                 if gather:
-                    impls.append(("torch", torch.float32 if dev == "cpu" else dev_dtypes(dev)[0], "sparse"))
-                for backend, dt, mode in impls:
+                    impls.append(("torch", torch.float32 if dev == "cpu" else dev_dtypes(dev)[0], "tuned"))
+                for backend, dt, variant in impls:
                     if backend != "torch" and sparse_ffn.backends()[backend] is not True:
                         continue
                     base = torch.float32 if dev == "cpu" else dt
-                    ks = copies(lambda: sparse_ffn.SparseFFN(w1, w3, w2, dtype=dt, device=dev, backend=backend, mode=mode),
-                                3 * d * h * dt.itemsize)
+                    ks = copies(lambda: sparse_ffn.SparseFFN(w1, w3, w2, dtype=dt, device=dev, backend=backend,
+                                                             mode="sparse", variant=variant), 3 * d * h * dt.itemsize)
                     xk = x.to(ks[0].in_dtype)
                     out = torch.empty_like(xk)
                     roof = roof_now(dev)
@@ -305,10 +307,7 @@ def kernel_table(dev):
                         (ks[0].last_active, n_on)
                     if gate == "silu" and ks[0].last_active is not None:
                         by = ffn_bytes(d, h, dt, ks[0].last_active)
-                    name = {"c": "C sparse", "cuda": "CUDA sparse", "torch": "torch gather"}[backend]
-                    if mode == "auto":  # which path the calls took (after the first, which measures)
-                        name = f"C auto:{ks[0].last_path}"
-                        by = ffn_bytes(d, h, dt, h if ks[0].last_path == "dense" else n_on)
+                    name = {"c": f"C {variant}", "cuda": "CUDA sparse", "torch": "torch gather"}[backend]
                     show(dict(device=dev, impl=name, dtype=str(dt)[6:], d=d, h=h, B=B, s=float(s), s_token=s_tok, roof_GBps=roof,
                               active=n_on, time_ms=tm * 1e3, GBps=by / tm / 1e9, roof_pct=100 * by / tm / 1e9 / roof,
                               dense_ms=td * 1e3, speedup=td / tm, ideal=3 * d * h * base.itemsize / by, gate=gate, t=thr))
@@ -447,8 +446,9 @@ def e2e_table(dev, model, label, prompt):
     # layer through the C kernel's dense GEMV in that dtype too (attach(linear=True))
     # compiled: the same through model.generate(compile=True), dense and with everything in the C kernel
     linear_ok = dev == "cpu" and sparse_ffn.backends()["c"] is True
-    configs = ([("dense", None, False, False)] + [(str(dt)[6:], dt, False, False) for dt in dev_dtypes(dev)]
-               + [(str(dt)[6:], dt, True, False) for dt in dev_dtypes(dev) if linear_ok])
+    configs = [("dense", None, False, False)] + [(str(dt)[6:], dt, False, False) for dt in dev_dtypes(dev)
+                                                 if full or dt == dev_dtypes(dev)[0]]
+    configs += [(str(dt)[6:], dt, True, False) for dt in dev_dtypes(dev) if linear_ok and full]
     if compiled:
         configs += ([("dense", None, False, True)] + [(str(dt)[6:], dt, False, True) for dt in dev_dtypes(dev)]
                     + [(str(dt)[6:], dt, True, True) for dt in dev_dtypes(dev) if linear_ok])
@@ -475,123 +475,8 @@ def e2e_table(dev, model, label, prompt):
         attach_mod.detach(model)
         rows.append(dict(device=dev, impl=f"e2e {name}", model=label, tokens_per_s=tps, sparsity=s, breakdown=parts))
     if llama and dev == "cpu":
-        llama_table(model, label, prompt, n)
-
-# -----------------------------------------------------------------------------
-# llama.cpp on the same weights: the engine a user who wants fast CPU decoding runs
-
-
-def write_gguf(model, path, qtype):
-    """model as a Llama GGUF (llama.cpp's own layout): norms in f32, every matrix in qtype (F32, F16 or
-    Q8_0). wq and wk rows are permuted from our half-split RoPE to llama.cpp's adjacent pairs, as
-    llama.cpp's convert_hf_to_gguf.py does. The vocabulary is placeholder names: we feed token ids."""
-    import gguf
-    c = model.config
-    hd = c.n_embd // c.n_head
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_context_length(max(c.block_size, 256))  # llama.cpp's smallest cache; a longer one costs nothing here
-    w.add_embedding_length(c.n_embd); w.add_block_count(c.n_layer)
-    w.add_feed_forward_length(c.ffn_hidden); w.add_head_count(c.n_head); w.add_head_count_kv(c.n_kv_head)
-    w.add_rope_dimension_count(hd); w.add_rope_freq_base(c.rope_theta); w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7}[qtype]); w.add_vocab_size(c.vocab_size)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, c.vocab_size)])
-    w.add_token_scores([0.0] * c.vocab_size); w.add_token_types([2, 3, 3] + [1] * (c.vocab_size - 3))
-    w.add_bos_token_id(1); w.add_eos_token_id(2)
-
-    def pairs(t, heads):  # half-split rows -> adjacent pairs, per head
-        return t.reshape(heads, 2, t.shape[0] // heads // 2, -1).transpose(1, 2).reshape(t.shape)
-
-    def add(name, t):
-        a = t.detach().float().cpu().numpy()
-        if a.ndim == 1 or qtype == "F32":
-            w.add_tensor(name, a.astype(np.float32))
-        else:
-            kind = getattr(gguf.GGMLQuantizationType, qtype)
-            w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
-    add("token_embd.weight", model.tok_emb.weight[:c.vocab_size])
-    for i, b in enumerate(model.blocks):
-        add(f"blk.{i}.attn_norm.weight", b.attn_norm.weight)
-        add(f"blk.{i}.attn_q.weight", pairs(b.attn.wq.weight, c.n_head))
-        add(f"blk.{i}.attn_k.weight", pairs(b.attn.wk.weight, c.n_kv_head))
-        add(f"blk.{i}.attn_v.weight", b.attn.wv.weight); add(f"blk.{i}.attn_output.weight", b.attn.wo.weight)
-        add(f"blk.{i}.ffn_norm.weight", b.ffn_norm.weight)
-        add(f"blk.{i}.ffn_gate.weight", b.ffn.w1.weight); add(f"blk.{i}.ffn_up.weight", b.ffn.w3.weight)
-        add(f"blk.{i}.ffn_down.weight", b.ffn.w2.weight)
-    add("output_norm.weight", model.norm.weight)
-    add("output.weight", model.lm_head.weight[:c.vocab_size])
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-
-
-# run in a child process: llama.cpp is third-party C code, and a crash there must not end bench.py
-LLAMA_CHILD = r"""
-import json, sys, time
-import numpy as np
-import llama_cpp
-path, threads, n, ctx, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
-llm = llama_cpp.Llama(model_path=path, n_ctx=ctx, n_batch=len(prompt), n_threads=threads, n_threads_batch=threads, verbose=False)
-V = llm.n_vocab()
-ts = []
-for i in range(4):  # a warm-up, then the median of three timed runs
-    llm.reset()
-    for tok in prompt:  # token by token, untimed: its batched q8_0 prefill crashed on an AVX-512 Xeon
-        llm.eval([tok])
-    out = []
-    t0 = time.perf_counter()
-    for _ in range(n):
-        out.append(int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(V,)))))
-        llm.eval([out[-1]])
-    ts.append(time.perf_counter() - t0)
-print(json.dumps(dict(seconds=sorted(ts[1:])[1], tokens=out, version=llama_cpp.__version__)))
-"""
-
-
-def llama_table(model, label, prompt, n):
-    """llama.cpp's greedy decode of the same weights, same threads, prompt and token count; tokens/s over
-    the n decode steps alone (ours also count the prefill: a few % against us). llama.cpp's Llama architecture gates with SILU, so its tokens are checked
-    against ours with act = silu (the export's check); the bytes and the time per token do not depend on it."""
-    try:
-        import gguf  # noqa: F401
-        import llama_cpp  # noqa: F401
-    except ImportError as e:
-        print(f"\n  llama.cpp: skipped ({e.name} is not installed; `pip install llama-cpp-python gguf` builds "
-              "llama.cpp from source, 6-20 min on 2 cores)")
-        return
-    import subprocess
-    import tempfile
-    T = torch.get_num_threads()
-    c = model.config
-    act = model.blocks[0].ffn.act
-    model.set_act("silu")
-    with torch.no_grad():
-        ours = model.generate(prompt, n, temperature=0.0)[0, prompt.shape[1]:].tolist()
-    model.set_act(act)
-    weights = sum(p.numel() for n_, p in model.named_parameters() if p.dim() == 2 and "tok_emb" not in n_)
-    weights += c.vocab_size * c.n_embd  # the output layer (tied: tok_emb is read as the output layer)
-    print(f"\n  llama.cpp on the same weights ({label}), {T} threads, its default settings (f16 KV cache):")
-    for qtype, bytes_per in (("F32", 4), ("F16", 2), ("Q8_0", 34 / 32)):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, f"model-{qtype}.gguf")
-            write_gguf(model, path, qtype)
-            ctx = max(c.block_size, 256)
-            r = subprocess.run([sys.executable, "-c", LLAMA_CHILD, path, str(T), str(n), str(ctx),
-                                jsonlib.dumps(prompt[0].tolist())], capture_output=True, text=True, timeout=900)
-        if r.returncode != 0:
-            why = f"signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
-            last = (r.stderr.strip().splitlines() or [""])[-1][:120]
-            print(f"  {'llama.cpp ' + qtype.lower():24s} failed on this machine ({why}) {last}", flush=True)
-            rows.append(dict(device="cpu", impl=f"e2e llama.cpp {qtype.lower()}", model=label, failed=why))
-            continue
-        res = jsonlib.loads(r.stdout.strip().splitlines()[-1])
-        tps = n / res["seconds"]
-        same = sum(a == b for a, b in zip(res["tokens"], ours))
-        by = weights * bytes_per
-        roof = roof_now("cpu")
-        print(f"  {'llama.cpp ' + qtype.lower():24s} {tps:8.1f} tokens/s  {1e3 / tps:7.2f} ms/token  "
-              f"({same}/{n} greedy tokens as ours with silu; weights {by / 1e6:.1f} MB, {by * tps / 1e9:.1f} GB/s "
-              f"= {100 * by * tps / 1e9 / roof:.0f}% of {roof:.1f})", flush=True)
-        rows.append(dict(device="cpu", impl=f"e2e llama.cpp {qtype.lower()}", model=label, tokens_per_s=tps,
-                         weight_bytes=by, same_tokens=same, n_tokens=n, llama_cpp=res["version"]))
+        from bench_llama import llama_table
+        rows.extend(llama_table(model, label, prompt, n, roof_now))
 
 # -----------------------------------------------------------------------------
 
