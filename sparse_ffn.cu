@@ -8,7 +8,7 @@ Computes, for a batch x [B, d] with 1 <= B <= 16,
 reading W1 in full but W3 and W2 only for the active hidden units: unit j is active when
 g_t(W1_j . x_b) != 0 for some row b (the union over the batch; other rows still get exactly 0 for
 it). relu with t = 0 is the method's RELU; silu with t > 0 is CATS (a SILU model made sparse). Batch-1 decoding is memory bound, so at sparsity s the bytes read drop from
-3*d*h to d*h*(1 + 2(1 - s)) (PAPER.md, "The physical limit of the sparse FFN").
+3*d*h to d*h*(1 + 2(1 - s)): the ideal speedup is 3 / (1 + 2(1 - s)).
 
 Weights: w1 [h, d], w3 [h, d] (nn.Linear weights) and w2t [h, d] = W2^T, packed once at load time
 so that the output weights of unit j are one contiguous row. All tensors contiguous, on one CUDA
