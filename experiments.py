@@ -336,11 +336,13 @@ def diversity():
 
 
 def speed():
-    """bench.py --full (every batch, dtype and sparsity, end to end, compiled, llama.cpp) with the checkpoint, then
-    the kernel at the frontier's sparsities with each gate."""
+    """bench.py --full (every batch, dtype and sparsity, end to end, compiled, llama.cpp) with the checkpoint, the
+    plain kernel against the tuned one (batches 1, 4, 16), then the kernel at the frontier's sparsities with each gate."""
     subprocess.run([sys.executable, "build.py"], check=True)
     subprocess.run([sys.executable, "bench.py", "--full", f"--ckpt={ckpt}", *([f"--data_dir={data_dir}"] if data_dir else []),
                     f"--json={os.path.join(out, 'bench.json')}"], check=True)
+    subprocess.run([sys.executable, "bench.py", "--batches=1,4,16", "--sparsities=0,50,90", "--e2e=False",
+                    f"--json={os.path.join(out, 'bench_plain.json')}"], check=True)  # plain against tuned
     for gate in ("relu", "silu"):
         subprocess.run([sys.executable, "bench.py", "--sizes=2048x8192", "--batches=1", "--e2e=False", "--gather=False",
                         f"--sparsities={','.join(str(round(100 * t)) for t in TARGETS)}", f"--gate={gate}",

@@ -381,6 +381,30 @@ def speed_table(ex):
     return "\n".join(lines)
 
 
+def plain_table(ex):
+    """The plain kernel (sffn_forward_plain) against the tuned one (sffn_forward), side by side: what the tuning buys."""
+    b = _bench(ex, "bench_plain.json")
+    if b is None:
+        return None
+    rows = [r for r in b["rows"] if r.get("impl") in ("C plain", "C tuned")]
+    dts = list(dict.fromkeys(r["dtype"] for r in rows))
+    key = lambda r: (r["d"], r["h"], r["B"], r["s"])
+    lines = [bench_conditions(b) + "\n", "Each cell: the plain kernel's ms (its GB/s as % of the read roof measured before it) -> the "
+             "tuned kernel's ms (%): tuned / plain speedup. Both read the same packed weights; 'ideal' = the fp32 speedup "
+             "over dense at equal GB/s, 3 / (1 + 2(1 - s)).\n",
+             "| d x h | batch | sparsity | ideal | " + " | ".join(dts) + " |\n" + "|---" * (4 + len(dts)) + "|"]
+    for k in dict.fromkeys(key(r) for r in rows):
+        at = {(r["impl"], r["dtype"]): r for r in rows if key(r) == k}
+        cells = []
+        for dt in dts:
+            p_, t_ = at.get(("C plain", dt)), at.get(("C tuned", dt))
+            cells.append("-" if not (p_ and t_) else f"{p_['time_ms']:.3f} ({p_['roof_pct']:.0f}%) -> {t_['time_ms']:.3f} "
+                         f"({t_['roof_pct']:.0f}%): {p_['time_ms'] / t_['time_ms']:.2f}x")
+        ideal = next(r["ideal"] for r in at.values() if r["dtype"] == "float32") if ("C plain", "float32") in at else math.nan
+        lines.append(f"| {k[0]}x{k[1]} | {k[2]} | {k[3]:.0f}% | {ideal:.2f}x | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def gates_table(ex):
     """The kernel at the frontier's sparsities with the relu gate and with the silu gate and a threshold (CATS)."""
     bs = [(g, _bench(ex, f"bench_{g}.json")) for g in ("relu", "silu")]
@@ -457,6 +481,7 @@ TABLES = {
     "int8": ("int8 weights", int8_table, "int8"),
     "diversity": ("Diversity", diversity_table, "diversity"),
     "speed": ("Speed: the FFN kernels", speed_table, "speed"),
+    "plain": ("Speed: the plain kernel against the tuned one", plain_table, "speed"),
     "gates": ("Speed: the kernel at the frontier's sparsities, relu and silu gates", gates_table, "speed"),
     "e2e": ("Speed: end to end", e2e_table, "speed"),
     "layers": ("Speed: the checkpoint's layers", layers_table, "speed"),
