@@ -294,3 +294,4 @@ def test_diversity_tables_and_plots_from_a_checkpoint(tiny_run, tmp_path, capsys
             plot.main([f"--out={out}", f"--assets={tmp_path / 'assets'}"])
     else:
         plot.main([f"--out={out}", f"--assets={tmp_path / 'assets'}"])
+        assert (tmp_path / "assets" / "diversity.png").stat().st_size > 1000
