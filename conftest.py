@@ -34,8 +34,9 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    grid = "the full grid (--full)" if full_run(config) else "the fast run (the tests marked full skip: --full runs them)"
-    return [f"TEST_SEED={TEST_SEED} (each test's seed: crc32 of its node id + TEST_SEED)", f"running {grid}"]
+    grid = ("full grid: every test, those marked full included" if full_run(config)
+            else "fast run: the tests marked full are skipped (--full or FULL_TESTS=1 runs them)")
+    return [f"TEST_SEED={TEST_SEED} (each test's seed: crc32 of its node id + TEST_SEED)", grid]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,7 +24,7 @@ Python API:
                                            returned in x's dtype.
 
 Build:  python build.py     (torch.utils.cpp_extension.CUDAExtension "_sparse_ffn_cuda")
-Test:   python -m pytest -q test_all.py -k cuda   (against the PyTorch FFN; skips without a GPU)
+Test:   python -m pytest -q test_cuda.py   (against the PyTorch FFN; skips without a GPU)
 
 Design (two kernels, no host round trip):
   phase 1, gate_up_kernel: one warp per hidden unit (two for B > 1, so x is loaded once per two
