@@ -295,3 +295,14 @@ def test_diversity_tables_and_plots_from_a_checkpoint(tiny_run, tmp_path, capsys
     else:
         plot.main([f"--out={out}", f"--assets={tmp_path / 'assets'}"])
         assert (tmp_path / "assets" / "diversity.png").stat().st_size > 1000
+
+
+def test_results_md_is_printed_from_results(monkeypatch):
+    """Every table of RESULTS.md is what results.py prints from results/ today: the file cannot drift from the data."""
+    import experiments  # its defaults: out = results/
+    import results
+    text = open(os.path.join(HERE, "RESULTS.md")).read()
+    assert results.MARK.search(text) and experiments.out == "results"
+    monkeypatch.chdir(HERE)
+    assert results.fill(text, experiments) == text, \
+        "RESULTS.md differs from its data: run `python experiments.py results`"
