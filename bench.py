@@ -21,7 +21,8 @@ screen; "C tuned" is sffn_forward: the ratio of the two is what the tuning buys 
 read bandwidth (on huge pages) measured just before it (a shared host drifts by 20-30%);
 the last line says how much CPU other processes used meanwhile. The C kernel is built on first use
 (with cffi and a C compiler); the CUDA rows need `python build.py` on a machine with CUDA torch and
-nvcc. Without a kernel, bench.py times the torch gather fallback only, and says so.
+nvcc. Without a kernel, bench.py times the torch gather fallback only, and says so. The end-to-end rows are in
+bench_e2e.py, llama.cpp's in bench_llama.py.
 """
 
 import math
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import attach as attach_mod
+import bench_e2e
 import sparse_ffn
 from configurator import between, configure, either, existing_dir, existing_file, int_list, new_file, one_of, positive_int
 from data import checkpoint_data
@@ -358,128 +359,8 @@ def ckpt_table(dev):
     return model
 
 # -----------------------------------------------------------------------------
-# end to end: decoding tokens/s with the dense FFN and with the sparse kernel attached
 
-
-def sparse_model(dev, prompt, n_new, d=2048, h=8192, n_layer=2, target=0.9):
-    """Random weights, FFN-heavy (small vocab, few layers). Every token embedding shares a direction
-    e, and each W1 row gets a negative component along e, sized so that the unit fires on 10% of
-    the calibration tokens (RELU sparsity ~90%): first random tokens, then twice the greedy
-    continuation of `prompt` that e2e_table decodes. Tied logits shift equally: argmax intact."""
-    config = GPTConfig(vocab_size=512, block_size=64, n_layer=n_layer, n_head=16, n_kv_head=4, n_embd=d,
-                       ffn_hidden=h, act="relu")
-    model = GPT(config).to(dev).eval()
-    e = torch.randn(d, device=dev)
-    e /= e.norm()
-    with torch.no_grad():
-        model.tok_emb.weight += 2.0 * e
-        calib = torch.randint(config.vocab_size, (8, 48), device=dev)
-        for _ in range(3):
-            for block in model.blocks:  # layer by layer: each one's inputs depend on the ones before
-                xs = []
-                hk = block.ffn.register_forward_hook(lambda m, a, y: xs.append(a[0].reshape(-1, d)))
-                model(calib)
-                hk.remove()
-                u, ue = xs[0] @ block.ffn.w1.weight.T, xs[0] @ e  # (tokens, h), (tokens,) with ue > 0
-                # unit j fires when u_j - delta_j ue > 0, i.e. u_j / ue > delta_j: on 1 - target of the tokens
-                block.ffn.w1.weight -= torch.quantile(u / ue[:, None], target, dim=0)[:, None] * e
-            calib = model.generate(prompt, n_new, temperature=0.0)
-    return model
-
-
-def breakdown(dev, model, prompt, s, wbytes, lbytes=4):
-    """Where one decoded token's time goes: each part timed on its own, on the inputs it sees in a real
-    step (batch 1, the prompt in the KV cache), all layers in turn as in a step (so the weights come from
-    memory, not cache); 'rest' is the whole step minus the parts (norms, residuals, embedding, Python and
-    dispatch). Bytes: what the part must read (weights, the KV cache); wbytes: FFN bytes per weight (None:
-    dense fp32), lbytes: the projections' and output layer's."""
-    T = prompt.shape[1]
-    blocks = list(model.blocks)
-    model.setup_cache(1, T + 1)
-    tok = prompt[:, -1:]
-    attn_in, ffn_in, cos, sin = [], [], model.rope_cos[T:T + 1], model.rope_sin[T:T + 1]
-    hooks = [h for b in blocks for h in (b.attn.register_forward_hook(lambda m, a, y: attn_in.append(a[0])),
-                                         b.ffn.register_forward_hook(lambda m, a, y: ffn_in.append(a[0])))]
-    with torch.no_grad():
-        model(prompt[:, :-1], start_pos=0)
-        attn_in.clear(); ffn_in.clear()
-        model(tok, start_pos=T - 1)
-        for hk in hooks:
-            hk.remove()
-        attn_out = [b.attn.n_head * b.attn.head_dim for b in blocks]
-        y_in = [torch.randn(1, 1, n, device=dev) for n in attn_out]
-        last = torch.randn(1, 1, model.config.n_embd, device=dev)
-        step = bench([lambda: model(tok, start_pos=T - 1)], dev)
-        ffn = bench([lambda: [b.ffn(x) for b, x in zip(blocks, ffn_in)]], dev)
-        proj = bench([lambda: [(b.attn.wq(x), b.attn.wk(x), b.attn.wv(x), b.attn.wo(y))
-                               for b, x, y in zip(blocks, attn_in, y_in)]], dev)
-        attn = bench([lambda: [b.attn(x, cos, sin, T - 1) for b, x in zip(blocks, attn_in)]], dev)
-        head = bench([lambda: model.lm_head(model.norm(last))], dev)
-    model.clear_cache()
-    d, h, L = model.config.n_embd, model.config.ffn_hidden, len(blocks)
-    kv = model.config.n_kv_head * blocks[0].attn.head_dim
-    fbytes = L * d * h * (3 * 4 if wbytes is None else wbytes * (1 + 2 * (1 - s / 100)))
-    parts = [("FFN", ffn, fbytes), ("attention projections", proj, L * (2 * d * d + 2 * d * kv) * lbytes),
-             ("attention (RoPE, cache, softmax)", attn - proj, L * 2 * T * kv * 4),
-             ("output layer + final norm", head, model.lm_head.weight.numel() * lbytes)]
-    parts.append(("rest (norms, residuals, Python)", step - sum(p[1] for p in parts), 0))
-    roof = roof_now(dev)
-    for name, t, by in parts:
-        print(f"    {name:34s} {t * 1e3:7.3f} ms {100 * t / step:5.1f}%  {by / 1e6:8.2f} MB"
-              + (f" {by / max(t, 1e-9) / 1e9:6.1f} GB/s ({100 * by / max(t, 1e-9) / 1e9 / roof:3.0f}% of {roof:.1f})" if by else ""))
-    total = sum(p[2] for p in parts)
-    print(f"    {'one step':34s} {step * 1e3:7.3f} ms 100.0%  {total / 1e6:8.2f} MB {total / step / 1e9:6.1f} GB/s "
-          f"({100 * total / step / 1e9 / roof:3.0f}% of {roof:.1f}); at the roof: {roof * 1e9 / total:.0f} tokens/s")
-    return dict(step_ms=step * 1e3, roof_GBps=roof, bytes=total,
-                parts={name: dict(ms=t * 1e3, bytes=by) for name, t, by in parts})
-
-
-def e2e_table(dev, model, label, prompt):
-    n = min(e2e_tokens, model.config.block_size - prompt.shape[1])
-    with torch.no_grad(), model.ffn_stats() as stats:
-        model(model.generate(prompt, n, temperature=0.0))
-    s = 100 * sum(st["sparsity"] for st in stats) / len(stats)
-    print(f"\nend to end, {label}: batch 1, {prompt.shape[1]}-token prompt + {n} new tokens, greedy, KV cache; "
-          f"tokens/s over the whole generate() call; relu sparsity {s:.1f}% (mean over layers, on those tokens)")
-    ref = None
-    # dense; the sparse FFN per weight dtype; and on the CPU the same with the projections and the output
-    # layer through the C kernel's dense GEMV in that dtype too (attach(linear=True))
-    # compiled: the same through model.generate(compile=True), dense and with everything in the C kernel
-    linear_ok = dev == "cpu" and sparse_ffn.backends()["c"] is True
-    configs = [("dense", None, False, False)] + [(str(dt)[6:], dt, False, False) for dt in dev_dtypes(dev)
-                                                 if full or dt == dev_dtypes(dev)[0]]
-    configs += [(str(dt)[6:], dt, True, False) for dt in dev_dtypes(dev) if linear_ok and full]
-    if compiled:
-        configs += ([("dense", None, False, True)] + [(str(dt)[6:], dt, False, True) for dt in dev_dtypes(dev)]
-                    + [(str(dt)[6:], dt, True, True) for dt in dev_dtypes(dev) if linear_ok])
-    for name, dt, linear, comp in configs:
-        if dt is not None:
-            attach_mod.attach(model, dtype=dt, linear=linear)
-            name = f"sparse {model.blocks[0].ffn.kernel.backend} {name}" + (" +linear" if linear else "")
-        if comp:
-            name += " compiled"
-            torch._dynamo.reset()  # one configuration's graphs at a time (dynamo's recompile limit)
-        ts = []
-        for i in range(4):  # a warm-up (and the compile), then the median of three timed runs
-            sync(dev); t0 = time.perf_counter()
-            out = model.generate(prompt, n, temperature=0.0, compile=comp)
-            sync(dev); ts.append(time.perf_counter() - t0)
-        t = float(np.median(ts[1:]))
-        ref = out if ref is None else ref
-        same = "same tokens as dense" if torch.equal(out, ref) else "tokens differ from dense (rounding)"
-        tps = n / t
-        print(f"  {name:33s} {tps:8.1f} tokens/s  {1e3 / tps:7.2f} ms/token  ({same})"
-              + ("" if comp else "; one step, part by part:"), flush=True)
-        parts = None if comp else breakdown(dev, model, prompt, s, None if dt is None else dt.itemsize,
-                                            4 if not linear else dt.itemsize)
-        attach_mod.detach(model)
-        rows.append(dict(device=dev, impl=f"e2e {name}", model=label, tokens_per_s=tps, sparsity=s, breakdown=parts))
-    if llama and dev == "cpu":
-        from bench_llama import llama_table
-        rows.extend(llama_table(model, label, prompt, n, roof_now))
-
-# -----------------------------------------------------------------------------
-
+here = sys.modules[__name__]  # this script's settings and timers, for bench_e2e
 busy0, t_self0 = cpu_busy(), time.process_time()
 meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=cpu_name(), argv=sys.argv[1:])
 print(f"bench.py: torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu_name()} "
@@ -506,11 +387,11 @@ for dev in device_list:
         e2e_model = ckpt_table(dev)
         if e2e:
             val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
-            e2e_table(dev, e2e_model, f"checkpoint {ckpt}", torch.from_numpy(val[:16].astype(np.int64))[None].to(dev))
+            bench_e2e.e2e_table(here, dev, e2e_model, f"checkpoint {ckpt}", torch.from_numpy(val[:16].astype(np.int64))[None].to(dev))
     if e2e:
         prompt = torch.randint(512, (1, 16), device=dev)
-        e2e_table(dev, sparse_model(dev, prompt, e2e_tokens), "random d=2048 h=8192, 2 layers, vocab 512, "
-                  "W1 biased to ~90% sparsity", prompt)
+        bench_e2e.e2e_table(here, dev, bench_e2e.sparse_model(dev, prompt, e2e_tokens), "random d=2048 h=8192, 2 layers, "
+                            "vocab 512, W1 biased to ~90% sparsity", prompt)
 if busy0:
     busy1, ncpu = cpu_busy(), os.cpu_count()
     ours = (time.process_time() - t_self0) * os.sysconf("SC_CLK_TCK")
