@@ -170,12 +170,12 @@ class _Scratch:
         T = torch.get_num_threads()  # torch's thread count, so the kernel shares torch's cores
         (N, d), d_out = x.shape, out.shape[1]
         with _c_lock:  # cffi releases the GIL during the call, and the scratch is shared by this owner's calls
-            n = need(min(N, SFFN_MAX_B), T)  # this call's own need: no cache key stands in for it
-            if self._scratch.numel() < n:
-                self._scratch = torch.empty(n)
+            floats = need(min(N, SFFN_MAX_B), T)  # this call's own need: no cache key stands in for it
+            if self._scratch.numel() < floats:
+                self._scratch = torch.empty(floats)
                 self._scratch_p = _ptr(self._scratch, "float *")
-            px, py, n = _ptr(x, "float *"), _ptr(out, "float *"), self._scratch.numel()
-            rs = [fn(px + b0 * d, min(SFFN_MAX_B, N - b0), *args, py + b0 * d_out, self._scratch_p, n, T)
+            px, py, have = _ptr(x, "float *"), _ptr(out, "float *"), self._scratch.numel()
+            rs = [fn(px + b0 * d, min(SFFN_MAX_B, N - b0), *args, py + b0 * d_out, self._scratch_p, have, T)
                   for b0 in range(0, N, SFFN_MAX_B)]
         if min(rs) < 0:  # the Python checks make this unreachable
             raise RuntimeError(f"the C kernel rejected its arguments ({fn})")
@@ -257,13 +257,16 @@ class SparseFFN(_Scratch):
         _Scratch.__init__(self)
 
     def _c_kernel(self):
-        """The C kernel of this variant, its scratch need and its arguments past x and the row count."""
-        lib, d, h = _mods["c"].lib, self.d, self.h
-        if "_cargs" not in self.__dict__:  # the weights' cffi pointers, once (not copied: see __getstate__)
-            self._cargs = (d, h, _ptr(self.w1), _ptr(self.w32), DTYPE_CODES[self.dtype], _ptr(self.scales, "float *"))
-        if self.variant == "plain":
-            return lib.sffn_forward_plain, lambda B, T: lib.sffn_plain_scratch_floats(B, d, h, T), self._cargs
-        return lib.sffn_forward, lambda B, T: lib.sffn_scratch_floats(B, d, T), self._cargs
+        """The C kernel of this variant, its scratch need and its arguments past x and the row count: made once
+        (the weights' cffi pointers are not copied with the object: see __getstate__)."""
+        if "_cargs" not in self.__dict__:
+            lib, d, h = _mods["c"].lib, self.d, self.h
+            args = (d, h, _ptr(self.w1), _ptr(self.w32), DTYPE_CODES[self.dtype], _ptr(self.scales, "float *"))
+            if self.variant == "plain":
+                self._cargs = lib.sffn_forward_plain, lambda B, T: lib.sffn_plain_scratch_floats(B, d, h, T), args
+            else:
+                self._cargs = lib.sffn_forward, lambda B, T: lib.sffn_scratch_floats(B, d, T), args
+        return self._cargs
 
     def __repr__(self):
         v = f", variant={self.variant}" if self.backend == "c" else ""

@@ -131,7 +131,7 @@ def test_autograd_and_deepcopy():
     del model, k
     with torch.no_grad():
         check_close(twin(idx)[0], want, atol=0, rtol=0)
-        assert k2._cargs[2] == sparse_ffn._ptr(k2.w1)
+        assert k2._cargs[2][2] == sparse_ffn._ptr(k2.w1)  # (kernel, need, args): args[2] is W1
 
 
 # -----------------------------------------------------------------------------
