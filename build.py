@@ -1,6 +1,6 @@
 """
 Builds the sparse FFN kernels next to this file:
-  _sparse_ffn_c     from sparse_ffn.c with cffi (API mode): always tried; -O3 -march=native -fopenmp,
+  _sparse_ffn_c     from sparse_ffn.c and decode.c with cffi (API mode): always tried; -O3 -march=native -fopenmp,
                     retried without -march=native and/or without -fopenmp, saying so.
   _sparse_ffn_cuda  from sparse_ffn.cu with torch.utils.cpp_extension (setuptools build_ext --inplace):
                     only when torch has CUDA and nvcc is found; otherwise skipped with the reason.
@@ -20,7 +20,8 @@ import sysconfig
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILD_DIR = os.path.join(HERE, "build")
 
-C_SOURCES = ("sparse_ffn.c", "sparse_ffn_tuned.h", "sparse_ffn_simd.h", "sparse_ffn_x86.h")  # one unit: .c includes the .h
+C_SOURCES = ("sparse_ffn.c", "sparse_ffn.h", "sparse_ffn_tuned.h", "sparse_ffn_simd.h", "sparse_ffn_x86.h",
+             "decode.c", "decode.h")  # two units, sparse_ffn.c and decode.c; the .h files are included
 # the C API, shared by cffi's cdef and the generated module's prototypes
 CDEF = """
 int sffn_max_batch(void);
@@ -37,6 +38,13 @@ int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void
 int sffn_gemv(const float* x, int B, int d, int n, const void* w, int dtype, const float* scales, float* y,
               float* scratch, size_t n_scratch, int nthreads);
 """
+
+
+def decode_cdef():
+    """decode.h as cffi reads it: its declarations without the preprocessor lines (one text for both)."""
+    with open(os.path.join(HERE, "decode.h")) as f:
+        return "".join(line for line in f if not line.startswith("#"))
+
 
 # the flag sets tried in order: the first that compiles wins
 C_FLAG_SETS = [
@@ -88,9 +96,10 @@ def build_c(verbose=False, flag_sets=None, name="_sparse_ffn_c", dest_dir=HERE):
     errors = []
     for cflags, ldflags, note in flag_sets or C_FLAG_SETS:
         ffi = cffi.FFI()
-        ffi.cdef(CDEF)
-        ffi.set_source(name, CDEF, sources=[os.path.join(HERE, "sparse_ffn.c")],
-                       extra_compile_args=cflags, extra_link_args=ldflags, libraries=["m"])
+        ffi.cdef(CDEF + decode_cdef())
+        ffi.set_source(name, CDEF + '#include "decode.h"\n', sources=[os.path.join(HERE, f) for f in C_SOURCES
+                                                                     if f.endswith(".c")],
+                       include_dirs=[HERE], extra_compile_args=cflags, extra_link_args=ldflags, libraries=["m"])
         try:
             # cffi's output is the compiler's; keep it quiet unless asked, a failed try is retried
             so = _quiet(lambda: ffi.compile(tmpdir=build_dir, verbose=verbose), verbose)

@@ -239,6 +239,7 @@ class GPT(nn.Module):
         cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.engine = None  # the C decode engine that decode.attach_engine() packs; None: PyTorch decodes
         self.apply(self._init_weights)
         for name, param in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith(("wo.weight", "w2.weight")):
@@ -366,16 +367,28 @@ class GPT(nn.Module):
         return _COMPILED[self]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, compile=False):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, compile=False,
+                 engine="auto"):
         """Continue the (B, T) prompt by max_new_tokens tokens, one forward per new token after the
         prompt. temperature 0 is greedy. `generator` drives the sampling (StochA has its own, see
         set_act). compile=True: each step runs through self.compiled() (the first call compiles, tens of
-        seconds; Python's per-op overhead is then gone from a decode step). Returns (B, T + max_new_tokens)."""
+        seconds; Python's per-op overhead is then gone from a decode step). engine: "torch" (this file),
+        "c" (the C engine decode.attach_engine() put on self.engine: a step is one C call), or "auto"
+        (the C engine where one is attached). Returns (B, T + max_new_tokens)."""
         B, T = idx.shape
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed block_size={self.config.block_size}")
-        step = self.compiled() if compile else self
-        self.setup_cache(B, T + max_new_tokens)
+        if engine not in ("auto", "torch", "c"):
+            raise ValueError(f"engine must be 'auto', 'torch' or 'c', got {engine!r}")
+        use_c = engine == "c" or engine == "auto" and self.engine is not None
+        if use_c and (self.engine is None or compile):
+            raise ValueError("engine='c' needs decode.attach_engine(model) first" if self.engine is None
+                             else "compile=True is for the torch engine (the C engine is compiled C)")
+        if use_c:
+            step = self.engine.start(self, B, T + max_new_tokens)  # its own KV cache, in C
+        else:
+            step = self.compiled() if compile else self
+            self.setup_cache(B, T + max_new_tokens)
         try:
             logits, _ = step(idx, start_pos=0)  # the prompt in one pass
             for pos in range(T, T + max_new_tokens):
@@ -385,7 +398,7 @@ class GPT(nn.Module):
                     logits, _ = step(next_id, start_pos=pos)
             return idx
         finally:
-            self.clear_cache()
+            step.close() if use_c else self.clear_cache()
 
     @classmethod
     def from_checkpoint(cls, ckpt, device="cpu"):

@@ -31,12 +31,7 @@ Files:  sparse_ffn.c (this: the plain kernel and the API), sparse_ffn_tuned.h (t
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
-
-#define SFFN_MAX_B 16  // rows per call; sparse_ffn.py splits larger batches
-enum { F32 = 0, F16 = 1, BF16 = 2, I8 = 3 };
-#define ES(dt) ((dt) == F32 ? 4 : (dt) == I8 ? 1 : 2)  // bytes per weight
-enum { RELU = 0, SILU = 1 };
-#define INLINE static inline __attribute__((always_inline))
+#include "sparse_ffn.h"  // dtypes, the gate, the API
 
 // ----------------------------------------------------------------------------
 // loading weights as fp32
@@ -64,15 +59,6 @@ INLINE float ld1(const void* w, size_t i, int dt) {
 #endif
     uint32_t f = (uint32_t)v << 16; float r; memcpy(&r, &f, 4); return r;  // bf16: top half of fp32
 }
-
-// g(u) as model.py computes it: relu keeps nan; silu is clamped at -1e4 (which changes no value) so
-// that -inf gives -0 and not -inf / inf = nan
-INLINE float gate_value(float u, int gate) {
-    if (gate == RELU) return u <= 0.0f ? 0.0f : u;
-    u = u < -1e4f ? -1e4f : u;
-    return u / (1.0f + expf(-u));
-}
-INLINE int is_on(float v, float t) { return !(fabsf(v) <= t); }  // nan is active: it must propagate
 
 // the arguments both kernels refuse (sparse_ffn.py checks them first, with messages)
 static int bad_args(int B, int d, int h, int nthreads, int dtype, const float* scales, int gate, float t) {

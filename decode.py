@@ -1,0 +1,175 @@
+"""
+The C decode engine: model.generate's steps through decode.c, one C call per step for the whole forward of
+the new token(s); Python keeps the tokenizer and the sampling (model.sample_next).
+
+    import decode
+    decode.attach_engine(model)                          # weights packed once, fp32 (a snapshot, as attach())
+    decode.attach_engine(model, dtype=torch.bfloat16)    # or bf16 / fp16 / int8 (per-row scales) weights
+    model.generate(idx, 64, temperature=0)               # now through the C engine (engine="auto")
+    model.generate(idx, 64, temperature=0, engine="torch")  # the PyTorch reference, unchanged
+    decode.detach_engine(model)
+
+The FFN runs sparse_ffn.c's sparse kernel where the model is sparse (act relu, or silu with a threshold:
+ffn="auto"), or three dense GEMVs (ffn="dense": the baseline bench.py times it against). The engine reads
+the model's act and thresholds when a generation starts, so set_act / set_thresholds after attaching hold.
+It runs eval-mode inference only: act="stoch" (StochA sampling draws per element) and dropout in training
+mode are refused with one line; decode those with engine="torch". Threads: torch.get_num_threads().
+"""
+
+import torch
+
+import sparse_ffn
+from model import GPT
+from sparse_ffn import DTYPE_CODES, GATES, DenseLinear, SparseFFN
+
+FFN_CHOICES = ("auto", "sparse", "dense")
+PARTS = ("rest (embedding, norms, residuals)", "attention projections", "attention (RoPE, cache, softmax)",
+         "FFN", "output layer + final norm")  # decode.h's DEC_REST .. DEC_HEAD
+
+
+def _lib():
+    return sparse_ffn._mods["c"].lib, sparse_ffn._mods["c"].ffi
+
+
+class Engine:
+    """A model's weights packed for decode.c. Engine(model, dtype, ffn): see the module's docstring."""
+
+    def __init__(self, model, dtype=None, ffn="auto"):
+        if not isinstance(model, GPT):
+            raise TypeError(f"the C engine runs a model.GPT, got {type(model).__name__}")
+        if model.tok_emb.weight.device.type != "cpu":
+            raise ValueError(f"the C engine runs on the CPU; the model is on {model.tok_emb.weight.device}")
+        if sparse_ffn.backends()["c"] is not True:
+            raise ValueError(f"the C engine needs the C kernel: {sparse_ffn.backends()['c']}")
+        if ffn not in FFN_CHOICES:
+            raise ValueError(f"ffn must be one of {FFN_CHOICES}, got {ffn!r}")
+        self.dtype = model.tok_emb.weight.dtype if dtype is None else dtype
+        if self.dtype not in DTYPE_CODES:
+            raise TypeError(f"the C engine's weight dtype must be one of {list(DTYPE_CODES)}, got {self.dtype}")
+        c = model.config
+        lib, ffi = _lib()
+        f32 = lambda t: t.detach().float().contiguous().clone()  # a copy: the engine is a snapshot
+        self.keep = []  # every tensor whose memory decode.c reads: alive as long as the engine
+
+        def ptr(t, kind="void *"):
+            if t is None:
+                return ffi.NULL
+            self.keep.append(t)
+            return ffi.cast(kind, t.data_ptr())
+        dense = lambda w: DenseLinear(w, self.dtype)
+        self.sparse = [ffn == "sparse" or ffn == "auto" and (b.ffn.act == "relu" or b.ffn.threshold > 0)
+                       for b in model.blocks]
+        layers = ffi.new("DecLayer[]", c.n_layer)
+        for L, block, sparse in zip(layers, model.blocks, self.sparse):
+            a = block.attn
+            qkv, wo = dense(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])), dense(a.wo.weight)
+            L.attn_norm, L.ffn_norm = ptr(f32(block.attn_norm.weight), "float *"), ptr(f32(block.ffn_norm.weight), "float *")
+            L.wqkv, L.sqkv, L.wo, L.so = ptr(qkv.w), ptr(qkv.scales, "float *"), ptr(wo.w), ptr(wo.scales, "float *")
+            if sparse:
+                k = SparseFFN(block.ffn, dtype=self.dtype, backend="c", mode="sparse")
+                L.w1, L.w32, L.s132 = ptr(k.w1), ptr(k.w32), ptr(k.scales, "float *")
+            else:
+                w13, w2 = dense(torch.cat([block.ffn.w1.weight, block.ffn.w3.weight])), dense(block.ffn.w2.weight)
+                L.w13, L.s13, L.w2, L.s2 = ptr(w13.w), ptr(w13.scales, "float *"), ptr(w2.w), ptr(w2.scales, "float *")
+        head = dense(model.lm_head.weight[:c.vocab_size])  # the padded rows are never sampled
+        m = ffi.new("DecModel *")
+        m.n_layer, m.d, m.n_head, m.n_kv_head, m.h = c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.ffn_hidden
+        m.n_emb, m.vocab, m.dtype, m.rope_len, m.eps = model.tok_emb.weight.shape[0], c.vocab_size, \
+            DTYPE_CODES[self.dtype], c.block_size, c.norm_eps
+        m.emb, m.norm = ptr(f32(model.tok_emb.weight), "float *"), ptr(f32(model.norm.weight), "float *")
+        m.head, m.shead = ptr(head.w), ptr(head.scales, "float *")
+        m.rope_cos, m.rope_sin = ptr(f32(model.rope_cos), "float *"), ptr(f32(model.rope_sin), "float *")
+        m.layers = layers
+        self._m, self._layers = m, layers
+        self.config, self.vocab = c, c.vocab_size
+        self.stats = None  # the last generation's: seconds per part, steps, tokens, active units
+
+    def __repr__(self):
+        n = sum(self.sparse)
+        return f"Engine(dtype={self.dtype}, FFN sparse in {n} of {len(self.sparse)} layers)"
+
+    def __deepcopy__(self, memo):  # a copy of the model gets no engine: attach one to it
+        return None
+
+    def check(self, model):
+        """One clear error where the engine would not compute model's function: act stoch, dropout in training."""
+        if model.engine is not self:
+            raise ValueError("this engine was attached to another model")
+        if model.training and model.config.dropout > 0:
+            raise ValueError("the C engine runs inference: the model is in training mode with dropout "
+                             f"{model.config.dropout} (call model.eval(), or generate with engine='torch')")
+        for l, block in enumerate(model.blocks):
+            f = block.ffn
+            if f.act not in GATES:
+                raise ValueError(f"the C engine runs act relu or silu; layer {l} has act={f.act!r} (StochA draws per "
+                                 "element: generate with engine='torch')")
+            self._layers[l].gate, self._layers[l].t = GATES[f.act], f.threshold
+
+    def start(self, model, batch, max_len):
+        """A generation of `batch` sequences of up to max_len positions: its own KV cache, freed by close()."""
+        self.check(model)
+        if max_len > self.config.block_size:
+            raise ValueError(f"{max_len} positions exceed block_size={self.config.block_size}")
+        return Session(self, batch, max_len)
+
+
+class Session:
+    """One generation's KV cache and activations in C. session(idx, start_pos) -> (logits (B, 1, vocab), None),
+    as GPT.forward(idx, start_pos=...) returns them."""
+
+    def __init__(self, engine, batch, max_len):
+        lib, ffi = _lib()
+        self.engine, self.batch, self.max_len, self.pos = engine, batch, max_len, 0
+        p = lib.dec_new(engine._m, batch, max_len)
+        if p == ffi.NULL:
+            raise MemoryError(f"the C engine could not allocate a KV cache of {batch} x {max_len} positions")
+        self._p = ffi.gc(p, lib.dec_free)  # freed by close(), or when the session is collected
+
+    def __call__(self, idx, start_pos):
+        lib, ffi = _lib()
+        if self._p is None:
+            raise ValueError("this session is closed")
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 2 or idx.device.type != "cpu":
+            raise TypeError(f"idx must be a (B, T) int64 CPU tensor, got {getattr(idx, 'dtype', type(idx).__name__)}")
+        B, T = idx.shape
+        if B != self.batch or T < 1:
+            raise ValueError(f"idx must be ({self.batch}, T >= 1) for this session, got {tuple(idx.shape)}")
+        if start_pos != self.pos or start_pos + T > self.max_len:  # the cache holds exactly positions < self.pos
+            raise ValueError(f"positions {start_pos}..{start_pos + T - 1}: the cache holds {self.pos} of at most "
+                             f"{self.max_len} (block_size={self.engine.config.block_size})")
+        n_emb = self.engine._m.n_emb
+        if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < n_emb):
+            raise ValueError(f"token ids must be in [0, {n_emb}), got {int(idx.min())}..{int(idx.max())}")
+        idx = idx.contiguous()
+        logits = torch.empty(B, self.engine.vocab)
+        rc = lib.dec_step(self._p, ffi.cast("int64_t *", idx.data_ptr()), B, T, start_pos,
+                          ffi.cast("float *", logits.data_ptr()), torch.get_num_threads())
+        if rc < 0:  # the checks above make this unreachable
+            raise RuntimeError("decode.c rejected its arguments")
+        self.pos += T
+        return logits[:, None, :], None
+
+    def stats(self):
+        """Seconds per part (PARTS) summed over this session's steps, and its counts."""
+        lib, ffi = _lib()
+        s, n = ffi.new("double[]", len(PARTS)), ffi.new("int64_t[]", 4)
+        lib.dec_stats(self._p, s, n)
+        return dict(seconds=dict(zip(PARTS, s)), steps=n[0], tokens=n[1],
+                    sparsity=1 - n[2] / n[3] if n[3] else None)
+
+    def close(self):
+        if self._p is not None:
+            self.engine.stats = self.stats()
+            _lib()[1].release(self._p)  # dec_free now, not at garbage collection
+            self._p = None
+
+
+def attach_engine(model, dtype=None, ffn="auto"):
+    """Pack model's weights for the C engine and make it model.generate's default. Returns the engine."""
+    model.engine = None
+    model.engine = Engine(model, dtype, ffn)
+    return model.engine
+
+
+def detach_engine(model):
+    model.engine = None
