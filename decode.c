@@ -22,6 +22,9 @@ weights are read once per 16 rows; later tokens of a prompt see the earlier ones
 #include <string.h>
 #include <math.h>
 #include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include "sparse_ffn.h"
 #include "decode.h"
 
@@ -32,9 +35,9 @@ struct Dec {
     int hd, nqkv;                      // head size; q, k and v of one row: (n_head + 2 n_kv_head) hd
     float *k, *v;                      // the KV cache, [n_layer][max_batch][n_kv_head][max_len][hd] each
     float *x, *xn, *qkv, *att, *y;     // activations, [rows][...] each
-    float *u, *a, *last, *scores;      // dense FFN's [W1 x | W3 x] and g_t(W1 x) * W3 x; final rows; softmax
-    float* scratch;                    // the kernels' scratch, grown to each call's need
-    size_t n_scratch;
+    float *u, *a, *last;               // dense FFN's [W1 x | W3 x] and g_t(W1 x) * W3 x; the final rows
+    float* scratch;                    // the kernels' scratch, then the softmax's (max_len per thread); grown
+    size_t n_scratch;                  //   to each call's need
     double seconds[DEC_PARTS];         // time per part, summed over the steps (dec_stats)
     int64_t steps, tokens, active, units;  // calls, rows run, FFN units active / run (sparse FFN)
 };
@@ -50,8 +53,10 @@ static double now(void) {
 // ----------------------------------------------------------------------------
 // the small parts, as model.py computes them
 
+// (omp simd: the sums may be reordered, so that the compiler vectorizes them)
 static void rmsnorm(float* out, const float* x, const float* w, int d, float eps) {
     float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
     for (int i = 0; i < d; i++) ss += x[i] * x[i];
     const float r = 1.0f / sqrtf(ss / (float)d + eps);
     for (int i = 0; i < d; i++) out[i] = x[i] * r * w[i];
@@ -83,8 +88,8 @@ static int ffn(Dec* e, const DecLayer* L, const float* x, int n_rows, float* y, 
     if (L->w1) {
         for (int r = 0; r < n_rows; r += SFFN_MAX_B) {
             const int R = n_rows - r < SFFN_MAX_B ? n_rows - r : SFFN_MAX_B;
-            const int on = sffn_forward(x + (size_t)r * d, R, d, h, L->w1, L->w32, e->m.dtype, L->s132, L->gate,
-                                        L->t, y + (size_t)r * d, e->scratch, e->n_scratch, nt);
+            const int on = (e->m.plain_ffn ? sffn_forward_plain : sffn_forward)(x + (size_t)r * d, R, d, h, L->w1,
+                L->w32, e->m.dtype, L->s132, L->gate, L->t, y + (size_t)r * d, e->scratch, e->n_scratch, nt);
             if (on < 0) return -1;
             e->active += on, e->units += h;
         }
@@ -102,8 +107,9 @@ static int ffn(Dec* e, const DecLayer* L, const float* x, int n_rows, float* y, 
 }
 
 // Attention for B sequences of n new tokens each (row r = b * n + i, at position p0 + i): RoPE on q and k,
-// k and v into the cache, then each query head attends to positions 0 .. p0 + i of its key/value head
-static void attention(Dec* e, int l, int B, int n, int p0) {
+// k and v into the cache, then each query head attends to positions 0 .. p0 + i of its key/value head.
+// The (row, head) pairs are split over the threads where there is enough work to wake them
+static void attention(Dec* e, int l, int B, int n, int p0, int nt) {
     const DecModel* m = &e->m;
     const int hd = e->hd, nh = m->n_head, nkv = m->n_kv_head, group = nh / nkv, h2 = hd / 2;
     const float scale = 1.0f / sqrtf((float)hd);
@@ -119,38 +125,44 @@ static void attention(Dec* e, int l, int B, int n, int p0) {
                 memcpy(e->v + at, q + (size_t)(nh + nkv + kv) * hd, hd * sizeof(float));
             }
         }
-    for (int b = 0; b < B; b++)
-        for (int i = 0; i < n; i++) {
-            const int r = b * n + i, p = p0 + i;
-            for (int hq = 0; hq < nh; hq++) {
-                const float* q = e->qkv + (size_t)r * e->nqkv + (size_t)hq * hd;
-                const size_t at = (((size_t)l * e->max_batch + b) * nkv + hq / group) * e->max_len * hd;
-                const float *K = e->k + at, *V = e->v + at;
-                float* out = e->att + (size_t)r * m->d + (size_t)hq * hd;
-                float mx = -INFINITY, sum = 0.0f;
-                for (int j = 0; j <= p; j++) {  // scores q . k_j / sqrt(hd), then a stable softmax
-                    float s = 0.0f;
-                    for (int c = 0; c < hd; c++) s += q[c] * K[(size_t)j * hd + c];
-                    e->scores[j] = s * scale;
-                    mx = e->scores[j] > mx ? e->scores[j] : mx;
-                }
-                for (int j = 0; j <= p; j++) sum += e->scores[j] = expf(e->scores[j] - mx);
-                memset(out, 0, hd * sizeof(float));
-                for (int j = 0; j <= p; j++) {
-                    const float w = e->scores[j] / sum;
-                    for (int c = 0; c < hd; c++) out[c] += w * V[(size_t)j * hd + c];
-                }
-            }
+    const long long work = (long long)B * n * nh * (p0 + n) * hd;  // multiply-adds, about
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && work > (1 << 16))
+    for (int rh = 0; rh < B * n * nh; rh++) {
+        const int r = rh / nh, hq = rh % nh, p = p0 + r % n;
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        float* sc = e->scratch + e->n_scratch - (size_t)(tid + 1) * e->max_len;  // this thread's scores
+        const float* q = e->qkv + (size_t)r * e->nqkv + (size_t)hq * hd;
+        const size_t at = (((size_t)l * e->max_batch + r / n) * nkv + hq / group) * e->max_len * hd;
+        const float *K = e->k + at, *V = e->v + at;
+        float* out = e->att + (size_t)r * m->d + (size_t)hq * hd;
+        float mx = -INFINITY, sum = 0.0f;
+        for (int j = 0; j <= p; j++) {  // scores q . k_j / sqrt(hd), then a stable softmax
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int c = 0; c < hd; c++) s += q[c] * K[(size_t)j * hd + c];
+            sc[j] = s * scale;
+            mx = sc[j] > mx ? sc[j] : mx;
         }
+        for (int j = 0; j <= p; j++) sum += sc[j] = expf(sc[j] - mx);
+        memset(out, 0, hd * sizeof(float));
+        for (int j = 0; j <= p; j++) {
+            const float w = sc[j] / sum;
+            for (int c = 0; c < hd; c++) out[c] += w * V[(size_t)j * hd + c];
+        }
+    }
 }
 
 // ----------------------------------------------------------------------------
 // the step
 
-// the kernels' scratch for this thread count: the largest any call of a step asks for
+// the scratch for this thread count: the largest any kernel call of a step asks for, then the scores
 static int grow_scratch(Dec* e, int nt) {
     const int din = e->m.d > e->m.h ? e->m.d : e->m.h;
-    const size_t need = sffn_scratch_floats(SFFN_MAX_B, din, nt);
+    const size_t k1 = sffn_scratch_floats(SFFN_MAX_B, din, nt), k2 = sffn_plain_scratch_floats(SFFN_MAX_B, e->m.d, e->m.h, nt);
+    const size_t need = (e->m.plain_ffn && k2 > k1 ? k2 : k1) + (size_t)nt * e->max_len;
     if (e->n_scratch >= need) return 0;
     float* s = (float*)realloc(e->scratch, need * sizeof(float));
     if (!s) return -1;
@@ -183,7 +195,7 @@ int dec_step(Dec* e, const int64_t* tokens, int B, int T, int pos, float* logits
             t1 = now(), e->seconds[DEC_REST] += t1 - t0, t0 = t1;
             if (gemv(e, e->xn, R, d, e->nqkv, L->wqkv, L->sqkv, e->qkv, nthreads)) return -1;
             t1 = now(), e->seconds[DEC_PROJ] += t1 - t0, t0 = t1;
-            attention(e, l, B, n, pos + i0);
+            attention(e, l, B, n, pos + i0, nthreads);
             t1 = now(), e->seconds[DEC_ATTN] += t1 - t0, t0 = t1;
             if (gemv(e, e->att, R, d, d, L->wo, L->so, e->y, nthreads)) return -1;
             t1 = now(), e->seconds[DEC_PROJ] += t1 - t0, t0 = t1;
@@ -237,7 +249,7 @@ Dec* dec_new(const DecModel* m, int max_batch, int max_len) {
     e->layers = (DecLayer*)malloc((size_t)m->n_layer * sizeof(DecLayer));
     e->k = (float*)calloc(cache, sizeof(float));
     e->v = (float*)calloc(cache, sizeof(float));
-    e->x = (float*)malloc((R * (4 * d + e->nqkv + 3 * h) + (size_t)max_batch * d + max_len) * sizeof(float));
+    e->x = (float*)malloc((R * (4 * d + e->nqkv + 3 * h) + (size_t)max_batch * d) * sizeof(float));
     if (!e->layers || !e->k || !e->v || !e->x) {
         free(e->layers), free(e->k), free(e->v), free(e->x), free(e);
         return NULL;
@@ -245,7 +257,7 @@ Dec* dec_new(const DecModel* m, int max_batch, int max_len) {
     memcpy(e->layers, m->layers, (size_t)m->n_layer * sizeof(DecLayer));
     e->m.layers = e->layers;
     e->xn = e->x + R * d, e->y = e->xn + R * d, e->att = e->y + R * d, e->qkv = e->att + R * d;
-    e->u = e->qkv + R * e->nqkv, e->a = e->u + R * 2 * h, e->last = e->a + R * h, e->scores = e->last + max_batch * d;
+    e->u = e->qkv + R * e->nqkv, e->a = e->u + R * 2 * h, e->last = e->a + R * h;
     __atomic_add_fetch(&live, 1, __ATOMIC_RELAXED);
     return e;
 }

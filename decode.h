@@ -24,6 +24,7 @@ typedef struct {
     int n_layer, d, n_head, n_kv_head, h;   // as model.GPTConfig (h = ffn_hidden)
     int n_emb, vocab;                       // embedding rows (the padded vocabulary), logits per token
     int dtype, rope_len;                    // the matrices' dtype (sparse_ffn.h); rows of the RoPE tables
+    int plain_ffn;                          // 1: the sparse FFN by sffn_forward_plain (the plain kernel), 0: sffn_forward
     float eps;                              // RMSNorm's
     const float *emb, *norm;                // [n_emb, d] fp32 (the lookup), the final norm's [d]
     const void* head;                       // the tied output layer, [vocab, d] in dtype

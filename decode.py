@@ -34,7 +34,7 @@ def _lib():
 class Engine:
     """A model's weights packed for decode.c. Engine(model, dtype, ffn): see the module's docstring."""
 
-    def __init__(self, model, dtype=None, ffn="auto"):
+    def __init__(self, model, dtype=None, ffn="auto", variant="tuned"):
         if not isinstance(model, GPT):
             raise TypeError(f"the C engine runs a model.GPT, got {type(model).__name__}")
         if model.tok_emb.weight.device.type != "cpu":
@@ -43,6 +43,8 @@ class Engine:
             raise ValueError(f"the C engine needs the C kernel: {sparse_ffn.backends()['c']}")
         if ffn not in FFN_CHOICES:
             raise ValueError(f"ffn must be one of {FFN_CHOICES}, got {ffn!r}")
+        if variant not in sparse_ffn.VARIANTS:
+            raise ValueError(f"variant must be one of {sparse_ffn.VARIANTS}, got {variant!r}")
         self.dtype = model.tok_emb.weight.dtype if dtype is None else dtype
         if self.dtype not in DTYPE_CODES:
             raise TypeError(f"the C engine's weight dtype must be one of {list(DTYPE_CODES)}, got {self.dtype}")
@@ -76,6 +78,7 @@ class Engine:
         m.n_layer, m.d, m.n_head, m.n_kv_head, m.h = c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.ffn_hidden
         m.n_emb, m.vocab, m.dtype, m.rope_len, m.eps = model.tok_emb.weight.shape[0], c.vocab_size, \
             DTYPE_CODES[self.dtype], c.block_size, c.norm_eps
+        m.plain_ffn = variant == "plain"  # the sparse FFN by the plain C kernel (bench.py times both)
         m.emb, m.norm = ptr(f32(model.tok_emb.weight), "float *"), ptr(f32(model.norm.weight), "float *")
         m.head, m.shead = ptr(head.w), ptr(head.scales, "float *")
         m.rope_cos, m.rope_sin = ptr(f32(model.rope_cos), "float *"), ptr(f32(model.rope_sin), "float *")
@@ -127,27 +130,35 @@ class Session:
 
     def __call__(self, idx, start_pos):
         lib, ffi = _lib()
-        if self._p is None:
-            raise ValueError("this session is closed")
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 2 or idx.device.type != "cpu":
-            raise TypeError(f"idx must be a (B, T) int64 CPU tensor, got {getattr(idx, 'dtype', type(idx).__name__)}")
-        B, T = idx.shape
-        if B != self.batch or T < 1:
-            raise ValueError(f"idx must be ({self.batch}, T >= 1) for this session, got {tuple(idx.shape)}")
-        if start_pos != self.pos or start_pos + T > self.max_len:  # the cache holds exactly positions < self.pos
-            raise ValueError(f"positions {start_pos}..{start_pos + T - 1}: the cache holds {self.pos} of at most "
-                             f"{self.max_len} (block_size={self.engine.config.block_size})")
-        n_emb = self.engine._m.n_emb
-        if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < n_emb):
-            raise ValueError(f"token ids must be in [0, {n_emb}), got {int(idx.min())}..{int(idx.max())}")
+        B, T = idx.shape if isinstance(idx, torch.Tensor) and idx.dim() == 2 else (0, 0)
+        if (self._p is None or type(idx) is not torch.Tensor or idx.dtype != torch.int64 or idx.device.type != "cpu"
+                or B != self.batch or T < 1 or start_pos != self.pos or start_pos + T > self.max_len):
+            self._refuse(idx, start_pos)
         idx = idx.contiguous()
         logits = torch.empty(B, self.engine.vocab)
         rc = lib.dec_step(self._p, ffi.cast("int64_t *", idx.data_ptr()), B, T, start_pos,
                           ffi.cast("float *", logits.data_ptr()), torch.get_num_threads())
-        if rc < 0:  # the checks above make this unreachable
-            raise RuntimeError("decode.c rejected its arguments")
+        if rc < 0:  # decode.c checks the token ids itself: say which one it refused
+            self._refuse(idx, start_pos)
         self.pos += T
         return logits[:, None, :], None
+
+    def _refuse(self, idx, start_pos):
+        """The one-line error for arguments the step cannot take (off the hot path: called once they failed)."""
+        if self._p is None:
+            raise ValueError("this session is closed")
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 2 or idx.device.type != "cpu":
+            raise TypeError(f"idx must be a (B, T) int64 CPU tensor, got {getattr(idx, 'dtype', type(idx).__name__)}")
+        if idx.shape[0] != self.batch or idx.shape[1] < 1:
+            raise ValueError(f"idx must be ({self.batch}, T >= 1) for this session, got {tuple(idx.shape)}")
+        T = idx.shape[1]
+        if start_pos != self.pos or start_pos + T > self.max_len:  # the cache holds exactly positions < self.pos
+            raise ValueError(f"positions {start_pos}..{start_pos + T - 1}: the cache holds {self.pos} of at most "
+                             f"{self.max_len} (block_size={self.engine.config.block_size})")
+        n_emb = self.engine._m.n_emb
+        if not 0 <= int(idx.min()) <= int(idx.max()) < n_emb:
+            raise ValueError(f"token ids must be in [0, {n_emb}), got {int(idx.min())}..{int(idx.max())}")
+        raise MemoryError("decode.c could not grow its scratch memory")
 
     def stats(self):
         """Seconds per part (PARTS) summed over this session's steps, and its counts."""
@@ -164,10 +175,11 @@ class Session:
             self._p = None
 
 
-def attach_engine(model, dtype=None, ffn="auto"):
-    """Pack model's weights for the C engine and make it model.generate's default. Returns the engine."""
+def attach_engine(model, dtype=None, ffn="auto", variant="tuned"):
+    """Pack model's weights for the C engine and make it model.generate's default. Returns the engine.
+    variant "plain": the sparse FFN by the plain C kernel (sffn_forward_plain), to time what the tuned one buys."""
     model.engine = None
-    model.engine = Engine(model, dtype, ffn)
+    model.engine = Engine(model, dtype, ffn, variant)
     return model.engine
 
 

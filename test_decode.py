@@ -101,13 +101,16 @@ def test_prompts_and_batches(B, T, n_new):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_threads_are_torchs(threads):
+@pytest.mark.parametrize("variant", ["tuned", "plain"])
+def test_threads_are_torchs(threads, variant):
+    """Each step runs on torch.get_num_threads() threads; a 40-token prompt splits attention over them too.
+    variant plain: the sparse FFN by the plain C kernel."""
     model = random_model(n_embd=192, n_head=4, ffn_hidden=512)
-    decode.attach_engine(model)
+    decode.attach_engine(model, variant=variant)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        check_engine(model, model, torch.randint(97, (2, 6)), 8)
+        check_engine(model, model, torch.randint(97, (2, 40)), 8)
     finally:
         torch.set_num_threads(old)
 
