@@ -78,7 +78,11 @@ def breakdown(ctx, dev, model, prompt, s, wbytes, lbytes=4):
              ("attention (RoPE, cache, softmax)", attn - proj, L * 2 * T * kv * 4),
              ("output layer + final norm", head, model.lm_head.weight.numel() * lbytes)]
     parts.append(("rest (norms, residuals, Python)", step - sum(p[1] for p in parts), 0))
-    roof = ctx.roof_now(dev)
+    return show_parts(parts, step, ctx.roof_now(dev))
+
+
+def show_parts(parts, step, roof):
+    """Print (name, seconds, bytes) per part of a step of `step` seconds against the read roof (GB/s)."""
     for name, t, by in parts:
         print(f"    {name:34s} {t * 1e3:7.3f} ms {100 * t / step:5.1f}%  {by / 1e6:8.2f} MB"
               + (f" {by / max(t, 1e-9) / 1e9:6.1f} GB/s ({100 * by / max(t, 1e-9) / 1e9 / roof:3.0f}% of {roof:.1f})" if by else ""))
@@ -87,6 +91,47 @@ def breakdown(ctx, dev, model, prompt, s, wbytes, lbytes=4):
           f"({100 * total / step / 1e9 / roof:3.0f}% of {roof:.1f}); at the roof: {roof * 1e9 / total:.0f} tokens/s")
     return dict(step_ms=step * 1e3, roof_GBps=roof, bytes=total,
                 parts={name: dict(ms=t * 1e3, bytes=by) for name, t, by in parts})
+
+
+def engine_rows(ctx, model, label, prompt, n, ref):
+    """The C engine (decode.py): the FFN dense and sparse, per weight dtype. A row's breakdown is decode.c's own
+    timers over the whole generate() call, per generated token, beside the bytes a step must read; 'Python' is
+    the rest of the call (sampling, the loop). ref: the dense PyTorch tokens."""
+    import decode
+    c = model.config
+    L, d, h, hd = c.n_layer, c.n_embd, c.ffn_hidden, c.n_embd // c.n_head
+    out_rows = {}
+    print(f"\n  the C engine (decode.c: one C call per token), same prompt and tokens; {torch.get_num_threads()} threads")
+    for dt in ctx.dev_dtypes("cpu"):
+        for ffn in ("dense", "sparse"):
+            decode.attach_engine(model, dtype=dt, ffn=ffn)
+            runs = []
+            for i in range(4):  # a warm-up, then the median of three timed runs, with that run's part timers
+                t0 = time.perf_counter()
+                out = model.generate(prompt, n, temperature=0.0)
+                runs.append((time.perf_counter() - t0, model.engine.stats))
+            t, st = sorted(runs[1:], key=lambda r: r[0])[1]
+            b = dt.itemsize
+            s = st["sparsity"] if ffn == "sparse" else 0.0
+            pos = prompt.shape[1] + n / 2  # the mean position a step attends over
+            parts = [(name, sec / n, by) for (name, sec), by in zip(st["seconds"].items(), (
+                0, L * (d * (c.n_head + 2 * c.n_kv_head) * hd + d * d) * b, L * 2 * pos * c.n_kv_head * hd * 4,
+                L * d * h * b * (1 + 2 * (1 - s)), c.vocab_size * d * b))]
+            parts.append(("Python (sampling, the loop)", t / n - sum(p[1] for p in parts), 0))
+            name = f"C engine {ffn} {str(dt)[6:]}"
+            same = "same tokens as dense" if torch.equal(out, ref) else "tokens differ from dense (rounding)"
+            print(f"  {name:33s} {n / t:8.1f} tokens/s  {1e3 * t / n:7.2f} ms/token  ({same})"
+                  + (f"; FFN sparsity {100 * s:.1f}% (units run)" if ffn == "sparse" else "") + "; per token:", flush=True)
+            bd = show_parts(parts, t / n, ctx.roof_now("cpu"))
+            out_rows[ffn, dt] = dict(device="cpu", impl=f"e2e {name}", model=label, tokens_per_s=n / t,
+                                     sparsity=100 * s, breakdown=bd)
+            ctx.rows.append(out_rows[ffn, dt])
+        dense, sparse = out_rows["dense", dt], out_rows["sparse", dt]
+        ideal = dense["breakdown"]["bytes"] / sparse["breakdown"]["bytes"]
+        print(f"  sparse / dense, {str(dt)[6:]}: {sparse['tokens_per_s'] / dense['tokens_per_s']:.2f}x "
+              f"(ideal, bytes dense / bytes sparse: {ideal:.2f}x)")
+    decode.detach_engine(model)
+    return out_rows
 
 
 def e2e_table(ctx, dev, model, label, prompt):
@@ -129,6 +174,14 @@ def e2e_table(ctx, dev, model, label, prompt):
                                             4 if not linear else dt.itemsize)
         attach_mod.detach(model)
         ctx.rows.append(dict(device=dev, impl=f"e2e {name}", model=label, tokens_per_s=tps, sparsity=s, breakdown=parts))
+    ours = engine_rows(ctx, model, label, prompt, n, ref) if dev == "cpu" and linear_ok else {}
     if ctx.llama and dev == "cpu":
         from bench_llama import llama_table
-        ctx.rows.extend(llama_table(model, label, prompt, n, ctx.roof_now))
+        theirs = llama_table(model, label, prompt, n, ctx.roof_now)
+        ctx.rows.extend(theirs)
+        pairs = [(f"C engine sparse {str(dt)[6:]}", ours.get(("sparse", dt)), f"llama.cpp {q}",
+                  next((r for r in theirs if r["impl"] == f"e2e llama.cpp {q}" and "tokens_per_s" in r), None))
+                 for dt, q in ((torch.float32, "f32"), (torch.bfloat16, "f16"), (torch.int8, "q8_0"))]
+        said = [f"{a} / {b}: {ra['tokens_per_s'] / rb['tokens_per_s']:.2f}x" for a, ra, b, rb in pairs if ra and rb]
+        if said:
+            print("  against llama.cpp at about equal bytes per weight: " + "; ".join(said))

@@ -5,6 +5,7 @@ The paper's claims in miniature: every training run, evaluation and timing behin
     python experiments.py frontier health int8  # thresholds, unit health of the stress runs, int8 weights
     python experiments.py diversity          # StochA sampling vs temperature and top-p, from one checkpoint (3 min)
     python experiments.py speed              # bench.py --full with the checkpoint, and at the frontier's sparsities
+    python experiments.py decode             # bench.py with the checkpoint and llama.cpp: the C decode engine
     python experiments.py results            # rewrites RESULTS.md's tables from what the stages wrote (results.py)
     python experiments.py tables             # the same tables, printed as markdown
     python plot.py                           # the figures (needs matplotlib), from the same files
@@ -349,6 +350,14 @@ def speed():
                         f"--json={os.path.join(out, f'bench_{gate}.json')}"], check=True)
 
 
+def decode():
+    """bench.py with the checkpoint and llama.cpp (where llama-cpp-python and gguf are installed): the C decode
+    engine, dense and sparse, fp32 / bf16 / int8, against PyTorch and llama.cpp on the same weights."""
+    subprocess.run([sys.executable, "build.py", "--c"], check=True)
+    subprocess.run([sys.executable, "bench.py", f"--ckpt={ckpt}", *([f"--data_dir={data_dir}"] if data_dir else []),
+                    "--llama=True", f"--json={os.path.join(out, 'bench_engine.json')}"], check=True)
+
+
 # -----------------------------------------------------------------------------
 # the tables (results.py prints them from what the stages above wrote)
 
@@ -395,13 +404,13 @@ RULES = dict(
 def main(argv):
     global SEEDS
     stages = [a for a in argv if not a.startswith("--")]
-    known = dict(frontier=frontier, health=health, int8=int8, diversity=diversity, speed=speed, tables=tables,
+    known = dict(frontier=frontier, health=health, int8=int8, diversity=diversity, speed=speed, decode=decode, tables=tables,
                  results=write_results)
     if not stages or set(stages) - set(known) - set(TRAIN_STAGES):
         raise ConfigError(f"usage: python experiments.py {{{'|'.join([*TRAIN_STAGES, *known])}}} [--key=value ...]; got {stages}")
     configure(globals(), [a for a in argv if a.startswith("--")], RULES)
     SEEDS = [int(s) for s in seeds.split(",")]
-    if {"diversity", "speed"} & set(stages):  # their checkpoint and its data, before any stage runs
+    if {"diversity", "speed", "decode"} & set(stages):  # their checkpoint and its data, before any stage runs
         from data import checkpoint_data
         from model import load_checkpoint
         checkpoint_data(load_checkpoint(ckpt), data_dir)

@@ -18,7 +18,7 @@ import re
 
 import numpy as np
 
-from results_speed import e2e_table, gates_table, layers_table, plain_table, speed_table
+from results_speed import decode_table, e2e_table, gates_table, layers_table, plain_table, speed_table
 from train import read_log
 
 # numbers a run can leave undefined (a diverged run's losses; self-BLEU of a single sample): written as null
@@ -342,6 +342,7 @@ TABLES = {
     "gates": ("Speed: the kernel at the frontier's sparsities, relu and silu gates", gates_table, "speed"),
     "e2e": ("Speed: end to end", e2e_table, "speed"),
     "layers": ("Speed: the checkpoint's layers", layers_table, "speed"),
+    "decode": ("Speed: decoding in C, against llama.cpp", decode_table, "decode"),
 }
 MARK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 

@@ -153,3 +153,43 @@ def layers_table(ex):
         lines.append(f"| {r['layer']} | {r['s']:.1f}% | {r['dead']:.1f}% | {r['union4']:.1f}% | {r['union16']:.1f}% | "
                      f"{r['dense_ms']:.3f} | {r['sparse_float32_ms']:.3f} | {r['dense_ms'] / r['sparse_float32_ms']:.2f}x |")
     return "\n".join(lines)
+
+
+DECODE_PAIRS = {"float32": "f32", "bfloat16": "f16", "int8": "q8_0"}  # llama.cpp's type at about the same bytes per weight
+
+
+def decode_table(ex):
+    """The C decode engine (decode.c) beside PyTorch and llama.cpp, from bench.py's run with --llama=True."""
+    b = _bench(ex, "bench_engine.json")
+    rows = [r for r in b["rows"] if r.get("impl", "").startswith("e2e") and "compiled" not in r["impl"]] if b else []
+    if not rows:
+        return None
+    lines = [bench_conditions(b) + " Batch 1, greedy, a 16-token prompt and 32 new tokens; tokens/s over the whole "
+             "generate() call for ours (the prompt included), over the 32 decode steps for llama.cpp. A C engine row's "
+             "parts are decode.c's own timers per generated token ('Python': the sampling and the loop around it); "
+             "'at the roof': the tokens/s if a step's bytes (weights, KV cache) moved at the read roof measured before it."]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        dense = next((r["tokens_per_s"] for r in mine if r["impl"] == "e2e dense"), math.nan)
+        llama = {r["impl"][len("e2e llama.cpp "):]: r for r in mine if r["impl"].startswith("e2e llama.cpp") and "tokens_per_s" in r}
+        lines += [f"\n{model}:\n", "| engine | tokens/s | vs PyTorch dense | vs llama.cpp | ms per token: FFN / projections / "
+                  "attention / output layer / rest / Python | at the roof |\n" + "|---" * 6 + "|"]
+        for r in mine:
+            name = r["impl"][4:]
+            if "failed" in r:
+                lines.append(f"| {name} | failed ({r['failed']}) | - | - | - | - |")
+                continue
+            dt = name.split()[-1] if name.startswith("C engine") else None
+            ll = llama.get(DECODE_PAIRS.get(dt))
+            vs = f"{r['tokens_per_s'] / ll['tokens_per_s']:.2f}x ({DECODE_PAIRS[dt]})" if ll else "-"
+            bd = r.get("breakdown") if name.startswith("C engine") else None
+            order = ("FFN", "attention projections", "attention (RoPE", "output layer", "rest", "Python")
+            parts = " / ".join(f"{next(v['ms'] for k, v in bd['parts'].items() if k.startswith(o)):.3f}"
+                               for o in order) if bd else "-"
+            roof = f"{bd['roof_GBps'] * 1e9 / bd['bytes']:.0f}" if bd else "-"
+            if name.startswith("llama.cpp"):
+                parts = f"llama.cpp {r['llama_cpp']}; {r['same_tokens']}/{r['n_tokens']} greedy tokens as ours with silu"
+            name = "PyTorch, dense" if name == "dense" else f"PyTorch + the C sparse FFN, {name.split()[-1]}" \
+                if name.startswith("sparse") else name
+            lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / dense:.2f}x | {vs} | {parts} | {roof} |")
+    return "\n".join(lines)

@@ -5,6 +5,12 @@ Sample from a trained model with any FFN activation, and measure the samples' qu
     python sample.py --act=stoch --p=0.7 --temperature=0        # StochA sampling: greedy, yet diverse
     python sample.py --temperature=0.8 --top_p=0.9 --prompt="ROMEO:"
     python sample.py --prompt=FILE:prompt.txt --num_samples=10 --json=report.json
+    python sample.py --engine_dtype=int8                        # the C engine with int8 weights
+    python sample.py --engine=torch                             # the PyTorch reference decodes
+
+Decoding runs through the C engine (decode.py: one C call per token, the sparse FFN inside it) wherever it
+can: on the CPU, with the C kernel built, for act relu or silu. StochA sampling (act=stoch) draws per element
+and stays on PyTorch; the output says which engine decoded, and how fast.
 
 Quality: each sample's mean log-likelihood per generated token under the deterministic model (the
 checkpoint's inference activation, --score_act), and the best of N by it, as the paper selects.
@@ -13,6 +19,7 @@ more diverse) and self-BLEU-4 (each sample scored against the others, lower is m
 """
 
 import math
+import time
 from collections import Counter
 from types import SimpleNamespace
 
@@ -36,6 +43,8 @@ top_k = None
 top_p = None
 seed = 1337
 device = "cpu"
+engine = "auto"  # auto = the C engine where it can run (CPU, C kernel built, act relu or silu); c; torch
+engine_dtype = "float32"  # the C engine's weights: float32, bfloat16, float16 or int8
 json = ""  # write the report (samples, scores, diversity) to this path
 quiet = False  # print the report only, not the samples
 # -----------------------------------------------------------------------------
@@ -46,7 +55,8 @@ RULES = dict(
     score_act=one_of("auto", "silu", "relu"),  # scoring must be deterministic
     num_samples=positive_int, max_new_tokens=positive_int, temperature=between(0),
     top_k=optional(positive_int), top_p=optional(between(0, 1, lo_open=True)), seed=between(0, integer=True),
-    device=device_rule, json=either(one_of(""), new_file), quiet=one_of(True, False),
+    device=device_rule, engine=one_of("auto", "c", "torch"),
+    engine_dtype=one_of("float32", "bfloat16", "float16", "int8"), json=either(one_of(""), new_file), quiet=one_of(True, False),
 )
 
 
@@ -97,6 +107,21 @@ def mean_log_likelihood(model, seqs, n_prompt):
     return logp[:, n_prompt - 1:].mean(dim=1).tolist()
 
 
+def pick_engine(model, C, gen_act):
+    """Attach the C engine where it can decode (engine auto or c); returns a line naming what decodes."""
+    import decode
+    import sparse_ffn
+    why = ("--engine=torch" if C.engine == "torch" else f"device {C.device}" if C.device != "cpu"
+           else f"act={gen_act} draws per element: the C engine runs relu and silu" if gen_act == "stoch"
+           else f"no C kernel: {sparse_ffn.backends()['c']}" if sparse_ffn.backends()["c"] is not True else None)
+    if why and C.engine == "c":
+        raise ValueError(f"--engine=c cannot decode here: {why}")
+    if why:
+        return f"PyTorch ({why})"
+    engine = decode.attach_engine(model, dtype=getattr(torch, C.engine_dtype))
+    return f"the C engine (decode.c; {C.engine_dtype} weights, FFN sparse in {sum(engine.sparse)} of {len(engine.sparse)} layers)"
+
+
 def main(argv):
     cfg = dict(DEFAULTS)
     configure(cfg, argv, RULES)
@@ -116,14 +141,18 @@ def main(argv):
     act_gen = torch.Generator(device=C.device).manual_seed(C.seed)  # StochA's draws
     sample_gen = torch.Generator(device=C.device).manual_seed(C.seed + 1)  # the token sampling
     model.set_act(gen_act, C.p, generator=act_gen)
+    engine_note = pick_engine(model, C, gen_act)
+    t0 = time.perf_counter()
     out = model.generate(x, C.max_new_tokens, C.temperature, C.top_k, C.top_p, generator=sample_gen)
+    tokens_per_s = C.num_samples * C.max_new_tokens / (time.perf_counter() - t0)
     model.set_act(score, C.p)
     lls = mean_log_likelihood(model, out, len(ids))
     samples = [row[len(ids):] for row in out.tolist()]
     best = max(range(len(samples)), key=lambda i: lls[i])
     report = dict(ckpt=C.ckpt, act=gen_act, p=C.p if gen_act == "stoch" else None, score_act=score,
                   temperature=C.temperature, top_k=C.top_k, top_p=C.top_p, num_samples=C.num_samples,
-                  max_new_tokens=C.max_new_tokens, seed=C.seed, prompt=text,
+                  max_new_tokens=C.max_new_tokens, seed=C.seed, prompt=text, engine=engine_note,
+                  tokens_per_s=tokens_per_s,
                   mean_log_likelihood=lls, best_of_n=best, best_log_likelihood=lls[best],
                   avg_log_likelihood=sum(lls) / len(lls),
                   distinct_1=distinct_n(samples, 1), distinct_2=distinct_n(samples, 2),
@@ -136,6 +165,8 @@ def main(argv):
     desc = f"act={gen_act}" + (f" p={C.p}" if gen_act == "stoch" else "") + f", temperature={C.temperature}" \
         + (f", top_k={C.top_k}" if C.top_k else "") + (f", top_p={C.top_p}" if C.top_p else "")
     print(f"=== {C.num_samples} samples of {C.max_new_tokens} tokens, {desc}; scored with {score}")
+    print(f"decoded by {engine_note}: {tokens_per_s:,.0f} tokens/s ({C.num_samples} sequences at once, "
+          f"{torch.get_num_threads()} threads)")
     print(f"mean log-likelihood: avg {report['avg_log_likelihood']:.3f}, best-of-{C.num_samples} "
           f"{lls[best]:.3f} (sample {best}); unique samples {report['unique_samples']}/{C.num_samples}")
     print(f"diversity: distinct-1 {report['distinct_1']:.3f}, distinct-2 {report['distinct_2']:.3f}, "

@@ -43,3 +43,32 @@ def test_bench_smoke(tmp_path):
         if row["impl"] in ("C tuned", "C plain") and row["dtype"] == "float32":  # dense bytes / these bytes, W1 in full
             n_on = row["h"] - round(row["s"] / 100 * row["h"])
             assert row["ideal"] == pytest.approx(3 / (1 + 2 * n_on / row["h"]), rel=1e-6), row
+
+
+@pytest_kernel
+def test_engine_rows(capsys):
+    """bench_e2e's C engine rows on a small model: dense and sparse per dtype, each with its breakdown."""
+    from types import SimpleNamespace
+
+    import bench_e2e
+    from model import GPT
+    from testutil import tiny_config
+    model = GPT(tiny_config(act="relu")).eval()
+    ctx = SimpleNamespace(rows=[], dev_dtypes=lambda dev: [torch.float32, torch.bfloat16, torch.int8],
+                          roof_now=lambda dev: 20.0)
+    prompt = torch.randint(97, (1, 5))
+    ref = model.generate(prompt, 6, temperature=0.0, engine="torch")
+    rows = bench_e2e.engine_rows(ctx, model, "tiny", prompt, 6, ref)
+    out = capsys.readouterr().out
+    assert sorted((f, str(dt)) for f, dt in rows) == sorted((f, str(dt)) for f in ("dense", "sparse")
+                                                           for dt in (torch.float32, torch.bfloat16, torch.int8))
+    assert ctx.rows == list(rows.values()) and model.engine is None
+    for (ffn, dt), row in rows.items():
+        assert row["tokens_per_s"] > 0 and f"C engine {ffn} {str(dt)[6:]}" in out, row
+        parts = row["breakdown"]["parts"]
+        assert len(parts) == 6 and all(p["ms"] >= 0 for name, p in parts.items() if not name.startswith("Python"))
+        assert sum(p["ms"] for p in parts.values()) == pytest.approx(row["breakdown"]["step_ms"], rel=1e-6)
+        assert (0 < row["sparsity"] < 100) if ffn == "sparse" else row["sparsity"] == 0
+        fp32 = ffn == "dense" and dt == torch.float32
+        assert ("same tokens as dense" in out) or not fp32
+    assert out.count("sparse / dense") == 3

@@ -51,6 +51,12 @@ def test_sample_stoch_is_diverse_and_relu_greedy_is_deterministic(tmp_path):
     assert sample.main(common + ["--act=stoch", "--p=0.5"])["samples"] == stoch["samples"]  # seeded
     assert max(stoch["mean_log_likelihood"]) == stoch["best_log_likelihood"]
     assert sample.main(common)["act"] == "relu"  # auto: the checkpoint's inference activation
+    # the C engine decodes relu by default and says so; StochA stays on PyTorch, saying why
+    assert relu["engine"].startswith("the C engine") and stoch["engine"].startswith("PyTorch (act=stoch")
+    assert sample.main(common + ["--act=relu", "--engine=torch"])["samples"] == relu["samples"]
+    assert sample.main(common + ["--act=relu", "--engine_dtype=int8"])["engine"].startswith("the C engine (decode.c; int8")
+    with pytest.raises(ValueError, match="cannot decode here"):
+        sample.main(common + ["--act=stoch", "--engine=c"])
 
 
 def strict_loads(text):
