@@ -168,6 +168,11 @@ def decode_table(ex):
              "generate() call for ours (the prompt included), over the 32 decode steps for llama.cpp. A C engine row's "
              "parts are decode.c's own timers per generated token ('Python': the sampling and the loop around it); "
              "'at the roof': the tokens/s if a step's bytes (weights, KV cache) moved at the read roof measured before it."]
+    ks = [r for r in b["rows"] if _kernel(r) and r["impl"] == "C tuned" and (r["d"], r["B"], r["s"]) == (2048, 1, 90.0)]
+    if ks:  # the FFN kernel alone, from the same run
+        lines.append("\nThe sparse FFN kernel alone in the same run, d=2048 h=8192, batch 1, 90% zero: "
+                     + "; ".join(f"{k['dtype']} {k['time_ms']:.3f} ms, {k['speedup']:.2f}x PyTorch's dense fp32 "
+                                 f"(ideal at equal GB/s {k['ideal']:.2f}x), {k['roof_pct']:.0f}% of the read roof" for k in ks) + ".")
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         dense = next((r["tokens_per_s"] for r in mine if r["impl"] == "e2e dense"), math.nan)
