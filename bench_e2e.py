@@ -93,6 +93,9 @@ def show_parts(parts, step, roof):
                 parts={name: dict(ms=t * 1e3, bytes=by) for name, t, by in parts})
 
 
+E2E_SECONDS = 1.0  # seconds of timed generations per C engine row
+
+
 def engine_rows(ctx, model, label, prompt, n, ref):
     """The C engine (decode.py): the FFN dense and sparse, per weight dtype. A row's breakdown is decode.c's own
     timers over the whole generate() call, per generated token, beside the bytes a step must read; 'Python' is
@@ -103,14 +106,20 @@ def engine_rows(ctx, model, label, prompt, n, ref):
     out_rows = {}
     print(f"\n  the C engine (decode.c: one C call per token), same prompt and tokens; {torch.get_num_threads()} threads")
     for dt in ctx.dev_dtypes("cpu"):
-        for ffn in ("dense", "sparse"):
-            decode.attach_engine(model, dtype=dt, ffn=ffn)
-            runs = []
-            for i in range(4):  # a warm-up, then the median of three timed runs, with that run's part timers
+        engines = {ffn: decode.Engine(model, dt, ffn) for ffn in ("dense", "sparse")}
+        runs = {ffn: [] for ffn in engines}
+        t_end = time.perf_counter() + 2 * E2E_SECONDS
+        # dense and sparse alternate, run by run, for at least 2 x E2E_SECONDS: a shared host's bandwidth drifts
+        # over seconds, and one generation of the small model lasts ~15 ms; the first run of each is a warm-up
+        while min(len(r) for r in runs.values()) < 6 or time.perf_counter() < t_end:
+            for ffn, engine in engines.items():
+                model.engine = engine
                 t0 = time.perf_counter()
                 out = model.generate(prompt, n, temperature=0.0)
-                runs.append((time.perf_counter() - t0, model.engine.stats))
-            t, st = sorted(runs[1:], key=lambda r: r[0])[1]
+                runs[ffn].append((time.perf_counter() - t0, engine.stats, out))
+        for ffn in engines:
+            # the median run, with its own part timers
+            t, st, out = sorted(runs[ffn][1:], key=lambda r: r[0])[(len(runs[ffn]) - 1) // 2]
             b = dt.itemsize
             s = st["sparsity"] if ffn == "sparse" else 0.0
             pos = prompt.shape[1] + n / 2  # the mean position a step attends over

@@ -46,13 +46,14 @@ def test_bench_smoke(tmp_path):
 
 
 @pytest_kernel
-def test_engine_rows(capsys):
+def test_engine_rows(capsys, monkeypatch):
     """bench_e2e's C engine rows on a small model: dense and sparse per dtype, each with its breakdown."""
     from types import SimpleNamespace
 
     import bench_e2e
     from model import GPT
     from testutil import tiny_config
+    monkeypatch.setattr(bench_e2e, "E2E_SECONDS", 0.05)
     model = GPT(tiny_config(act="relu")).eval()
     ctx = SimpleNamespace(rows=[], dev_dtypes=lambda dev: [torch.float32, torch.bfloat16, torch.int8],
                           roof_now=lambda dev: 20.0)
