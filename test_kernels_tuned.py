@@ -264,3 +264,18 @@ def test_backends_and_build_report():
     if torch.version.cuda is None:  # a CPU-only torch: the CUDA build says why it skips
         ok, msg = build.build_cuda()
         assert ok is None and "CPU-only" in msg
+
+
+@pytest.mark.full  # the builds above, reused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
+def test_simd_variants_decode(c_variant, dtype, monkeypatch):
+    """decode.c in the same AVX2 / AVX-512 / portable builds: every step's logits against the reference
+    (the fp32 model itself; bf16 and int8 against the twin holding the weights as stored)."""
+    import decode
+    from test_decode import check_engine, random_model, stored_twin
+    monkeypatch.setitem(sparse_ffn._mods, "c", c_variant)
+    for ffn in ("sparse", "dense"):
+        model = random_model(n_embd=36, n_head=2, n_kv_head=1, ffn_hidden=77)
+        decode.attach_engine(model, dtype=dtype, ffn=ffn)
+        ref = model if dtype == torch.float32 else stored_twin(model, dtype, sparse=ffn == "sparse")
+        check_engine(model, ref, torch.randint(97, (2, 5)), 8)
