@@ -22,28 +22,15 @@ BUILD_DIR = os.path.join(HERE, "build")
 
 C_SOURCES = ("sparse_ffn.c", "sparse_ffn.h", "sparse_ffn_tuned.h", "sparse_ffn_simd.h", "sparse_ffn_x86.h",
              "decode.c", "decode.h")  # two units, sparse_ffn.c and decode.c; the .h files are included
-# the C API, shared by cffi's cdef and the generated module's prototypes
-CDEF = """
-int sffn_max_batch(void);
-int sffn_simd(void);
-int sffn_amx(void);
-int sffn_openmp(void);
-size_t sffn_scratch_floats(int B, int d, int nthreads);
-void sffn_advise_hugepages(void* p, size_t bytes);
-size_t sffn_plain_scratch_floats(int B, int d, int h, int nthreads);
-int sffn_forward_plain(const float* x, int B, int d, int h, const void* w1, const void* w32, int dtype,
-                       const float* scales, int gate, float t, float* y, float* scratch, size_t n_scratch, int nthreads);
-int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void* w32, int dtype,
-                 const float* scales, int gate, float t, float* y, float* scratch, size_t n_scratch, int nthreads);
-int sffn_gemv(const float* x, int B, int d, int n, const void* w, int dtype, const float* scales, float* y,
-              float* scratch, size_t n_scratch, int nthreads);
-"""
 
 
-def decode_cdef():
-    """decode.h as cffi reads it: its declarations without the preprocessor lines (one text for both)."""
+def c_api():
+    """The C API as cffi's cdef reads it: sparse_ffn.h's prototypes (between its API markers), then decode.h's
+    declarations, each without the preprocessor lines: one text for the C files and for cffi."""
+    with open(os.path.join(HERE, "sparse_ffn.h")) as f:
+        kernels = f.read().split("// API begin")[1].split("\n", 1)[1].split("// API end")[0]
     with open(os.path.join(HERE, "decode.h")) as f:
-        return "".join(line for line in f if not line.startswith("#"))
+        return kernels + "".join(line for line in f if not line.startswith("#"))
 
 
 # the flag sets tried in order: the first that compiles wins
@@ -96,8 +83,8 @@ def build_c(verbose=False, flag_sets=None, name="_sparse_ffn_c", dest_dir=HERE):
     errors = []
     for cflags, ldflags, note in flag_sets or C_FLAG_SETS:
         ffi = cffi.FFI()
-        ffi.cdef(CDEF + decode_cdef())
-        ffi.set_source(name, CDEF + '#include "decode.h"\n', sources=[os.path.join(HERE, f) for f in C_SOURCES
+        ffi.cdef(c_api())
+        ffi.set_source(name, '#include "sparse_ffn.h"\n#include "decode.h"\n', sources=[os.path.join(HERE, f) for f in C_SOURCES
                                                                      if f.endswith(".c")],
                        include_dirs=[HERE], extra_compile_args=cflags, extra_link_args=ldflags, libraries=["m"])
         try:

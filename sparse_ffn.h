@@ -1,6 +1,6 @@
 /*
 sparse_ffn.h: what sparse_ffn.c and decode.c share: the weight dtypes, the gate g_t, and the kernels' API
-(the same prototypes are cffi's cdef, in build.py).
+(build.py hands the API block to cffi).
 */
 #ifndef SPARSE_FFN_H
 #define SPARSE_FFN_H
@@ -22,7 +22,13 @@ INLINE float gate_value(float u, int gate) {
 }
 INLINE int is_on(float v, float t) { return !(fabsf(v) <= t); }  // nan is active: it must propagate
 
+// API begin (build.py gives cffi these lines)
+int sffn_max_batch(void);
+int sffn_simd(void);
+int sffn_amx(void);
+int sffn_openmp(void);
 size_t sffn_scratch_floats(int B, int d, int nthreads);
+void sffn_advise_hugepages(void* p, size_t bytes);
 size_t sffn_plain_scratch_floats(int B, int d, int h, int nthreads);
 int sffn_forward_plain(const float* x, int B, int d, int h, const void* w1, const void* w32, int dtype,
                        const float* scales, int gate, float t, float* y, float* scratch, size_t n_scratch, int nthreads);
@@ -30,4 +36,5 @@ int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void
                  const float* scales, int gate, float t, float* y, float* scratch, size_t n_scratch, int nthreads);
 int sffn_gemv(const float* x, int B, int d, int n, const void* w, int dtype, const float* scales, float* y,
               float* scratch, size_t n_scratch, int nthreads);
+// API end
 #endif
