@@ -42,6 +42,15 @@ def sparse_model(dev, prompt, n_new, d=2048, h=8192, n_layer=2, target=0.9):
     return model
 
 
+def step_bytes(c, fbytes, lbytes, s, pos):
+    """Bytes one decode step must read, by part, for config c: the FFN (fbytes per weight, a fraction s of its units
+    zero: W1 in full, W3 rows and W2 columns of the active ones), the attention projections (lbytes per weight)
+    and the fp32 KV cache over pos positions. The output layer's are its weight's bytes."""
+    L, d, h, kv = c.n_layer, c.n_embd, c.ffn_hidden, c.n_kv_head * (c.n_embd // c.n_head)
+    return dict(ffn=L * d * h * fbytes * (1 + 2 * (1 - s)), proj=L * (2 * d * d + 2 * d * kv) * lbytes,
+                kv=L * 2 * pos * kv * 4)
+
+
 def breakdown(ctx, dev, model, prompt, s, wbytes, lbytes=4):
     """Where one decoded token's time goes: each part timed on its own, on the inputs it sees in a real
     step (batch 1, the prompt in the KV cache), all layers in turn as in a step (so the weights come from
@@ -71,11 +80,9 @@ def breakdown(ctx, dev, model, prompt, s, wbytes, lbytes=4):
         attn = ctx.bench([lambda: [b.attn(x, cos, sin, T - 1) for b, x in zip(blocks, attn_in)]], dev)
         head = ctx.bench([lambda: model.lm_head(model.norm(last))], dev)
     model.clear_cache()
-    d, h, L = model.config.n_embd, model.config.ffn_hidden, len(blocks)
-    kv = model.config.n_kv_head * blocks[0].attn.head_dim
-    fbytes = L * d * h * (3 * 4 if wbytes is None else wbytes * (1 + 2 * (1 - s / 100)))
-    parts = [("FFN", ffn, fbytes), ("attention projections", proj, L * (2 * d * d + 2 * d * kv) * lbytes),
-             ("attention (RoPE, cache, softmax)", attn - proj, L * 2 * T * kv * 4),
+    by = step_bytes(model.config, 4 if wbytes is None else wbytes, lbytes, 0 if wbytes is None else s / 100, T)
+    parts = [("FFN", ffn, by["ffn"]), ("attention projections", proj, by["proj"]),
+             ("attention (RoPE, cache, softmax)", attn - proj, by["kv"]),
              ("output layer + final norm", head, model.lm_head.weight.numel() * lbytes)]
     parts.append(("rest (norms, residuals, Python)", step - sum(p[1] for p in parts), 0))
     return show_parts(parts, step, ctx.roof_now(dev))
@@ -102,7 +109,6 @@ def engine_rows(ctx, model, label, prompt, n, ref):
     the rest of the call (sampling, the loop). ref: the dense PyTorch tokens."""
     import decode
     c = model.config
-    L, d, h, hd = c.n_layer, c.n_embd, c.ffn_hidden, c.n_embd // c.n_head
     out_rows = {}
     print(f"\n  the C engine (decode.c: one C call per token), same prompt and tokens; {torch.get_num_threads()} threads")
     for dt in ctx.dev_dtypes("cpu"):
@@ -123,9 +129,9 @@ def engine_rows(ctx, model, label, prompt, n, ref):
             b = dt.itemsize
             s = st["sparsity"] if ffn == "sparse" else 0.0
             pos = prompt.shape[1] + n / 2  # the mean position a step attends over
+            by = step_bytes(c, b, b, s, pos)
             parts = [(name, sec / n, by) for (name, sec), by in zip(st["seconds"].items(), (
-                0, L * (d * (c.n_head + 2 * c.n_kv_head) * hd + d * d) * b, L * 2 * pos * c.n_kv_head * hd * 4,
-                L * d * h * b * (1 + 2 * (1 - s)), c.vocab_size * d * b))]
+                0, by["proj"], by["kv"], by["ffn"], c.vocab_size * c.n_embd * b))]
             parts.append(("Python (sampling, the loop)", t / n - sum(p[1] for p in parts), 0))
             name = f"C engine {ffn} {str(dt)[6:]}"
             same = "same tokens as dense" if torch.equal(out, ref) else "tokens differ from dense (rounding)"

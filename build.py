@@ -141,7 +141,7 @@ def build_cuda(verbose=False):
     if cpp_extension.CUDA_HOME is None or not shutil.which(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
         return None, "nvcc not found (set CUDA_HOME)"
     from setuptools import setup
-    ext = cpp_extension.CUDAExtension("_sparse_ffn_cuda", ["sparse_ffn.cu"],
+    ext = cpp_extension.CUDAExtension("_sparse_ffn_cuda", ["sparse_ffn.cu"], depends=["sparse_ffn_kernels.cuh"],
                                       extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
     cwd = os.getcwd()
     os.chdir(HERE)  # setuptools wants relative sources; --inplace puts the module here

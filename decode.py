@@ -10,8 +10,9 @@ the new token(s); Python keeps the tokenizer and the sampling (model.sample_next
     decode.detach_engine(model)
 
 The FFN runs sparse_ffn.c's sparse kernel where the model is sparse (act relu, or silu with a threshold:
-ffn="auto"), or three dense GEMVs (ffn="dense": the baseline bench.py times it against). The engine reads
-the model's act and thresholds when a generation starts, so set_act / set_thresholds after attaching hold.
+ffn="auto"), or dense: W1 and W3 stacked in one GEMV, then W2 (ffn="dense": the baseline bench.py times).
+The engine reads the model's act and thresholds when a generation starts, so set_act / set_thresholds after
+attaching hold.
 It runs eval-mode inference only: act="stoch" (StochA sampling draws per element) and dropout in training
 mode are refused with one line; decode those with engine="torch". Threads: torch.get_num_threads().
 """
