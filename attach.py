@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import sparse_ffn
 from model import Attention, FeedForward
+from model import check_threshold
 from sparse_ffn import DTYPE_CODES, GATES, DenseLinear, SparseFFN, _Scratch, _ptr, dequantized
 
 # -----------------------------------------------------------------------------
@@ -92,8 +93,43 @@ def detach(model):
 _OP_SCRATCH = _Scratch()  # shared by both ops: each call grows it to its own need
 
 
+def _op_args(op, x, w, scales, n_scales):
+    """The ops are public (torch.ops.sparse_ffn.*) and hand raw pointers to C: x and the scales are checked here
+    (the weights by _check_w), and x made contiguous, so a wrong tensor gets a ValueError, never a read past a
+    buffer. scales: None, or for int8 weights n_scales fp32 values per row of w. Returns x as C reads it."""
+    cpu = lambda t: t.device.type == "cpu"
+    if not (cpu(x) and x.dtype == torch.float32 and x.dim() == 2):
+        raise ValueError(f"{op}: x must be a (N, d) float32 CPU tensor, got {tuple(x.shape)} {x.dtype} on {x.device}")
+    want_s = (n_scales, w.shape[0]) if n_scales > 1 else (w.shape[0],)
+    if w.dtype == torch.int8:
+        if scales is None or not (cpu(scales) and scales.dtype == torch.float32 and tuple(scales.shape) == want_s
+                                  and scales.is_contiguous()):
+            raise ValueError(f"{op}: int8 weights need contiguous float32 CPU scales of shape {want_s}")
+    elif scales is not None:
+        raise ValueError(f"{op}: scales are for int8 weights only, the weights are {w.dtype}")
+    return x.resolve_neg().resolve_conj().contiguous()
+
+
+def _check_w(op, name, w, shape):
+    if not (w.device.type == "cpu" and w.dtype in DTYPE_CODES and tuple(w.shape) == shape and w.is_contiguous()):
+        raise ValueError(f"{op}: {name} must be a contiguous CPU tensor of shape {shape} in one of "
+                         f"{list(DTYPE_CODES)}, got {tuple(w.shape)} {w.dtype} on {w.device}")
+
+
 def _c_ffn_cpu(x, w1, w32, scales, gate, t):
-    lib, (h, d) = sparse_ffn._mods["c"].lib, w1.shape
+    if w1.dim() != 2:
+        raise ValueError(f"c_ffn: w1 must be (h, d), got {tuple(w1.shape)}")
+    (h, d) = w1.shape
+    _check_w("c_ffn", "w1", w1, (h, d))
+    _check_w("c_ffn", "w32", w32, (h, 2 * d))
+    if w32.dtype != w1.dtype or x.dim() != 2 or x.shape[1] != d:
+        raise ValueError(f"c_ffn: x must be (N, {d}) and w32 {w1.dtype} like w1, got x {tuple(x.shape)}, "
+                         f"w32 {w32.dtype}")
+    if gate not in GATES.values():
+        raise ValueError(f"c_ffn: gate must be one of {GATES}, got {gate}")
+    check_threshold(t, "c_ffn: t")
+    x = _op_args("c_ffn", x, w1, scales, 3)
+    lib = sparse_ffn._mods["c"].lib
     out = torch.empty_like(x)
     _OP_SCRATCH.run_c(lib.sffn_forward, lambda B, T: lib.sffn_scratch_floats(B, d, T), x, out,
                       d, h, _ptr(w1), _ptr(w32), DTYPE_CODES[w1.dtype], _ptr(scales, "float *"), gate, t)
@@ -101,7 +137,14 @@ def _c_ffn_cpu(x, w1, w32, scales, gate, t):
 
 
 def _c_gemv_cpu(x, w, scales):
-    lib, (n, d) = sparse_ffn._mods["c"].lib, w.shape
+    if w.dim() != 2:
+        raise ValueError(f"c_gemv: w must be (n, d), got {tuple(w.shape)}")
+    (n, d) = w.shape
+    _check_w("c_gemv", "w", w, (n, d))
+    if x.dim() != 2 or x.shape[1] != d:
+        raise ValueError(f"c_gemv: x must be (N, {d}), got {tuple(x.shape)}")
+    x = _op_args("c_gemv", x, w, scales, 1)
+    lib = sparse_ffn._mods["c"].lib
     out = x.new_empty(x.shape[0], n)
     _OP_SCRATCH.run_c(lib.sffn_gemv, lambda B, T: lib.sffn_scratch_floats(B, d, 0), x, out,
                       d, n, _ptr(w), DTYPE_CODES[w.dtype], _ptr(scales, "float *"))

@@ -217,6 +217,12 @@ def check_act(act, p):
     check_p(p)
 
 
+def check_threshold(t, name="threshold t"):
+    """A threshold the kernels can take: a number in [0, T_MAX] (fp32's range: they compare in fp32)."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= T_MAX:  # NaN fails too
+        raise ValueError(f"{name} must be a number in [0, {T_MAX:.8g}] (fp32's range), got {t!r}")
+
+
 def check_p(p):
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:  # NaN fails too
         raise ValueError(f"p must be a number in [0, 1], got {p!r}")
@@ -249,6 +255,30 @@ class GPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def check_positions(self, n):
+        """n positions fit: within block_size and within the RoPE tables (built for block_size at __init__: a
+        block_size raised later does not grow them)."""
+        rows = self.rope_cos.shape[0]
+        if n > self.config.block_size or n > rows:
+            why = f"block_size={self.config.block_size}" if n > self.config.block_size else \
+                f"the RoPE tables' {rows} rows (block_size was raised after the model was built: build it anew)"
+            raise ValueError(f"{n} positions exceed {why}")
+
+    def check_idx(self, idx):
+        """A (B, T) prompt of token ids, B and T >= 1, on the model's device, each id in [0, vocab_size): one
+        clear error otherwise, the same for every engine. Returns it as int64."""
+        dev = self.tok_emb.weight.device
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"idx must be a (B, T) tensor of token ids, got {type(idx).__name__}")
+        if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or idx.dim() != 2 or 0 in idx.shape:
+            raise TypeError(f"idx must be a (B, T) integer tensor with B, T >= 1, got {tuple(idx.shape)} {idx.dtype}")
+        if idx.device != dev:
+            raise ValueError(f"idx is on {idx.device}, the model on {dev}")
+        lo, hi = (int(idx.min()), int(idx.max())) if dev.type != "meta" else (0, 0)  # meta: no values to check
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {lo}..{hi}")
+        return idx.long()
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied embedding counts once
 
@@ -266,8 +296,7 @@ class GPT(nn.Module):
         the T tokens at positions start_pos.. against the KV cache (see setup_cache)."""
         B, T = idx.shape
         start = 0 if start_pos is None else start_pos
-        if start + T > self.config.block_size:
-            raise ValueError(f"{start + T} positions exceed block_size={self.config.block_size}")
+        self.check_positions(start + T)
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.drop(self.tok_emb(idx))
         for block in self.blocks:
@@ -305,8 +334,10 @@ class GPT(nn.Module):
     def set_thresholds(self, ts):
         """Per-layer thresholds t (a list of floats in [0, T_MAX], one per layer; None = 0 everywhere)."""
         ts = [0.0] * len(self.blocks) if ts is None else list(ts)
-        if len(ts) != len(self.blocks) or not all(isinstance(t, (int, float)) and 0 <= t <= T_MAX for t in ts):
-            raise ValueError(f"need {len(self.blocks)} thresholds in [0, {T_MAX:.8g}] (fp32's range), got {ts}")
+        if len(ts) != len(self.blocks):
+            raise ValueError(f"need {len(self.blocks)} thresholds (one per layer), got {len(ts)}")
+        for l, t in enumerate(ts):
+            check_threshold(t, f"layer {l}'s threshold")
         for block, t in zip(self.blocks, ts):
             block.ffn.threshold = float(t)
 
@@ -374,10 +405,17 @@ class GPT(nn.Module):
         set_act). compile=True: each step runs through self.compiled() (the first call compiles, tens of
         seconds; Python's per-op overhead is then gone from a decode step). engine: "torch" (this file),
         "c" (the C engine decode.attach_engine() put on self.engine: a step is one C call), or "auto"
-        (the C engine where one is attached). Returns (B, T + max_new_tokens)."""
+        (the C engine where one is attached; it holds a packed copy of the weights, repacked when a generation
+        starts after the model changed: see decode.py). Returns (B, T + max_new_tokens) int64 token ids."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        idx = self.check_idx(idx)
         B, T = idx.shape
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed block_size={self.config.block_size}")
+        self.check_positions(T + max_new_tokens)
+        for l, block in enumerate(self.blocks):  # set_thresholds checks them; an attribute set directly is not
+            check_threshold(block.ffn.threshold, f"layer {l}'s threshold")
         if engine not in ("auto", "torch", "c"):
             raise ValueError(f"engine must be 'auto', 'torch' or 'c', got {engine!r}")
         use_c = engine == "c" or engine == "auto" and self.engine is not None

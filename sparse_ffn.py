@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import T_MAX, gated
+from model import check_threshold, gated
 
 _c_lock = threading.Lock()
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}  # as in sparse_ffn.c
@@ -169,6 +169,8 @@ class _Scratch:
         size it is given). Returns the largest result of a call (sffn_forward: the union of active units)."""
         T = torch.get_num_threads()  # torch's thread count, so the kernel shares torch's cores
         (N, d), d_out = x.shape, out.shape[1]
+        if N == 0:  # an empty batch: nothing to compute, no call
+            return 0
         with _c_lock:  # cffi releases the GIL during the call, and the scratch is shared by this owner's calls
             floats = need(min(N, SFFN_MAX_B), T)  # this call's own need: no cache key stands in for it
             if self._scratch.numel() < floats:
@@ -292,9 +294,7 @@ class SparseFFN(_Scratch):
         code = GATES.get(gate) if isinstance(gate, str) else None
         if code is None:
             raise ValueError(f"gate must be one of {list(GATES)}, got {gate!r}")
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= T_MAX:
-            raise ValueError(f"threshold t must be a number in [0, {T_MAX:.8g}] (fp32's range: the kernels "
-                             f"compare in fp32), got {t!r}")
+        check_threshold(t)
         t = float(t)
         if not self._plain(x):  # the checks one by one, for their messages (and numpy arrays, lazy views)
             x = _as_tensor(x, "x")

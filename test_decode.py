@@ -248,3 +248,109 @@ def test_copies_get_no_engine():
                                                                                  engine="torch"))
     decode.detach_engine(model)
     assert model.engine is None
+
+
+# -----------------------------------------------------------------------------
+# the edges: a model changed after attaching, bounds from buffers, refusals shared by both engines, saving
+
+
+def test_the_engine_follows_the_model():
+    """The packed weights are a copy: an in-place edit, load_state_dict of another model, or model.to(dtype) after
+    attaching repack them when the next generation starts (they once decoded the old weights silently); a model
+    moved off the CPU is refused in one line."""
+    model = random_model()
+    engine = decode.attach_engine(model)
+    prompt = torch.randint(97, (1, 4))
+    edits = [
+        lambda: model.blocks[0].ffn.w1.weight.mul_(3.0),  # an in-place edit (an optimizer step is one)
+        lambda: model.load_state_dict(random_model().state_dict()),
+        lambda: model.tok_emb.weight.add_(0.5),  # the tied embedding and output layer
+        lambda: model.blocks[1].attn_norm.weight.fill_(2.0),
+    ]
+    for i, edit in enumerate(edits):
+        with torch.no_grad():
+            edit()
+        check_engine(model, model, prompt, 8)
+        assert engine.repacks == i + 1 and model.engine is engine
+    n = engine.repacks
+    check_engine(model, model, prompt, 4)
+    assert engine.repacks == n  # an unchanged model is not repacked
+    model.to(torch.bfloat16)
+    model.generate(prompt, 2, temperature=0)
+    assert engine.dtype == torch.bfloat16 and engine.repacks == n + 1  # dtype None: the model's, at each pack
+    model.to("meta")
+    with pytest.raises(ValueError, match="runs on the CPU; the model is on meta"):
+        model.generate(prompt.to("meta"), 2)
+
+
+def test_sizes_come_from_the_buffers_they_bound():
+    """A block_size raised after the model was built does not grow the RoPE tables: both engines refuse the
+    positions past them (the C engine once read past the tables: a heap overflow under AddressSanitizer)."""
+    model = random_model()
+    decode.attach_engine(model)
+    rows = model.rope_cos.shape[0]
+    model.config.block_size = rows + 16
+    prompt = torch.randint(97, (1, rows))
+    for engine in ("c", "torch"):
+        with pytest.raises(ValueError, match="RoPE tables"):
+            model.generate(prompt, 8, engine=engine)
+    assert model.generate(prompt[:, :rows - 2], 2, temperature=0).shape == (1, rows)  # up to the tables: fine
+    model.config.block_size = rows
+    model.config.n_head, model.config.n_kv_head = 2, 1  # the engine reads the heads off the weights, not these
+    decode.attach_engine(model)
+    check_engine(model, model, torch.randint(97, (1, 3)), 4)
+    with pytest.raises(ValueError, match="vocab_size"):
+        model.config.vocab_size = 1000
+        model.generate(prompt[:, :4], 2, engine="c")
+    model.config.vocab_size = 97
+
+
+@pytest.mark.parametrize("engine", ["torch", "c"])
+def test_both_engines_take_and_refuse_the_same(engine):
+    """Every argument is checked before work starts, with one message for both engines; bad values are named as
+    such, never as a failed allocation."""
+    model = random_model()
+    decode.attach_engine(model)
+    prompt = torch.randint(97, (1, 4))
+    bad = [  # (idx, max_new_tokens, error, message)
+        (prompt, -1, ValueError, "max_new_tokens must be an int >= 0"),
+        (prompt, -2, ValueError, "max_new_tokens must be an int >= 0"),
+        (prompt, 2.0, ValueError, "max_new_tokens must be an int >= 0"),
+        (torch.zeros(0, 4, dtype=torch.long), 2, TypeError, r"B, T >= 1"),
+        (torch.zeros(1, 0, dtype=torch.long), 2, TypeError, r"B, T >= 1"),
+        (prompt.float(), 2, TypeError, "integer tensor"),
+        (prompt[0], 2, TypeError, r"\(B, T\)"),
+        (prompt.tolist(), 2, TypeError, "tensor of token ids"),
+        (prompt.to("meta"), 2, ValueError, "idx is on meta, the model on cpu"),
+        (torch.tensor([[1, 97]]), 2, ValueError, r"token ids must be in \[0, 97\)"),
+        (torch.tensor([[-1, 3]]), 2, ValueError, r"token ids must be in \[0, 97\)"),
+    ]
+    for idx, n, err, msg in bad:
+        with pytest.raises(err, match=msg):
+            model.generate(idx, n, engine=engine)
+    for t in (float("nan"), -1.0, 1e39):  # set directly, past set_thresholds' checks
+        model.blocks[1].ffn.threshold = t
+        with pytest.raises(ValueError, match="layer 1's threshold must be a number"):
+            model.generate(prompt, 2, engine=engine)
+    model.blocks[1].ffn.threshold = 0.0
+    want = model.generate(prompt, 3, temperature=0, engine="torch")
+    for idx in (prompt.int(), prompt.short(), prompt.to(torch.uint8)):  # any integer dtype, as int64
+        got = model.generate(idx, 3, temperature=0, engine=engine)
+        assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert torch.equal(model.generate(prompt, 0, engine=engine), prompt)
+
+
+def test_a_model_with_an_engine_saves_and_copies(tmp_path):
+    """The engine is a cache of C pointers: pickling or torch.save of the model (which once raised 'cannot pickle
+    _cffi_backend.__CDataOwn') drops it, as deepcopy does; the loaded model decodes with PyTorch."""
+    import pickle
+    model = random_model()
+    decode.attach_engine(model)
+    prompt = torch.randint(97, (1, 3))
+    want = model.generate(prompt, 6, temperature=0)
+    back = pickle.loads(pickle.dumps(model))
+    assert back.engine is None and model.engine is not None
+    assert torch.equal(back.generate(prompt, 6, temperature=0), want)
+    torch.save(model, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert back.engine is None and torch.equal(back.generate(prompt, 6, temperature=0), want)

@@ -137,7 +137,7 @@ def test_rejects_bad_inputs():
     for t in (3.5e38, float("inf"), float("nan"), -1.0, True, "0.1"):
         with pytest.raises(ValueError, match="threshold t"):
             kernel(x, t=t)
-    kernel(x, t=sparse_ffn.T_MAX)  # the largest one the kernel takes
+    kernel(x, t=model_mod.T_MAX)  # the largest one the kernel takes
 
 
 @pytest_kernel

@@ -249,3 +249,57 @@ def test_custom_ops_share_scratch_in_any_order():
     assert lib.sffn_forward_plain(*args, need, 2) >= 0
     need = lib.sffn_scratch_floats(4, d, 0)
     assert lib.sffn_gemv(p(x), 4, d, d, ffi.cast("void *", lin.w.data_ptr()), 0, ffi.NULL, p(y), p(scratch), need - 1, 2) == -1
+
+
+@pytest_kernel
+def test_empty_batches_and_bad_tensors_into_the_ops():
+    """A batch of 0 rows runs through every C entry (it once raised 'min() arg is an empty sequence'); the public
+    custom ops check what they hand to C: a bf16 or too narrow x once read past its buffer (AddressSanitizer), a
+    strided x gave wrong results silently (max error 29), so x is checked or made contiguous, and the weights
+    and scales checked."""
+    d, h = 40, 72
+    model = GPT(GPTConfig(vocab_size=97, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=d, ffn_hidden=h,
+                          act="relu")).eval()
+    k = sparse_ffn.SparseFFN(model.blocks[0].ffn, mode="sparse")
+    k8 = sparse_ffn.SparseFFN(model.blocks[0].ffn, dtype=torch.int8, mode="sparse")
+    lin, lin8 = sparse_ffn.DenseLinear(model.lm_head.weight), sparse_ffn.DenseLinear(model.lm_head.weight, torch.int8)
+    empty = torch.empty(0, d)
+    assert lin(empty).shape == (0, 128) and k(empty).shape == (0, d)
+    assert attach_mod.c_ffn_op(empty, k.w1, k.w32, None, 0, 0.0).shape == (0, d)
+    assert attach_mod.c_gemv_op(empty, lin.w, None).shape == (0, 128)
+    attach_mod.attach(model, linear=True)
+    with torch.no_grad():
+        assert model.blocks[0].ffn(torch.empty(0, 3, d)).shape == (0, 3, d)
+        assert model.lm_head(torch.empty(0, d)).shape == (0, 128)
+    attach_mod.detach(model)
+    x = torch.randn(6, 2 * d)
+    strided = x[:, ::2]  # (6, d), not contiguous: the ops read it as C would see it contiguous
+    check_close(attach_mod.c_ffn_op(strided, k.w1, k.w32, None, 0, 0.0), k(strided.contiguous()), atol=0, rtol=0)
+    check_close(attach_mod.c_gemv_op(strided, lin.w, None), lin(strided.contiguous()), atol=0, rtol=0)
+    xs = torch.randn(3, d)
+    bad_ffn = [  # (x, w1, w32, scales, gate, t, message)
+        (xs.bfloat16(), k.w1, k.w32, None, 0, 0.0, "x must be a .N, d. float32"),
+        (xs[:, :d - 8], k.w1, k.w32, None, 0, 0.0, r"x must be \(N, 40\)"),
+        (xs[0], k.w1, k.w32, None, 0, 0.0, r"x must be \(N, 40\)"),
+        (xs, k.w1, k.w32[:, :d], None, 0, 0.0, "w32 must be"),
+        (xs, k.w1[:-1], k.w32, None, 0, 0.0, "w32 must be"),
+        (xs, k.w1.t(), k.w32, None, 0, 0.0, "w1 must be a contiguous"),
+        (xs, k.w1.double(), k.w32.double(), None, 0, 0.0, "w1 must be"),
+        (xs, k.w1, k.w32.half(), None, 0, 0.0, "like w1"),
+        (xs, k8.w1, k8.w32, None, 0, 0.0, "int8 weights need"),
+        (xs, k8.w1, k8.w32, k8.scales[:2], 0, 0.0, "int8 weights need"),
+        (xs, k.w1, k.w32, k8.scales, 0, 0.0, "scales are for int8"),
+        (xs, k.w1, k.w32, None, 2, 0.0, "gate must be"),
+        (xs, k.w1, k.w32, None, 0, float("nan"), "t must be a number"),
+        (xs, k.w1, k.w32, None, 0, -1.0, "t must be a number"),
+    ]
+    for x_, w1, w32, s, g, t, msg in bad_ffn:
+        with pytest.raises(ValueError, match=msg):
+            attach_mod.c_ffn_op(x_, w1, w32, s, g, t)
+    bad_gemv = [(xs.bfloat16(), lin.w, None, "float32"), (xs[:, :8], lin.w, None, r"x must be \(N, 40\)"),
+                (xs, lin.w[:, :8].contiguous(), None, r"x must be \(N, 8\)"), (xs, lin.w.t(), None, "contiguous"),
+                (xs, lin8.w, None, "int8 weights need"), (xs, lin8.w, lin8.scales[:5], "int8 weights need"),
+                (xs, lin.w, lin8.scales, "scales are for int8")]
+    for x_, w, s, msg in bad_gemv:
+        with pytest.raises(ValueError, match=msg):
+            attach_mod.c_gemv_op(x_, w, s)

@@ -258,7 +258,7 @@ def test_calibrate_thresholds_reaches_target():
     with pytest.raises(ValueError, match="relu or silu"):
         model.calibrate_thresholds(calib, 0.5)
     for bad in (-1.0, 3.5e38, float("inf"), float("nan")):  # past fp32's range: the kernels could not take it
-        with pytest.raises(ValueError, match="thresholds"):
+        with pytest.raises(ValueError, match="layer 1.s threshold"):
             model.set_thresholds([0.1, bad, 0.0])
     model.set_thresholds([0.1, T_MAX, 0.0])
 
