@@ -7,6 +7,7 @@ d*h*b*(1 + 2(1-s)) (W1 in full, W3 rows and W2 columns of the active units; b = 
     python bench.py --full                            # batches 1/4/16, 0..99% sparsity, the torch gather, compiled, llama.cpp
     python bench.py --sizes=2048x8192 --batches=1 --sparsities=90 --e2e=False
     python bench.py --ckpt=out/ckpt.pt                # a trained model's real sparsity, on its own val text
+    python bench.py --ckpt=smollm2 --cats=80 --llama=True --synthetic=False  # a GGUF model, CATS-sparse, vs llama.cpp
     python bench.py --json=bench.json                 # every row as JSON too
     python bench.py --gate=silu --e2e=False           # the silu gate with a threshold (CATS) at each sparsity
 
@@ -39,7 +40,10 @@ import bench_e2e
 import sparse_ffn
 from configurator import between, configure, either, existing_dir, existing_file, int_list, new_file, one_of, positive_int
 from data import checkpoint_data
-from model import GPT, GPTConfig, load_checkpoint
+from checkpoint import load_any
+from gguf_io import MODELS, is_gguf
+from gguf_io import resolve as gguf_resolve
+from model import GPT, GPTConfig, gated
 
 # -----------------------------------------------------------------------------
 devices = ""  # "cpu", "cuda" or "cpu,cuda"; empty: cpu, and cuda when there is one
@@ -59,7 +63,9 @@ e2e = True  # decoding tokens/s through model.generate, dense vs sparse
 llama = None  # and llama.cpp on the same weights, where llama-cpp-python and gguf are installed; None: with --full
 compiled = None  # and model.generate(compile=True) (torch.compile; ~30 s per row to compile); None: with --full
 e2e_tokens = 32
-ckpt = ""  # a train.py checkpoint: its per-layer sparsity on real text, and kernel times on its inputs
+ckpt = ""  # a train.py checkpoint, a GGUF file or a model name (smollm2): its sparsity on real text, kernels on its inputs
+cats = 0.0  # with --ckpt: CATS thresholds calibrated to this % of zero FFN units on its training text (0: none)
+synthetic = True  # the end-to-end table of the random d=2048 model too
 data_dir = ""  # the checkpoint's tokenized text; empty = the one it was trained on
 json = ""  # write the rows here
 seed = 0
@@ -89,14 +95,20 @@ RULES = dict(
     gate=one_of("relu", "silu"), gather=one_of(None, True, False), min_time=between(0, lo_open=True),
     min_reps=positive_int, roof_mb=between(1, integer=True), rotate_mb=between(0), threads=between(0, integer=True), e2e=one_of(True, False),
     e2e_tokens=positive_int, llama=one_of(None, True, False), compiled=one_of(None, True, False),
-    ckpt=either(one_of(""), existing_file), data_dir=either(one_of(""), existing_dir), json=either(one_of(""), new_file),
+    ckpt=either(one_of("", *MODELS), existing_file), cats=between(0, 100, hi_open=True), synthetic=one_of(True, False),
+    data_dir=either(one_of(""), existing_dir), json=either(one_of(""), new_file),
     seed=between(0, integer=True),
 )
 try:  # every setting, and the checkpoint and its data, checked before minutes of benchmarking
     configure(globals(), [_arg(a) for a in sys.argv[1:]], RULES)
     if ckpt:
-        ckpt_state = load_checkpoint(ckpt)
+        ckpt_state = load_any(ckpt)
         data_dir = checkpoint_data(ckpt_state, data_dir)
+        # the GGUF file the model came from (itself, or the --init_from of its run): llama.cpp times it as it is
+        origin_gguf = next((p for p in (gguf_resolve(ckpt), gguf_resolve(ckpt_state["config"].get("init_from", "")))
+                            if p and is_gguf(p)), None)
+    elif cats:
+        raise ValueError("--cats needs --ckpt")
 except (OSError, ValueError) as e:
     sys.exit(f"error: {e}")
 batches = batches or ("1,4,16" if full else "1")
@@ -319,13 +331,21 @@ def kernel_table(dev):
 
 
 def ckpt_table(dev):
+    """The checkpoint's model with its inference act (relu for train.py's runs; a GGUF's silu, made sparse by
+    --cats thresholds): per layer, its sparsity on val text and the kernels on its real FFN inputs."""
     model = GPT.from_checkpoint(ckpt_state, dev).eval()
-    model.set_act("relu")
+    act = ckpt_state.get("config", {}).get("eval_act", "relu")
+    model.set_act(act if act in ("relu", "silu") else "relu")
+    T = min(model.config.block_size, ckpt_state.get("config", {}).get("block_size", 256))
+    windows = lambda path, n: torch.from_numpy(np.stack([
+        val[i:i + T].astype(np.int64) for val in [np.memmap(path, dtype=np.uint16, mode="r")]
+        for i in np.linspace(0, len(val) - T - 1, n).astype(int)])).to(dev)
+    if cats:
+        ts = model.calibrate_thresholds(windows(os.path.join(data_dir, "train.bin"), 16).split(4), cats / 100)
+        print(f"\nCATS: thresholds for {cats:g}% zero units per layer on 16 x {T} training tokens: "
+              + " ".join(f"{t:.3g}" for t in ts))
     path = os.path.join(data_dir, "val.bin")
-    val = np.memmap(path, dtype=np.uint16, mode="r")
-    T = model.config.block_size
-    starts = np.linspace(0, len(val) - T - 1, 8).astype(int)
-    idx = torch.from_numpy(np.stack([val[i:i + T].astype(np.int64) for i in starts])).to(dev)
+    idx = windows(path, 8)
     inputs = []
     hooks = [b.ffn.register_forward_hook(lambda m, a, y: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
              for b in model.blocks]
@@ -334,23 +354,25 @@ def ckpt_table(dev):
     for hk in hooks:
         hk.remove()
     print(f"\n{ckpt}: {model.config.n_layer} layers, d={model.config.n_embd}, h={model.config.ffn_hidden}; "
-          f"{idx.numel()} tokens of {path}, act=relu")
+          f"{idx.numel()} tokens of {path}, act={model.config.act}" + (f", CATS at {cats:g}%" if cats else ""))
     print("s% = zero units per token, dead% = zero on every token, B=4 / B=16 s% = zero for all of 4 / 16\n"
           "consecutive tokens (the union a batch would see); times: batch 1, 64 of the real tokens in turn")
     print(f"{'layer':>5s} {'s%':>6s} {'dead%':>6s} {'B=4 s%':>8s} {'B=16 s%':>9s} {'dense ms':>9s} "
           + " ".join(f"{'sparse ' + str(dt)[6:]:>16s}" for dt in dev_dtypes(dev)))
     for l, (block, st, xs) in enumerate(zip(model.blocks, stats, inputs)):
-        u = (xs @ block.ffn.w1.weight.T) > 0  # (tokens, h) active
+        f = block.ffn
+        u = gated(xs @ f.w1.weight.T, f.act, f.threshold) != 0  # (tokens, h) active
         union = lambda B: 100 * (1 - u[: len(u) // B * B].view(-1, B, u.shape[1]).any(1).float().mean().item())
         rows_ = [xs[i:i + 1].contiguous() for i in range(0, len(xs), max(1, len(xs) // 64))]  # 64 real tokens
         w = (block.ffn.w1.weight, block.ffn.w3.weight, block.ffn.w2.weight)
-        td = bench([lambda r=r: F.linear(F.relu(F.linear(r, w[0])) * F.linear(r, w[1]), w[2]) for r in rows_], dev)
+        g = F.relu if f.act == "relu" else F.silu  # the dense FFN, without thresholds
+        td = bench([lambda r=r: F.linear(g(F.linear(r, w[0])) * F.linear(r, w[1]), w[2]) for r in rows_], dev)
         row = dict(device=dev, impl="ckpt layer", layer=l, s=100 * st["sparsity"], dead=100 * st["dead"],
                    union4=union(4), union16=union(16), dense_ms=td * 1e3)
         cells = []
         for dt in dev_dtypes(dev):
             k = sparse_ffn.SparseFFN(block.ffn, dtype=dt)
-            t = bench([lambda r=r.to(k.in_dtype): k(r) for r in rows_], dev)
+            t = bench([lambda r=r.to(k.in_dtype): k(r, gate=f.act, t=f.threshold) for r in rows_], dev)
             row[f"sparse_{str(dt)[6:]}_ms"] = t * 1e3
             cells.append(f"{t * 1e3:7.3f} ms {td / t:4.2f}x")
         rows.append(row)
@@ -388,7 +410,7 @@ for dev in device_list:
         if e2e:
             val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
             bench_e2e.e2e_table(here, dev, e2e_model, f"checkpoint {ckpt}", torch.from_numpy(val[:16].astype(np.int64))[None].to(dev))
-    if e2e:
+    if e2e and synthetic:
         prompt = torch.randint(512, (1, 16), device=dev)
         bench_e2e.e2e_table(here, dev, bench_e2e.sparse_model(dev, prompt, e2e_tokens), "random d=2048 h=8192, 2 layers, "
                             "vocab 512, W1 biased to ~90% sparsity", prompt)

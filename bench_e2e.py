@@ -192,7 +192,7 @@ def e2e_table(ctx, dev, model, label, prompt):
     ours = engine_rows(ctx, model, label, prompt, n, ref) if dev == "cpu" and linear_ok else {}
     if ctx.llama and dev == "cpu":
         from bench_llama import llama_table
-        theirs = llama_table(model, label, prompt, n, ctx.roof_now)
+        theirs = llama_table(model, label, prompt, n, ctx.roof_now, getattr(ctx, "origin_gguf", None))
         ctx.rows.extend(theirs)
         pairs = [(f"C engine sparse {str(dt)[6:]}", ours.get(("sparse", dt)), f"llama.cpp {q}",
                   next((r for r in theirs if r["impl"] == f"e2e llama.cpp {q}" and "tokens_per_s" in r), None))
@@ -200,3 +200,8 @@ def e2e_table(ctx, dev, model, label, prompt):
         said = [f"{a} / {b}: {ra['tokens_per_s'] / rb['tokens_per_s']:.2f}x" for a, ra, b, rb in pairs if ra and rb]
         if said:
             print("  against llama.cpp at about equal bytes per weight: " + "; ".join(said))
+        best = max((r for r in ours.values()), key=lambda r: r["tokens_per_s"], default=None)
+        fastest = max((r for r in theirs if "tokens_per_s" in r), key=lambda r: r["tokens_per_s"], default=None)
+        if best and fastest:
+            print(f"  our fastest row ({best['impl'][4:]}) / llama.cpp's fastest ({fastest['impl'][4:]}): "
+                  f"{best['tokens_per_s'] / fastest['tokens_per_s']:.2f}x")

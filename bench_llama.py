@@ -9,51 +9,10 @@ import json
 import os
 import sys
 
-import numpy as np
 import torch
 
+import gguf_io
 
-
-def write_gguf(model, path, qtype):
-    """model as a Llama GGUF (llama.cpp's own layout): norms in f32, every matrix in qtype (F32, F16 or
-    Q8_0). wq and wk rows are permuted from our half-split RoPE to llama.cpp's adjacent pairs, as
-    llama.cpp's convert_hf_to_gguf.py does. The vocabulary is placeholder names: we feed token ids."""
-    import gguf
-    c = model.config
-    hd = c.n_embd // c.n_head
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_context_length(max(c.block_size, 256))  # llama.cpp's smallest cache; a longer one costs nothing here
-    w.add_embedding_length(c.n_embd); w.add_block_count(c.n_layer)
-    w.add_feed_forward_length(c.ffn_hidden); w.add_head_count(c.n_head); w.add_head_count_kv(c.n_kv_head)
-    w.add_rope_dimension_count(hd); w.add_rope_freq_base(c.rope_theta); w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7}[qtype]); w.add_vocab_size(c.vocab_size)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, c.vocab_size)])
-    w.add_token_scores([0.0] * c.vocab_size); w.add_token_types([2, 3, 3] + [1] * (c.vocab_size - 3))
-    w.add_bos_token_id(1); w.add_eos_token_id(2)
-
-    def pairs(t, heads):  # half-split rows -> adjacent pairs, per head
-        return t.reshape(heads, 2, t.shape[0] // heads // 2, -1).transpose(1, 2).reshape(t.shape)
-
-    def add(name, t):
-        a = t.detach().float().cpu().numpy()
-        if a.ndim == 1 or qtype == "F32":
-            w.add_tensor(name, a.astype(np.float32))
-        else:
-            kind = getattr(gguf.GGMLQuantizationType, qtype)
-            w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
-    add("token_embd.weight", model.tok_emb.weight[:c.vocab_size])
-    for i, b in enumerate(model.blocks):
-        add(f"blk.{i}.attn_norm.weight", b.attn_norm.weight)
-        add(f"blk.{i}.attn_q.weight", pairs(b.attn.wq.weight, c.n_head))
-        add(f"blk.{i}.attn_k.weight", pairs(b.attn.wk.weight, c.n_kv_head))
-        add(f"blk.{i}.attn_v.weight", b.attn.wv.weight); add(f"blk.{i}.attn_output.weight", b.attn.wo.weight)
-        add(f"blk.{i}.ffn_norm.weight", b.ffn_norm.weight)
-        add(f"blk.{i}.ffn_gate.weight", b.ffn.w1.weight); add(f"blk.{i}.ffn_up.weight", b.ffn.w3.weight)
-        add(f"blk.{i}.ffn_down.weight", b.ffn.w2.weight)
-    add("output_norm.weight", model.norm.weight)
-    add("output.weight", model.lm_head.weight[:c.vocab_size])
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
 
 
 # run in a child process: llama.cpp is third-party C code, and a crash there must not end bench.py
@@ -79,11 +38,12 @@ print(json.dumps(dict(seconds=sorted(ts[1:])[(len(ts) - 2) // 2], tokens=out, ve
 """
 
 
-def llama_table(model, label, prompt, n, roof_now):
+def llama_table(model, label, prompt, n, roof_now, origin=None):
     """llama.cpp's greedy decode of the same weights, same threads, prompt and token count; tokens/s over
     the n decode steps alone (ours also count the prefill: a few % against us). llama.cpp's Llama architecture gates with SILU, so its tokens are checked
     against ours with act = silu (the export's check); the bytes and the time per token do not depend on it.
-    roof_now(dev): the read GB/s right now. Returns bench.py's rows."""
+    roof_now(dev): the read GB/s right now. origin: the GGUF file the model was imported from (or continued
+    from), timed as it is too (its own quantization, e.g. Q4_1). Returns bench.py's rows."""
     rows = []
     try:
         import gguf  # noqa: F401
@@ -104,11 +64,19 @@ def llama_table(model, label, prompt, n, roof_now):
     weights = sum(p.numel() for n_, p in model.named_parameters() if p.dim() == 2 and "tok_emb" not in n_)
     weights += c.vocab_size * c.n_embd  # the output layer (tied: tok_emb is read as the output layer)
     print(f"\n  llama.cpp on the same weights ({label}), {T} threads, its default settings (f16 KV cache):")
-    for qtype, bytes_per in (("F32", 4), ("F16", 2), ("Q8_0", 34 / 32)):
+    files = [("F32", 4), ("F16", 2), ("Q8_0", 34 / 32)] + ([("file", None)] if origin else [])
+    for qtype, bytes_per in files:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, f"model-{qtype}.gguf")
-            write_gguf(model, path, qtype)
-            ctx = max(c.block_size, 256)
+            if qtype == "file":  # the original file: its matrices' bytes as stored
+                import gguf
+                path = origin
+                r = gguf.GGUFReader(origin)
+                qtype = "original " + "/".join(sorted({t.tensor_type.name for t in r.tensors if len(t.shape) == 2}))
+                by_file = sum(int(t.n_bytes) for t in r.tensors if len(t.shape) == 2)
+            else:
+                gguf_io.write(model, path, qtype)
+            ctx = min(max(c.block_size, 256), 4096)
             r = subprocess.run([sys.executable, "-c", LLAMA_CHILD, path, str(T), str(n), str(ctx),
                                 json.dumps(prompt[0].tolist())], capture_output=True, text=True, timeout=900)
         if r.returncode != 0:
@@ -120,7 +88,7 @@ def llama_table(model, label, prompt, n, roof_now):
         res = json.loads(r.stdout.strip().splitlines()[-1])
         tps = n / res["seconds"]
         same = sum(a == b for a, b in zip(res["tokens"], ours))
-        by = weights * bytes_per
+        by = weights * bytes_per if bytes_per else by_file
         roof = roof_now("cpu")
         print(f"  {'llama.cpp ' + qtype.lower():24s} {tps:8.1f} tokens/s  {1e3 / tps:7.2f} ms/token  "
               f"({same}/{n} greedy tokens as ours with silu; weights {by / 1e6:.1f} MB, {by * tps / 1e9:.1f} GB/s "
@@ -128,3 +96,32 @@ def llama_table(model, label, prompt, n, roof_now):
         rows.append(dict(device="cpu", impl=f"e2e llama.cpp {qtype.lower()}", model=label, tokens_per_s=tps,
                          weight_bytes=by, same_tokens=same, n_tokens=n, llama_cpp=res["version"]))
     return rows
+
+
+LOGITS_CHILD = r"""
+import json, sys
+import numpy as np
+import llama_cpp
+path, ids, texts, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+llm = llama_cpp.Llama(model_path=path, n_ctx=max(512, len(ids)), n_batch=max(512, len(ids)), logits_all=True,
+                      verbose=False, n_threads=int(sys.argv[5]))
+toks = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts]
+llm.eval(ids)
+np.save(out, np.array(llm.scores[:len(ids)], dtype=np.float32))
+print(json.dumps(toks))
+"""
+
+
+def llama_logits(path, ids, texts, threads=2):
+    """llama.cpp on a GGUF file, in a child process: its logits at every position of ids ((T, vocab) fp32), and its
+    token ids for each of texts (special tokens parsed, no BOS added)."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "scores.npy")
+        r = subprocess.run([sys.executable, "-c", LOGITS_CHILD, path, json.dumps(ids), json.dumps(texts), out,
+                            str(threads)], capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(f"llama.cpp failed on {path}: {r.stderr.strip()[-500:]}")
+        import numpy as np
+        return torch.from_numpy(np.load(out)), json.loads(r.stdout.strip().splitlines()[-1])

@@ -34,6 +34,17 @@ RUN = ("data", "act", "p", "alpha", "eval_act", "dropout", "max_iters", "lr", "m
        "grad_accum", "weight_decay", "beta1", "beta2", "grad_clip", "seed")
 
 
+def load_any(path, block_size=None):
+    """A checkpoint's dict from train.py's ckpt.pt, or from a GGUF file (gguf_io.as_checkpoint: its model with
+    RoPE tables for block_size positions, default its context length, and its tokenizer's path in config)."""
+    import gguf_io
+    from model import load_checkpoint
+    path = gguf_io.resolve(path)  # a model name such as smollm2: its installed file
+    if gguf_io.is_gguf(path):
+        return gguf_io.as_checkpoint(path, block_size)[0]
+    return load_checkpoint(path)
+
+
 def inference_act(eval_act, act, alpha):
     """eval_act with auto resolved: relu, or silu for a SILU run with no switch."""
     if eval_act != "auto":

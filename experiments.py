@@ -294,10 +294,11 @@ def health():
 
 
 def diversity():
+    from checkpoint import load_any
     from data import checkpoint_data
-    from model import GPT, load_checkpoint
+    from model import GPT
     from sample import distinct_n, mean_log_likelihood, self_bleu
-    state = load_checkpoint(ckpt)
+    state = load_any(ckpt)
     model = GPT.from_checkpoint(state).eval()
     infer = state["config"].get("eval_act", model.config.act)
     val = np.memmap(os.path.join(checkpoint_data(state, data_dir), "val.bin"), dtype=np.uint16, mode="r")
@@ -411,9 +412,9 @@ def main(argv):
     configure(globals(), [a for a in argv if a.startswith("--")], RULES)
     SEEDS = [int(s) for s in seeds.split(",")]
     if {"diversity", "speed", "decode"} & set(stages):  # their checkpoint and its data, before any stage runs
+        from checkpoint import load_any
         from data import checkpoint_data
-        from model import load_checkpoint
-        checkpoint_data(load_checkpoint(ckpt), data_dir)
+        checkpoint_data(load_any(ckpt), data_dir)
     # the training stages named share one pool, in the order named (e.g. `long` first keeps a slot busy)
     groups = [g for stage in stages for g in TRAIN_STAGES.get(stage, ())]
     if groups:

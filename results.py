@@ -18,6 +18,7 @@ import re
 
 import numpy as np
 
+import results_smol
 from results_speed import decode_table, e2e_table, gates_table, layers_table, plain_table, speed_table
 from train import read_log
 
@@ -343,6 +344,12 @@ TABLES = {
     "e2e": ("Speed: end to end", e2e_table, "speed"),
     "layers": ("Speed: the checkpoint's layers", layers_table, "speed"),
     "decode": ("Speed: decoding in C, against llama.cpp", decode_table, "decode"),
+    "smol-parity": ("SmolLM2-135M: our import against llama.cpp", results_smol.parity_table, "smollm.py parity"),
+    "smol-cpt": ("SmolLM2-135M: continued pre-training", results_smol.cpt_table, "smollm.py quality"),
+    "smol-decode": ("SmolLM2-135M: decoding in C, against llama.cpp", results_smol.decode_table, "smollm.py decode"),
+    "smol-parts": ("SmolLM2-135M: a decode step part by part", results_smol.parts_table, "smollm.py decode"),
+    "smol-diversity": ("SmolLM2-135M: StochA sampling against temperature and top-p", results_smol.diversity_table,
+                       "smollm.py diversity"),
 }
 MARK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
@@ -363,6 +370,8 @@ def fill(text, ex):
         name = m.group(2)
         if name not in TABLES:
             raise ValueError(f"RESULTS.md names a table '{name}' that results.py does not print (known: {', '.join(TABLES)})")
-        body = TABLES[name][1](ex) or f"(no data yet: run `python experiments.py {TABLES[name][2]}`)"
+        stage = TABLES[name][2]
+        how = stage if stage.endswith(".py") or " " in stage else f"experiments.py {stage}"
+        body = TABLES[name][1](ex) or f"(no data yet: run `python {how}`)"
         return f"{m.group(1)}{body}\n{m.group(4)}"
     return MARK.sub(table, text)

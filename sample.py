@@ -7,10 +7,15 @@ Sample from a trained model with any FFN activation, and measure the samples' qu
     python sample.py --prompt=FILE:prompt.txt --num_samples=10 --json=report.json
     python sample.py --engine_dtype=int8                        # the C engine with int8 weights
     python sample.py --engine=torch                             # the PyTorch reference decodes
+    python sample.py --ckpt=smollm2 --prompt="What is a sonnet?"  # a GGUF model, in its chat template
 
 Decoding runs through the C engine (decode.py: one C call per token, the sparse FFN inside it) wherever it
 can: on the CPU, with the C kernel built, for act relu or silu. StochA sampling (act=stoch) draws per element
 and stays on PyTorch; the output says which engine decoded, and how fast.
+
+A model imported from a GGUF file (--ckpt=FILE.gguf, a model name such as smollm2, or a run continued from one)
+reads its own tokenizer; an instruct model's prompt goes through its chat template (--chat), and each sample
+ends at its end-of-sequence token.
 
 Quality: each sample's mean log-likelihood per generated token under the deterministic model (the
 checkpoint's inference activation, --score_act), and the best of N by it, as the paper selects.
@@ -27,11 +32,13 @@ import torch
 
 from configurator import (between, cli, configure, device as device_rule, either, existing_file, is_setting, new_file,
                           one_of, optional, positive_int, strict_json)
-from data import tokenizer
-from model import ACTS, GPT, load_checkpoint
+from checkpoint import load_any
+from data import get_tokenizer
+from gguf_io import MODELS
+from model import ACTS, GPT
 
 # -----------------------------------------------------------------------------
-ckpt = "out/ckpt.pt"
+ckpt = "out/ckpt.pt"  # train.py's checkpoint, a GGUF file, or a model name (smollm2)
 prompt = ""  # text, or FILE:path; empty = start a new document (<|endoftext|>)
 act = "auto"  # auto = the checkpoint's inference activation; or silu, relu, stoch
 p = 0.7  # StochA's probability of silu for negative inputs, with --act=stoch
@@ -45,18 +52,20 @@ seed = 1337
 device = "cpu"
 engine = "auto"  # auto = the C engine where it can run (CPU, C kernel built, act relu or silu); c; torch
 engine_dtype = "float32"  # the C engine's weights: float32, bfloat16, float16 or int8
+chat = None  # None = the prompt in the model's chat template where it has one (an instruct GGUF); True; False
 json = ""  # write the report (samples, scores, diversity) to this path
 quiet = False  # print the report only, not the samples
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if is_setting(k, v)}
 RULES = dict(
-    ckpt=existing_file, prompt=lambda v: None if not v.startswith("FILE:") or existing_file(v[5:]) is None
+    ckpt=either(one_of(*MODELS), existing_file), prompt=lambda v: None if not v.startswith("FILE:") or existing_file(v[5:]) is None
     else "text, or FILE: and an existing file", act=one_of("auto", *ACTS), p=between(0, 1),
     score_act=one_of("auto", "silu", "relu"),  # scoring must be deterministic
     num_samples=positive_int, max_new_tokens=positive_int, temperature=between(0),
     top_k=optional(positive_int), top_p=optional(between(0, 1, lo_open=True)), seed=between(0, integer=True),
     device=device_rule, engine=one_of("auto", "c", "torch"),
-    engine_dtype=one_of("float32", "bfloat16", "float16", "int8"), json=either(one_of(""), new_file), quiet=one_of(True, False),
+    engine_dtype=one_of("float32", "bfloat16", "float16", "int8"), chat=one_of(None, True, False),
+    json=either(one_of(""), new_file), quiet=one_of(True, False),
 )
 
 
@@ -126,16 +135,20 @@ def main(argv):
     cfg = dict(DEFAULTS)
     configure(cfg, argv, RULES)
     C = SimpleNamespace(**cfg)
-    state = load_checkpoint(C.ckpt)
+    state = load_any(C.ckpt)
     model = GPT.from_checkpoint(state, C.device).eval()
     # train.py stores the inference activation it resolved; otherwise the model's own
     inference_act = state.get("config", {}).get("eval_act", model.config.act)
     gen_act = inference_act if C.act == "auto" else C.act
     score = inference_act if C.score_act == "auto" else C.score_act
 
-    enc = tokenizer(model.config.vocab_size)  # the checkpoint's own vocabulary
+    enc = get_tokenizer(state.get("config", {}).get("tokenizer", "gpt2"), model.config.vocab_size)  # the model's own
     text = open(C.prompt[5:]).read() if C.prompt.startswith("FILE:") else C.prompt
-    ids = enc.encode_ordinary(text) or [enc.eot_token]
+    chat = getattr(enc, "chat_template", None) and text and C.chat is not False
+    if C.chat is True and not chat:
+        raise ValueError("--chat=True, but this model has no chat template (or the prompt is empty)")
+    stop = hasattr(enc, "gguf_vocab")  # a GGUF model's tokenizer: a sample ends at its end of sequence
+    ids = (enc.encode(enc.chat(text), allowed_special="all") if chat else enc.encode_ordinary(text)) or [enc.eot_token]
     x = torch.tensor([ids] * C.num_samples, dtype=torch.long, device=C.device)
     torch.manual_seed(C.seed)
     act_gen = torch.Generator(device=C.device).manual_seed(C.seed)  # StochA's draws
@@ -148,9 +161,13 @@ def main(argv):
     model.set_act(score, C.p)
     lls = mean_log_likelihood(model, out, len(ids))
     samples = [row[len(ids):] for row in out.tolist()]
+    if stop:  # cut each at its end of sequence (kept, so that the score counts ending there)
+        samples = [s[:s.index(enc.eot_token) + 1] if enc.eot_token in s else s for s in samples]
+    lls = [ll if len(s) == C.max_new_tokens else mean_log_likelihood(model, torch.tensor([ids + s], device=C.device),
+                                                                    len(ids))[0] for ll, s in zip(lls, samples)]
     best = max(range(len(samples)), key=lambda i: lls[i])
     report = dict(ckpt=C.ckpt, act=gen_act, p=C.p if gen_act == "stoch" else None, score_act=score,
-                  temperature=C.temperature, top_k=C.top_k, top_p=C.top_p, num_samples=C.num_samples,
+                  temperature=C.temperature, top_k=C.top_k, top_p=C.top_p, num_samples=C.num_samples, chat=bool(chat),
                   max_new_tokens=C.max_new_tokens, seed=C.seed, prompt=text, engine=engine_note,
                   tokens_per_s=tokens_per_s,
                   mean_log_likelihood=lls, best_of_n=best, best_log_likelihood=lls[best],
@@ -161,7 +178,8 @@ def main(argv):
                   tokenizer=enc.name, prompt_ids=ids, sample_ids=samples)
     if not C.quiet:
         for i, s in enumerate(report["samples"]):
-            print(f"--- sample {i} (mean log-likelihood {lls[i]:.3f}{', best' if i == best else ''})\n{text}{s}")
+            print(f"--- sample {i} (mean log-likelihood {lls[i]:.3f}{', best' if i == best else ''})\n{text}"
+                  + ("\n" if chat else "") + s)
     desc = f"act={gen_act}" + (f" p={C.p}" if gen_act == "stoch" else "") + f", temperature={C.temperature}" \
         + (f", top_k={C.top_k}" if C.top_k else "") + (f", top_p={C.top_p}" if C.top_p else "")
     print(f"=== {C.num_samples} samples of {C.max_new_tokens} tokens, {desc}; scored with {score}")

@@ -82,7 +82,7 @@ BAD_INPUTS = [  # (script, args, what the one line must say); every script, ever
     ("sample.py", ["--top_k=0"], "top_k must be None or an int"), ("sample.py", ["--top_k=1.5"], "top_k must be"),
     ("sample.py", ["--top_p=nan"], "top_p must be"), ("sample.py", ["--top_p=0"], "top_p must be"),
     ("sample.py", ["--temperature=-1"], "temperature must be"), ("sample.py", ["--score_act=stoch"], "score_act must be"),
-    ("sample.py", ["--device=cuda:3"], "device must be"), ("sample.py", ["--ckpt=missing.pt"], "ckpt must be an existing file"),
+    ("sample.py", ["--device=cuda:3"], "device must be"), ("sample.py", ["--ckpt=missing.pt"], "ckpt must be one of 'smollm2' or an existing file"),
     ("sample.py", ["--prompt=FILE:missing.txt"], "prompt must be"), ("sample.py", [f"--json={HERE}"], "json must be one of '' or a file path"),
     ("bench.py", ["--ckpt=missing.pt"], "ckpt must be one of '' or an existing file"), ("bench.py", ["--sizes=abc"], "sizes must be"),
     ("bench.py", ["--batches=0"], "batches must be"), ("bench.py", ["--sparsities=101"], "sparsities must be"),
@@ -193,11 +193,11 @@ def test_prepare_local_corpus_splits_by_document_and_caches(tmp_path):
     other = data.prepare(str(folder), str(tmp_path / "data"), vocab=50257)  # another vocabulary: its own folder
     assert other != out and np.fromfile(os.path.join(other, "val.bin"), dtype=np.uint16).max() > 1024
     assert os.path.getmtime(os.path.join(out, "train.bin")) == stamp
-    assert data.check_data(out, 1024)["tokenizer"] == "gpt2-1024"
+    assert data.check_data(out, "gpt2-1024")["tokenizer"] == "gpt2-1024"
     with pytest.raises(ValueError, match="tokenized with 'gpt2-1024'"):
-        data.check_data(out, 50257)
+        data.check_data(out, "gpt2")
     with pytest.raises(FileNotFoundError, match="no prepared data"):
-        data.check_data(str(tmp_path), 1024)
+        data.check_data(str(tmp_path), "gpt2-1024")
     (folder / "doc00.txt").write_text("Changed text.\n")
     data.prepare(str(folder), str(tmp_path / "data"), vocab=1024)  # the source changed: tokenized again
     assert json.load(open(os.path.join(out, "meta.json")))["source_sha256"] != meta["source_sha256"]

