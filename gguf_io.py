@@ -162,6 +162,30 @@ def _make_tokenizer(r, path):
                       tokens, list(types), merges, pre)
 
 
+def vocab_from_tiktoken(enc):
+    """A tiktoken byte-level BPE (data.tokenizer's GPT-2 cut, say) as GGUF's vocabulary: the tokens in id order
+    in GPT-2's printable alphabet, each merged token's merge (its bytes split by the lower ranks until two parts
+    are left, as GPT-2's merges list was made), and its special tokens as control tokens."""
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i not in enc._special_tokens.values()}
+    to_str = {b: c for c, b in _byte_decoder().items()}
+    text = lambda b: "".join(to_str[x] for x in b)
+    tokens, types, merges = [], [], []
+    special = {i: t for t, i in enc._special_tokens.items()}
+    for i in range(enc.n_vocab):
+        if i in special:
+            tokens.append(special[i]); types.append(CONTROL)
+            continue
+        b = enc.decode_single_token_bytes(i)
+        tokens.append(text(b)); types.append(1)
+        if len(b) > 1:
+            parts = [bytes([x]) for x in b]
+            while len(parts) > 2:
+                j = min(range(len(parts) - 1), key=lambda j: ranks.get(parts[j] + parts[j + 1], 1 << 62))
+                parts[j:j + 2] = [parts[j] + parts[j + 1]]
+            merges.append(f"{text(parts[0])} {text(parts[1])}")
+    return dict(tokens=tokens, types=types, merges=merges, pre="gpt-2")
+
+
 class _Tokenizer:
     """A tiktoken Encoding (every method of it works on this object) with what the GGUF file adds: the
     end-of-sequence id (eot_token, which separates documents in train.bin), bos, the chat template, and the
@@ -318,8 +342,8 @@ def as_checkpoint(path, block_size):
 
 def write(model, path, qtype="F32", enc=None, name="model"):
     """model as a llama GGUF: norms in f32, every matrix in qtype (F32, F16 or Q8_0), q and k rows permuted to
-    llama.cpp's pairs, with `enc`'s vocabulary (a tokenizer from tokenizer() / load()), or placeholder names
-    when enc is None (bench.py feeds token ids). The FFN activation and thresholds go into keys of our own:
+    llama.cpp's pairs, with `enc`'s vocabulary (a tokenizer from tokenizer() / load(), or a tiktoken GPT-2 BPE
+    such as data.tokenizer(4096)), or placeholder names when enc is None (bench.py feeds token ids). The FFN activation and thresholds go into keys of our own:
     llama.cpp's llama graph runs silu whatever they say, so it computes this model's function only for act silu
     without thresholds; load() restores both. Written to path + '.tmp', then renamed."""
     import gguf
@@ -346,14 +370,14 @@ def write(model, path, qtype="F32", enc=None, name="model"):
         w.add_token_scores([0.0] * c.vocab_size); w.add_token_types([2, 3, 3] + [1] * (c.vocab_size - 3))
         w.add_bos_token_id(1); w.add_eos_token_id(2)
     else:
-        v = enc.gguf_vocab
+        v = getattr(enc, "gguf_vocab", None) or vocab_from_tiktoken(enc)
         w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre(v["pre"])
         w.add_token_list(v["tokens"]); w.add_token_types(v["types"]); w.add_token_merges(v["merges"])
         w.add_eos_token_id(enc.eot_token)
-        if enc.bos_token is not None:
+        if getattr(enc, "bos_token", None) is not None:
             w.add_bos_token_id(enc.bos_token)
-        w.add_add_bos_token(enc.add_bos)
-        if enc.chat_template:
+        w.add_add_bos_token(getattr(enc, "add_bos", False))
+        if getattr(enc, "chat_template", None):
             w.add_chat_template(enc.chat_template)
 
     def add(gname, t):
@@ -375,3 +399,54 @@ def write(model, path, qtype="F32", enc=None, name="model"):
     add("output_norm.weight", model.norm.weight)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# the export command
+
+ckpt = "out/ckpt.pt"  # train.py's checkpoint (or a GGUF file: re-quantized)
+out = "model.gguf"
+qtype = "F16"  # F32, F16 or Q8_0
+act = "auto"  # the act written: auto = the checkpoint's inference act (relu after Swi+FT)
+
+
+def main(argv):
+    """python gguf_io.py --ckpt=out/ckpt.pt --out=model.gguf [--qtype=F16]: the checkpoint as a GGUF file with its
+    tokenizer, then read back with load() and checked: the same logits on a few hundred tokens (to the export's
+    rounding) and the same token ids."""
+    import time
+    from checkpoint import load_any
+    from configurator import configure, either, existing_file, new_file, one_of
+    from data import get_tokenizer
+    cfg = dict(ckpt=ckpt, out=out, qtype=qtype, act=act)
+    configure(cfg, argv, dict(ckpt=either(one_of(*MODELS), existing_file), out=new_file,
+                              qtype=one_of("F32", "F16", "Q8_0"), act=one_of("auto", "relu", "silu")))
+    state = load_any(cfg["ckpt"])
+    model = GPT.from_checkpoint(state).eval()
+    a = state.get("config", {}).get("eval_act", model.config.act) if cfg["act"] == "auto" else cfg["act"]
+    model.set_act("relu" if a == "stoch" else a)
+    enc = get_tokenizer(state.get("config", {}).get("tokenizer", "gpt2"), model.config.vocab_size)
+    t0 = time.time()
+    write(model, cfg["out"], cfg["qtype"], enc, name=os.path.basename(os.path.dirname(os.path.abspath(cfg["ckpt"]))))
+    size = os.path.getsize(cfg["out"])
+    back, enc2 = load(cfg["out"], block_size=model.config.block_size)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(model.config.vocab_size, (2, min(128, model.config.block_size)), generator=g)
+    with torch.no_grad():
+        want, got = model(idx, targets=idx)[0], back(idx, targets=idx)[0]
+    gap = (want - got).abs().max().item()
+    text = "ROMEO:\nBut, soft! what light through yonder window breaks? 1234 <|endoftext|>"
+    same = enc2.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
+    print(f"wrote {cfg['out']}: {size / 1e6:.1f} MB, {cfg['qtype']} matrices, act {back.config.act}, tokenizer "
+          f"{enc2.name} ({time.time() - t0:.1f} s); read back: largest logit gap {gap:.2e} on {idx.numel()} tokens, "
+          f"token ids {'the same' if same else 'DIFFERENT'}"
+          + ("" if back.config.act == "silu" else "; llama.cpp loads it but runs its llama graph with silu, "
+             "not this model's relu: decode it with sample.py or bench.py"))
+    if not same:
+        raise SystemExit("the tokenizer did not survive the export")
+    return dict(path=cfg["out"], bytes=size, logit_gap=gap)
+
+
+if __name__ == "__main__":
+    from configurator import cli
+    cli(main)

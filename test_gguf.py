@@ -31,26 +31,12 @@ TEXTS = ["Hello world! It's 2026.", "def f(x):\n    return x**2  # square\n\n\n"
          "a  5  b\n\n\n7 x", "don't I'LL we've", "e=mc^2; α+β=γ", ""]
 
 
-def bpe_pair(ranks, token):
-    """The two parts GPT-2's BPE joins into `token`: its bytes merged by the lower ranks until two are left."""
-    parts = [bytes([b]) for b in token]
-    while len(parts) > 2:
-        i = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], 1 << 30))
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    return parts
-
-
 def tiny_vocab():
     """GPT-2's first N-1 ids as GGUF's tokens and merges, then <|endoftext|> and <|im_end|> (control tokens)."""
-    enc = data.tokenizer(N)
-    ranks = {enc.decode_single_token_bytes(i): i for i in range(N - 1)}
-    to_str = {b: c for c, b in gguf_io._byte_decoder().items()}
-    s = lambda b: "".join(to_str[x] for x in b)
-    tokens = [s(enc.decode_single_token_bytes(i)) for i in range(N - 1)] + ["<|endoftext|>", "<|im_end|>"]
-    merges = [" ".join(s(p) for p in bpe_pair(ranks, enc.decode_single_token_bytes(i))) for i in range(256, N - 1)]
+    v = gguf_io.vocab_from_tiktoken(data.tokenizer(N))
+    v["tokens"].append("<|im_end|>"); v["types"].append(gguf_io.CONTROL)
     template = "{% for m in messages %}<|im_end|>{{ m['content'] }}<|endoftext|>{% endfor %}"
-    return SimpleNamespace(gguf_vocab=dict(tokens=tokens, types=[1] * (N - 1) + [3, 3], merges=merges, pre="gpt-2"),
-                           eot_token=N - 1, bos_token=None, add_bos=False, chat_template=template)
+    return SimpleNamespace(gguf_vocab=v, eot_token=N - 1, bos_token=None, add_bos=False, chat_template=template)
 
 
 def tiny_model(act="silu", **kw):
@@ -244,3 +230,17 @@ def test_smollm2_is_the_model_llama_cpp_runs(tmp_path):
     lq, lp = torch.log_softmax(theirs, -1), torch.log_softmax(ours, -1)
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.9
     assert (lq.exp() * (lq - lp)).sum(-1).mean() < 0.02
+
+
+def test_the_export_command(tmp_path, tiny_run):
+    """python gguf_io.py: train.py's checkpoint (GPT-2's BPE cut to its vocabulary) as a GGUF file with that
+    vocabulary, read back with the same logits (F32: to float precision; Q8_0: its rounding) and token ids."""
+    for q, tol in (("F32", 1e-4), ("Q8_0", 0.5)):
+        r = gguf_io.main([f"--ckpt={tiny_run['out'] / 'ckpt.pt'}", f"--out={tmp_path / f'm-{q}.gguf'}", f"--qtype={q}"])
+        assert r["logit_gap"] < tol and r["bytes"] > 0
+    back, enc = gguf_io.load(str(tmp_path / "m-F32.gguf"))
+    ref = data.tokenizer(back.config.vocab_size)
+    assert back.config.act == "relu" and all(enc.encode_ordinary(t) == ref.encode_ordinary(t) for t in TEXTS)
+    with pytest.raises(Exception, match="qtype must be"):
+        gguf_io.main([f"--ckpt={tiny_run['out'] / 'ckpt.pt'}", f"--out={tmp_path / 'x.gguf'}", "--qtype=Q4_0"])
+    assert not (tmp_path / "x.gguf").exists()
