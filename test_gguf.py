@@ -10,6 +10,7 @@ Run: python -m pytest -q test_gguf.py   (CPU only, no network; the llama.cpp and
 """
 
 import importlib.util
+import json
 import os
 from types import SimpleNamespace
 
@@ -244,3 +245,32 @@ def test_the_export_command(tmp_path, tiny_run):
     with pytest.raises(Exception, match="qtype must be"):
         gguf_io.main([f"--ckpt={tiny_run['out'] / 'ckpt.pt'}", f"--out={tmp_path / 'x.gguf'}", "--qtype=Q4_0"])
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_gguf_run_resumes_exactly(tiny_gguf, tmp_path):
+    """A run continued from a GGUF file, stopped by Ctrl-C mid-way (StochA, then RELU after the switch), resumes
+    with the same losses and evaluation as the run that was never stopped: the tokenizer and the data come back
+    from the checkpoint, not from the flags."""
+    import subprocess
+    import sys
+    from test_train import INTERRUPTED_TRAIN
+    from testutil import HERE
+    path, _ = tiny_gguf
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus)
+    common = [f"--data={corpus}", f"--data_root={tmp_path / 'data'}", "--batch_size=2", "--block_size=16",
+              "--max_iters=12", "--eval_interval=4", "--eval_iters=1", "--final_eval_iters=2", "--log_interval=1",
+              "--compile=False", "--act=stoch", "--p=0.5", "--alpha=0.5"]
+    run = lambda out, *extra, code=None: subprocess.run(
+        [sys.executable, *(["-c", code] if code else ["train.py"]), f"--out_dir={out}", *common, *extra],
+        cwd=HERE, capture_output=True, text=True, timeout=300)
+    full = run(tmp_path / "full", f"--init_from={path}")
+    assert full.returncode == 0, full.stderr
+    cut = run(tmp_path / "cut", f"--init_from={path}", code=INTERRUPTED_TRAIN.replace("STOP_AT", "7"))
+    assert cut.returncode == 0 and "stopped at iter 7;" in cut.stdout, cut.stderr
+    resumed = run(tmp_path / "cut", "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    rows = lambda d: [(r["iter"], r["act"], r["loss"]) for r in map(json.loads, open(d / "log.jsonl")) if r["kind"] == "train"]
+    assert rows(tmp_path / "cut") == rows(tmp_path / "full") and len(rows(tmp_path / "full")) == 12
+    a, b = (json.load(open(d / "summary.json")) for d in (tmp_path / "full", tmp_path / "cut"))
+    assert a["val_loss"] == b["val_loss"] and a["tokenizer"] == b["tokenizer"] == gguf_io.tokenizer(path).name
