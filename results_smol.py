@@ -4,17 +4,10 @@ registers them). Each takes `ex`, experiments.py as configured, and returns mark
 not run.
 """
 
-import json
 import math
 import os
 
-
-def _load(ex, name):
-    path = os.path.join(ex.out, name)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+from results_speed import _bench as _load  # a JSON file in ex.out, or None
 
 
 def parity_table(ex):
@@ -54,10 +47,13 @@ def cpt_table(ex):
         lines.append(f"| {r['name']} ({r['eval_act']} at inference) | {how} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | "
                      f"{r['val_bpb'] - base['val_bpb']:+.4f} | {100 * r['sparsity']:.1f}% | {100 * r['dead_fraction']:.1f}% "
                      f"| {_layers(r['sparsity_per_layer'])} |")
-    tps = [r["train_tok_per_s"] for r in q["runs"] if r.get("train_tok_per_s")]
-    if tps:
-        lines.append(f"\nTraining throughput over each whole run: {min(tps):,}-{max(tps):,} tokens/s on "
-                     f"{q['runs'][0]['threads']} threads (eager fp32; AdamW).")
+    t = _load(ex, "smol_throughput.json")
+    if t:
+        lines.append(f"\nA training step of {t['tokens_per_step']:,} tokens (eager fp32, AdamW, {t['threads']} threads), "
+                     f"measured alone by `python smollm.py throughput`: {t['tok_per_s']['silu']:.0f} tokens/s with silu, "
+                     f"{t['tok_per_s']['relu']:.0f} with relu; MFU {100 * t['mfu']['silu']:.0f}% / {100 * t['mfu']['relu']:.0f}% "
+                     f"of the {t['matmul_GFLOPs']:.0f} GFLOP/s torch's own fp32 GEMM reaches here "
+                     f"({t['flops_per_token'] / 1e9:.2f} GFLOP per token).")
     return "\n".join(lines)
 
 

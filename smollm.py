@@ -5,6 +5,7 @@ Stages, each resumable (a run or a JSON that exists is not redone), each writing
 
     python smollm.py parity      # our logits and tokenizer against llama.cpp on the same file -> results/smol_parity.json
     python smollm.py train       # the continued pre-training runs (out/smol/*), ~20 min each on 2 cores
+    python smollm.py throughput  # tokens/s and MFU of a training step, measured alone -> results/smol_throughput.json
     python smollm.py quality     # the original model, CATS at each run's sparsity, the runs -> results/smol_cpt.json
     python smollm.py decode      # the C engine against llama.cpp, dense and sparse -> results/smol_decode.json
     python smollm.py diversity   # StochA sampling against temperature and top-p -> results/smol_diversity.json
@@ -157,6 +158,46 @@ def stage_quality():
                     calibration_tokens=sum(c.numel() for c in calib), threads=torch.get_num_threads()))
 
 
+def stage_throughput():
+    """Training speed of the 135M model on this machine, measured alone: tokens/s of config/smollm2.py's steps
+    (forward, backward, AdamW; 1,024 tokens) with silu and with relu, and the model FLOPs utilization against
+    the fp32 matmul rate torch itself reaches here (a 2048^3 GEMM), since a CPU's peak is not published."""
+    path = os.path.join(RESULTS, "smol_throughput.json")
+    if os.path.exists(path):
+        return print(f"skip {path} (done)")
+    import gguf_io
+    import train
+    model, _ = gguf_io.load(gguf_io.resolve("smollm2"), block_size=EVAL.block_size)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    trn = os.path.join(data_dir(), "train.bin")
+    gen = torch.Generator().manual_seed(0)
+    rows = {}
+    for act in ("silu", "relu"):
+        model.set_act(act)
+        ts = []
+        for i in range(5):  # a warm-up, then 4 timed steps
+            x, y = train.get_batch(trn, gen, EVAL.batch_size, EVAL.block_size, "cpu")
+            t0 = time.perf_counter()
+            model(x, y)[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ts.append(time.perf_counter() - t0)
+        rows[act] = EVAL.batch_size * EVAL.block_size / float(np.median(ts[1:]))
+    a = torch.randn(2048, 2048)
+    gemm = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        a @ a
+        gemm.append(2 * 2048 ** 3 / (time.perf_counter() - t0))
+    peak = float(np.median(gemm[1:]))
+    c = model.config
+    flops = 6 * model.num_params() + 12 * c.n_layer * c.n_embd * EVAL.block_size  # per token, as train.py counts
+    save(path, dict(tokens_per_step=EVAL.batch_size * EVAL.block_size, tok_per_s=rows, matmul_GFLOPs=peak / 1e9,
+                    flops_per_token=flops, mfu={k: v * flops / peak for k, v in rows.items()},
+                    threads=torch.get_num_threads(), params=model.num_params()))
+
+
 def stage_decode():
     """bench.py on the continued Swi+FT model (RELU, its own sparsity) and on the original with CATS at the same
     sparsity: the kernels on each layer's real inputs, the C engine dense and sparse in fp32 / bf16 / int8, and
@@ -193,7 +234,7 @@ def stage_diversity():
             raise SystemExit("experiments.py diversity failed")
 
 
-STAGES = dict(parity=stage_parity, train=stage_train, quality=stage_quality, decode=stage_decode,
+STAGES = dict(parity=stage_parity, train=stage_train, throughput=stage_throughput, quality=stage_quality, decode=stage_decode,
               diversity=stage_diversity)
 
 if __name__ == "__main__":
