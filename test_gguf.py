@@ -20,6 +20,7 @@ import torch
 
 import data
 import gguf_io
+import gguf_tokenizer
 from model import GPT
 from testutil import check_close, tiny_config, write_corpus
 
@@ -35,7 +36,7 @@ TEXTS = ["Hello world! It's 2026.", "def f(x):\n    return x**2  # square\n\n\n"
 def tiny_vocab():
     """GPT-2's first N-1 ids as GGUF's tokens and merges, then <|endoftext|> and <|im_end|> (control tokens)."""
     v = gguf_io.vocab_from_tiktoken(data.tokenizer(N))
-    v["tokens"].append("<|im_end|>"); v["types"].append(gguf_io.CONTROL)
+    v["tokens"].append("<|im_end|>"); v["types"].append(gguf_tokenizer.CONTROL)
     template = "{% for m in messages %}<|im_end|>{{ m['content'] }}<|endoftext|>{% endfor %}"
     return SimpleNamespace(gguf_vocab=v, eot_token=N - 1, bos_token=None, add_bos=False, chat_template=template)
 
