@@ -9,6 +9,8 @@ import os
 
 from results_speed import _bench as _load  # a JSON file in ex.out, or None
 
+RUN_SLUGS = ("swift", "stocha", "silu")  # smollm.py's RUNS, as results/smol/<slug>/summary.json
+
 
 def parity_table(ex):
     p = _load(ex, "smol_parity.json")
@@ -41,7 +43,8 @@ def cpt_table(ex):
     for r in q["original"]:
         lines.append(f"| {r['name']} | none | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {r['val_bpb'] - base['val_bpb']:+.4f} "
                      f"| {100 * r['sparsity']:.1f}% | {100 * r['dead_fraction']:.1f}% | {_layers(r['sparsity_per_layer'])} |")
-    for r in q["runs"]:
+    runs = [_load(ex, os.path.join("smol", slug, "summary.json")) for slug in RUN_SLUGS]
+    for r in [r for r in runs if r]:
         how = (f"{r['iters']} steps, {r['tokens']:,} tokens, `{r['flags']}`; switch at {r['switch_iter']}"
                if r["alpha"] > 0 else f"{r['iters']} steps, {r['tokens']:,} tokens, `{r['flags']}`")
         lines.append(f"| {r['name']} ({r['eval_act']} at inference) | {how} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | "

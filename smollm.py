@@ -41,10 +41,22 @@ def run_dir(slug):
     return os.path.join(OUT, slug)
 
 
+def keep_run(name, slug, flags):
+    """A finished run's summary and log into results/smol/<slug>/ (committed; its checkpoint stays in out/)."""
+    import shutil
+    dest = os.path.join(RESULTS, "smol", slug)
+    os.makedirs(dest, exist_ok=True)
+    with open(os.path.join(run_dir(slug), "summary.json")) as f:
+        summary = dict(name=name, flags=flags, **json.load(f))
+    save(os.path.join(dest, "summary.json"), summary)
+    shutil.copy(os.path.join(run_dir(slug), "log.jsonl"), os.path.join(dest, "log.jsonl"))
+
+
 def stage_train():
     for name, slug, flags in RUNS:
         d = run_dir(slug)
         if os.path.exists(os.path.join(d, "summary.json")):
+            keep_run(name, slug, flags)
             print(f"skip {d} (done)")
             continue
         os.makedirs(d, exist_ok=True)
@@ -56,6 +68,7 @@ def stage_train():
             rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode
         if rc != 0:
             raise SystemExit(f"{d}: train.py exited with {rc}; see {d}/stdout.log")
+        keep_run(name, slug, flags)
 
 
 def save(path, obj):
@@ -115,8 +128,8 @@ EVAL_BATCHES = 24  # its final_eval_iters: the same 24 x 1,024 validation tokens
 
 def stage_quality():
     """The original SILU model on the runs' validation batches: as it is, with RELU swapped in untrained, and with
-    CATS thresholds (calibrated on training text) at each run's measured sparsity and at 90%; beside each run's
-    summary. The same batches, so every row is comparable."""
+    CATS thresholds (calibrated on training text) at the measured sparsity of each RELU run finished by then, and
+    at 90%. The same batches as every run's summary, so every row compares with them."""
     path = os.path.join(RESULTS, "smol_cpt.json")
     if os.path.exists(path):
         return print(f"skip {path} (done)")
@@ -131,10 +144,10 @@ def stage_quality():
     ctx = autocast(SimpleNamespace(dtype="float32"), "cpu")
     runs = []
     for name, slug, flags in RUNS:
-        f = os.path.join(run_dir(slug), "summary.json")
+        f = os.path.join(RESULTS, "smol", slug, "summary.json")
         if os.path.exists(f):
             with open(f) as fh:
-                runs.append(dict(name=name, flags=flags, **json.load(fh)))
+                runs.append(json.load(fh))
     gen = torch.Generator().manual_seed(4321)
     calib = [train.get_batch(trn, gen, 4, EVAL.block_size, "cpu")[0] for _ in range(8)]  # 32 x 256 training tokens
 
@@ -154,7 +167,7 @@ def stage_quality():
         model.set_act("silu")
         ts = model.calibrate_thresholds(calib, s)
         rows.append(row(f"original + CATS at {100 * s:.1f}%", "silu", ts))
-    save(path, dict(original=rows, runs=runs, eval_tokens=EVAL_BATCHES * EVAL.batch_size * EVAL.block_size,
+    save(path, dict(original=rows, eval_tokens=EVAL_BATCHES * EVAL.batch_size * EVAL.block_size,
                     calibration_tokens=sum(c.numel() for c in calib), threads=torch.get_num_threads()))
 
 
@@ -202,9 +215,8 @@ def stage_decode():
     """bench.py on the continued Swi+FT model (RELU, its own sparsity) and on the original with CATS at the same
     sparsity: the kernels on each layer's real inputs, the C engine dense and sparse in fp32 / bf16 / int8, and
     llama.cpp on the same weights in f32 / f16 / q8_0 and on the original Q4_1 file."""
-    cpt = os.path.join(RESULTS, "smol_cpt.json")
-    with open(cpt) as f:
-        swift = next(r for r in json.load(f)["runs"] if r["name"].startswith("CPT: Swi+FT"))
+    with open(os.path.join(RESULTS, "smol", "swift", "summary.json")) as f:
+        swift = json.load(f)
     s = 100 * swift["sparsity"]
     for name, args in (("swift", [f"--ckpt={run_dir('swift')}/ckpt.pt"]), ("cats", ["--ckpt=smollm2", f"--cats={s:.1f}"])):
         path = os.path.join(RESULTS, f"smol_decode_{name}.json")
