@@ -65,7 +65,7 @@ def _e2e(rows, impl):
 
 
 def decode_table(ex):
-    runs = [(name, _load(ex, f"smol_decode_{name}.json")) for name in ("swift", "cats")]
+    runs = [(name, _load(ex, f"smol_decode_{name}.json")) for name in ("stocha", "cats")]
     runs = [(n, b) for n, b in runs if b]
     if not runs:
         return None
@@ -78,7 +78,7 @@ def decode_table(ex):
              "| model | engine | weights | tokens/s | ms/token | MB per token | GB/s | FFN sparsity | sparse / dense (ideal) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, b in runs:
-        label = dict(swift="CPT Swi+FT (RELU)", cats="original + CATS")[name]
+        label = dict(stocha="CPT StochA + Swi+FT (RELU)", cats="original + CATS")[name]
         rows = b["rows"]
         for dt in ("float32", "bfloat16", "int8"):
             d, s = _e2e(rows, f"e2e C engine dense {dt}"), _e2e(rows, f"e2e C engine sparse {dt}")
@@ -105,7 +105,7 @@ def decode_table(ex):
 
 def parts_table(ex):
     """Where a step's time goes, part by part, for the C engine's rows of the continued model."""
-    b = _load(ex, "smol_decode_swift.json")
+    b = _load(ex, "smol_decode_stocha.json")
     if b is None:
         return None
     rows = [r for r in b["rows"] if r.get("impl", "").startswith("e2e C engine") and r.get("breakdown")]
@@ -126,7 +126,7 @@ def parts_table(ex):
 
 def diversity_table(ex):
     lines = []
-    for name, label in (("original", "SmolLM2-135M-Instruct as it is (SILU)"), ("swift", "after CPT Swi+FT (RELU)")):
+    for name, label in (("original", "SmolLM2-135M-Instruct as it is (SILU)"), ("stocha", "after CPT StochA + Swi+FT (RELU)")):
         d = _load(ex, os.path.join("smol", name, "diversity.json"))
         if d is None:
             continue

@@ -211,14 +211,16 @@ def stage_throughput():
                     threads=torch.get_num_threads(), params=model.num_params()))
 
 
+DECODED = "stocha"  # the continued model decoded and sampled: the RELU run of the best validation loss
+
+
 def stage_decode():
-    """bench.py on the continued Swi+FT model (RELU, its own sparsity) and on the original with CATS at the same
-    sparsity: the kernels on each layer's real inputs, the C engine dense and sparse in fp32 / bf16 / int8, and
+    """bench.py on the continued model (StochA + Swi+FT: RELU, its own sparsity) and on the original with CATS at
+    the same sparsity: the kernels on each layer's real inputs, the C engine dense and sparse in fp32 / bf16 / int8, and
     llama.cpp on the same weights in f32 / f16 / q8_0 and on the original Q4_1 file."""
-    with open(os.path.join(RESULTS, "smol", "swift", "summary.json")) as f:
-        swift = json.load(f)
-    s = 100 * swift["sparsity"]
-    for name, args in (("swift", [f"--ckpt={run_dir('swift')}/ckpt.pt"]), ("cats", ["--ckpt=smollm2", f"--cats={s:.1f}"])):
+    with open(os.path.join(RESULTS, "smol", DECODED, "summary.json")) as f:
+        s = 100 * json.load(f)["sparsity"]
+    for name, args in ((DECODED, [f"--ckpt={run_dir(DECODED)}/ckpt.pt"]), ("cats", ["--ckpt=smollm2", f"--cats={s:.1f}"])):
         path = os.path.join(RESULTS, f"smol_decode_{name}.json")
         if os.path.exists(path):
             print(f"skip {path} (done)")
@@ -233,8 +235,8 @@ def stage_decode():
 
 def stage_diversity():
     """experiments.py's diversity stage (StochA at temperature 0 against temperature and top-p, scored by the
-    deterministic model) on the original and on the continued Swi+FT model, 6 prompts of Shakespeare each."""
-    for name, ckpt in (("original", "smollm2"), ("swift", f"{run_dir('swift')}/ckpt.pt")):
+    deterministic model) on the original and on the continued model, 6 prompts of Shakespeare each."""
+    for name, ckpt in (("original", "smollm2"), (DECODED, f"{run_dir(DECODED)}/ckpt.pt")):
         out = os.path.join(RESULTS, "smol", name)
         if os.path.exists(os.path.join(out, "diversity.json")):
             print(f"skip {out} (done)")
