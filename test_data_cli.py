@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 
 import data
+import gguf_io
 import sample
 import train
 from configurator import ConfigError, configure
+from model import GPT, GPTConfig
 from testutil import HERE, TINY, write_corpus
 
 # -----------------------------------------------------------------------------
@@ -282,8 +284,9 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
     folder holding the scripts as a fresh clone does, each with tiny settings appended (a tiny model, a few
     steps, a small corpus for the default one, which needs the network): each must finish, and each run
     writes into its own out_dir, so that no baseline overwrites the main job's out/ that sample.py reads.
-    The rest (the venv and pip, pytest, build.py, bench.py, experiments.py, plot.py) are not run here;
-    train.py's docstring lists the same commands."""
+    The rest (the venv and pip, pytest, build.py, bench.py, experiments.py, plot.py, gguf_io.py) are not run here;
+    train.py's docstring lists the same commands. A command naming the smollm2 model runs on a tiny GGUF file the
+    test writes in its place (test_gguf.py covers the import itself), with the model's shape taken from it."""
     clone = tmp_path / "clone"
     clone.mkdir()
     for name in os.listdir(HERE):
@@ -295,11 +298,17 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
     tiny_sample = ["--num_samples=2", "--max_new_tokens=4", "--quiet=True"]
     monkeypatch.chdir(clone)
     commands = shell_commands(open(os.path.join(HERE, "README.md")).read())
+    tiny_gguf = str(tmp_path / "tiny.gguf")
+    gguf_io.write(GPT(GPTConfig(vocab_size=1024, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, act="silu")),
+                  tiny_gguf, "F32", data.tokenizer(1024))
     ran = []
     for argv in commands:
         launcher, script, args = script_of(argv)
+        gguf = any(a.endswith("=smollm2") for a in args)
+        args = [a[:-len("smollm2")] + tiny_gguf if a.endswith("=smollm2") else a for a in args]
         if script == "train.py":
-            args = args + tiny_train + ([] if any(a.startswith("--data=") for a in args) else [f"--data={corpus}"])
+            tiny = [a for a in tiny_train if not gguf or not a.startswith(("--n_", "--vocab", "--block_size"))]
+            args = args + tiny + ([] if any(a.startswith("--data=") for a in args) else [f"--data={corpus}"])
             if launcher[0] == "torchrun":
                 r = subprocess.run([sys.executable, "-m", "torch.distributed.run", *launcher[1:], script, *args],
                                    capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
