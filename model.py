@@ -256,27 +256,24 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def check_positions(self, n):
-        """n positions fit: within block_size and within the RoPE tables (built for block_size at __init__: a
-        block_size raised later does not grow them)."""
-        rows = self.rope_cos.shape[0]
-        if n > self.config.block_size or n > rows:
-            why = f"block_size={self.config.block_size}" if n > self.config.block_size else \
-                f"the RoPE tables' {rows} rows (block_size was raised after the model was built: build it anew)"
-            raise ValueError(f"{n} positions exceed {why}")
+        """n positions fit block_size and the RoPE tables (built at __init__: a block_size raised later is refused)."""
+        rows, bs = self.rope_cos.shape[0], self.config.block_size
+        if n > min(bs, rows):
+            raise ValueError(f"{n} positions exceed " + (f"block_size={bs}" if n > bs else f"the RoPE tables' {rows} "
+                             "rows (block_size was raised after the model was built: build it anew)"))
 
     def check_idx(self, idx):
-        """A (B, T) prompt of token ids, B and T >= 1, on the model's device, each id in [0, vocab_size): one
-        clear error otherwise, the same for every engine. Returns it as int64."""
-        dev = self.tok_emb.weight.device
-        if not isinstance(idx, torch.Tensor):
-            raise TypeError(f"idx must be a (B, T) tensor of token ids, got {type(idx).__name__}")
-        if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or idx.dim() != 2 or 0 in idx.shape:
-            raise TypeError(f"idx must be a (B, T) integer tensor with B, T >= 1, got {tuple(idx.shape)} {idx.dtype}")
+        """A (B, T) prompt of token ids (B, T >= 1, any integer dtype) on the model's device, each in [0, vocab_size):
+        one clear error otherwise, the same for every engine. Returns it as int64."""
+        dev, V = self.tok_emb.weight.device, self.config.vocab_size
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) \
+                or idx.dim() != 2 or 0 in idx.shape:
+            got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise TypeError(f"idx must be a (B, T) integer tensor of token ids with B, T >= 1, got {got}")
         if idx.device != dev:
             raise ValueError(f"idx is on {idx.device}, the model on {dev}")
-        lo, hi = (int(idx.min()), int(idx.max())) if dev.type != "meta" else (0, 0)  # meta: no values to check
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {lo}..{hi}")
+        if dev.type != "meta" and not 0 <= int(idx.min()) <= int(idx.max()) < V:  # meta tensors hold no values
+            raise ValueError(f"token ids must be in [0, {V}), got {int(idx.min())}..{int(idx.max())}")
         return idx.long()
 
     def num_params(self):
@@ -411,8 +408,6 @@ class GPT(nn.Module):
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         idx = self.check_idx(idx)
         B, T = idx.shape
-        if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed block_size={self.config.block_size}")
         self.check_positions(T + max_new_tokens)
         for l, block in enumerate(self.blocks):  # set_thresholds checks them; an attribute set directly is not
             check_threshold(block.ffn.threshold, f"layer {l}'s threshold")
