@@ -23,7 +23,7 @@ read bandwidth (on huge pages) measured just before it (a shared host drifts by 
 the last line says how much CPU other processes used meanwhile. The C kernel is built on first use
 (with cffi and a C compiler); the CUDA rows need `python build.py` on a machine with CUDA torch and
 nvcc. Without a kernel, bench.py times the torch gather fallback only, and says so. The end-to-end rows are in
-bench_e2e.py, llama.cpp's in bench_llama.py.
+lib/bench_e2e.py, llama.cpp's in lib/bench_llama.py.
 """
 
 import math
@@ -36,13 +36,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import bench_e2e
+from lib import bench_e2e
 import sparse_ffn
-from configurator import between, configure, either, existing_dir, existing_file, int_list, new_file, one_of, positive_int
-from data import checkpoint_data
-from checkpoint import load_any
-from gguf_io import MODELS, is_gguf
-from gguf_io import resolve as gguf_resolve
+from lib.configurator import between, configure, either, existing_dir, existing_file, int_list, new_file, one_of, positive_int
+from lib.data import checkpoint_data
+from lib.checkpoint import load_any
+from lib.gguf_io import MODELS, is_gguf
+from lib.gguf_io import resolve as gguf_resolve
 from model import GPT, GPTConfig, gated
 
 # -----------------------------------------------------------------------------
@@ -422,7 +422,7 @@ if busy0:
     print(f"\nother processes used {others:.0f}% of the {ncpu} CPUs during this run"
           + (": the machine was shared, timings are noisy" if others > 10 else ""))
 if json:
-    from configurator import strict_json
+    from lib.configurator import strict_json
     with open(json, "w") as f:
         f.write(strict_json(dict(meta, rows=rows), indent=1))
     print(f"wrote {len(rows)} rows to {json}")

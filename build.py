@@ -20,8 +20,8 @@ import sysconfig
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILD_DIR = os.path.join(HERE, "build")
 
-C_SOURCES = ("sparse_ffn.c", "sparse_ffn.h", "sparse_ffn_tuned.h", "sparse_ffn_simd.h", "sparse_ffn_x86.h",
-             "decode.c", "decode.h")  # two units, sparse_ffn.c and decode.c; the .h files are included
+C_SOURCES = ("sparse_ffn.c", "sparse_ffn.h", "kernels/sparse_ffn_tuned.h", "kernels/sparse_ffn_simd.h",
+             "kernels/sparse_ffn_x86.h", "decode.c", "decode.h")  # two units, sparse_ffn.c and decode.c; the .h files are included
 
 
 def c_api():
@@ -86,7 +86,7 @@ def build_c(verbose=False, flag_sets=None, name="_sparse_ffn_c", dest_dir=HERE):
         ffi.cdef(c_api())
         ffi.set_source(name, '#include "sparse_ffn.h"\n#include "decode.h"\n', sources=[os.path.join(HERE, f) for f in C_SOURCES
                                                                      if f.endswith(".c")],
-                       include_dirs=[HERE], extra_compile_args=cflags, extra_link_args=ldflags, libraries=["m"])
+                       include_dirs=[HERE, os.path.join(HERE, "kernels")], extra_compile_args=cflags, extra_link_args=ldflags, libraries=["m"])
         try:
             # cffi's output is the compiler's; keep it quiet unless asked, a failed try is retried
             so = _quiet(lambda: ffi.compile(tmpdir=build_dir, verbose=verbose), verbose)
@@ -141,7 +141,7 @@ def build_cuda(verbose=False):
     if cpp_extension.CUDA_HOME is None or not shutil.which(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
         return None, "nvcc not found (set CUDA_HOME)"
     from setuptools import setup
-    ext = cpp_extension.CUDAExtension("_sparse_ffn_cuda", ["sparse_ffn.cu"], depends=["sparse_ffn_kernels.cuh"],
+    ext = cpp_extension.CUDAExtension("_sparse_ffn_cuda", ["sparse_ffn.cu"], depends=["kernels/sparse_ffn_kernels.cuh"],
                                       extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
     cwd = os.getcwd()
     os.chdir(HERE)  # setuptools wants relative sources; --inplace puts the module here

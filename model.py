@@ -180,7 +180,7 @@ class Block(nn.Module):
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 4096  # GPT-2's BPE cut to 4,096 ids (data.py); padded up to a multiple of 64
+    vocab_size: int = 4096  # GPT-2's BPE cut to 4,096 ids (lib/data.py); padded up to a multiple of 64
     block_size: int = 256  # the longest context, in tokens
     n_layer: int = 8
     n_head: int = 4  # query heads

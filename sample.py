@@ -30,11 +30,11 @@ from types import SimpleNamespace
 
 import torch
 
-from configurator import (between, cli, configure, device as device_rule, either, existing_file, is_setting, new_file,
+from lib.configurator import (between, cli, configure, device as device_rule, either, existing_file, is_setting, new_file,
                           one_of, optional, positive_int, strict_json)
-from checkpoint import load_any
-from data import get_tokenizer
-from gguf_io import MODELS
+from lib.checkpoint import load_any
+from lib.data import get_tokenizer
+from lib.gguf_io import MODELS
 from model import ACTS, GPT
 
 # -----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ Python API:
                                            returned in x's dtype.
 
 Build:  python build.py     (torch.utils.cpp_extension.CUDAExtension "_sparse_ffn_cuda")
-Files:  sparse_ffn.cu (this: the design, the reference, the launcher, the API), sparse_ffn_kernels.cuh (the kernels)
+Files:  sparse_ffn.cu (this: the design, the reference, the launcher, the API), kernels/sparse_ffn_kernels.cuh (the kernels)
 Test:   python -m pytest -q test_cuda.py   (against the PyTorch FFN; skips without a GPU)
 
 Design (two kernels, no host round trip):
@@ -80,7 +80,7 @@ at::Tensor reference(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
 // ----------------------------------------------------------------------------------------------
 // kernels: phase 1 and phase 2, in their own file
 
-#include "sparse_ffn_kernels.cuh"
+#include "kernels/sparse_ffn_kernels.cuh"
 
 // ----------------------------------------------------------------------------------------------
 // launcher

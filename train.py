@@ -26,12 +26,12 @@ learning rate's cosine). What may differ on resume only says how the rest is car
 (eval_interval, eval_iters, final_eval_iters), log_interval, data_root (where the tokens are cached),
 device, dtype and compile. --init_from=<ckpt> starts a new run from another run's weights: the weights
 fix the model's shape (a different shape flag is refused), everything else is this run's own. --init_from=FILE.gguf
-(or a model name: smollm2) does the same from a llama-architecture GGUF file (gguf_io.py): its weights, and its
+(or a model name: smollm2) does the same from a llama-architecture GGUF file (lib/gguf_io.py): its weights, and its
 tokenizer, which then tokenizes the corpus (data/<corpus>/<its name>/) and goes with every checkpoint of the run
 (--tokenizer). config/smollm2.py holds the settings for SmolLM2-135M on 2 cores.
 
-main(), at the bottom, is the run step by step, the switch to RELU in its loop. checkpoint.py holds what
-a checkpoint stores and fixes; runtime.py how the run is carried out (DDP, device, compile, Ctrl-C, tok/s).
+main(), at the bottom, is the run step by step, the switch to RELU in its loop. lib/checkpoint.py holds what
+a checkpoint stores and fixes; lib/runtime.py how the run is carried out (DDP, device, compile, Ctrl-C, tok/s).
 """
 
 import math
@@ -46,14 +46,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import inference_act, load_any, load_training_state, log_row, open_out_dir, refuse_changes, save_checkpoint
-from checkpoint import read_log  # noqa: F401 (experiments.py and the tests read logs through train)
-from configurator import (ConfigError, between, cli, configure, device as device_rule, either, existing_dir, existing_file,
+from lib.checkpoint import inference_act, load_any, load_training_state, log_row, open_out_dir, refuse_changes, save_checkpoint
+from lib.checkpoint import read_log  # noqa: F401 (experiments/run.py and the tests read logs through train)
+from lib.configurator import (ConfigError, between, cli, configure, device as device_rule, either, existing_dir, existing_file,
                           is_setting, new_dir, one_of, positive_int, strict_json)
-from data import VOCAB_RULE, check_vocab, get_tokenizer, prepare, token_bytes
-from gguf_io import MODELS
+from lib.data import VOCAB_RULE, check_vocab, get_tokenizer, prepare, token_bytes
+from lib.gguf_io import MODELS
 from model import ACTS, GPT, GPTConfig, load_checkpoint
-from runtime import (Throughput, any_stop, autocast, catch_stop_signals, compile_choice, compiled_step,
+from lib.runtime import (Throughput, any_stop, autocast, catch_stop_signals, compile_choice, compiled_step,
                      deterministic_if_compiled, device_name, end_ddp, peak_flops, pick_device, setup_ddp, wrap)
 
 # -----------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def resolve_config(argv):
 
 def setup_data(C, master, ddp):
     """Tokenize the corpus once (rank 0 does, the others wait) into C.data_dir, which checkpoints keep so
-    that sample.py, bench.py and experiments.py read the same ids. Returns train.bin's and val.bin's
+    that sample.py, bench.py and experiments/run.py read the same ids. Returns train.bin's and val.bin's
     paths and every token's length in bytes (for bits per byte)."""
     data_dir = prepare(C.data, C.data_root, C.vocab, C.tokenizer) if master else None
     if ddp:
@@ -175,7 +175,7 @@ def setup_data(C, master, ddp):
     C.data_dir = data_dir
     train_path, val_path = os.path.join(data_dir, "train.bin"), os.path.join(data_dir, "val.bin")
     enc = get_tokenizer(C.tokenizer, C.vocab)
-    C.tokenizer_name = enc.name  # in every checkpoint: sample.py, bench.py and experiments.py check data by it
+    C.tokenizer_name = enc.name  # in every checkpoint: sample.py, bench.py and experiments/run.py check data by it
     tbytes = torch.from_numpy(token_bytes(enc)).to(C.device)
     for path in (train_path, val_path):
         n = os.path.getsize(path) // 2

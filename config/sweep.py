@@ -1,4 +1,4 @@
-# The results sweep (experiments.py): every run is `python train.py config/sweep.py` plus its flags.
+# The results sweep (experiments/run.py): every run is `python train.py config/sweep.py` plus its flags.
 # It is the default model (8 layers, d=192, FFN 512, vocab 4096: 4.0M parameters, 3.2M of them the
 # body), trained for 1,000 steps of 1,024 tokens = 1.02M tokens instead of the main job's 1,500, so
 # that three seeds of every recipe fit in an afternoon on 2 cores.

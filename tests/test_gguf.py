@@ -1,5 +1,5 @@
 """
-A model someone else trained (gguf_io.py): a GGUF file that the test writes itself (a tiny llama model with a
+A model someone else trained (lib/gguf_io.py): a GGUF file that the test writes itself (a tiny llama model with a
 byte-level BPE tokenizer cut from GPT-2's) is imported with its tokenizer, exported again and read back with the
 same logits; bad files are refused in one line before any work; train.py continues a GGUF model's pre-training
 (its tokenizer tokenizes the corpus and goes with the checkpoints) and sample.py decodes it. Where
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-import data
-import gguf_io
-import gguf_tokenizer
+from lib import data
+from lib import gguf_io
+from lib import gguf_tokenizer
 from model import GPT
 from testutil import check_close, tiny_config, write_corpus
 
@@ -200,7 +200,7 @@ def test_train_continues_a_gguf_model_and_sample_reads_it(tiny_gguf, tmp_path):
 # against llama.cpp, where llama-cpp-python is installed
 
 def llama_cpp_run(path, ids, texts, tmp_path):
-    from bench_llama import llama_logits
+    from lib.bench_llama import llama_logits
     return llama_logits(path, ids, texts)
 
 
@@ -235,7 +235,7 @@ def test_smollm2_is_the_model_llama_cpp_runs(tmp_path):
 
 
 def test_the_export_command(tmp_path, tiny_run):
-    """python gguf_io.py: train.py's checkpoint (GPT-2's BPE cut to its vocabulary) as a GGUF file with that
+    """python -m lib.gguf_io: train.py's checkpoint (GPT-2's BPE cut to its vocabulary) as a GGUF file with that
     vocabulary, read back with the same logits (F32: to float precision; Q8_0: its rounding) and token ids."""
     for q, tol in (("F32", 1e-4), ("Q8_0", 0.5)):
         r = gguf_io.main([f"--ckpt={tiny_run['out'] / 'ckpt.pt'}", f"--out={tmp_path / f'm-{q}.gguf'}", f"--qtype={q}"])
@@ -255,7 +255,7 @@ def test_a_gguf_run_resumes_exactly(tiny_gguf, tmp_path):
     import subprocess
     import sys
     from test_train import INTERRUPTED_TRAIN
-    from testutil import HERE
+    from testutil import ROOT
     path, _ = tiny_gguf
     corpus = tmp_path / "corpus"
     write_corpus(corpus)
@@ -264,7 +264,7 @@ def test_a_gguf_run_resumes_exactly(tiny_gguf, tmp_path):
               "--compile=False", "--act=stoch", "--p=0.5", "--alpha=0.5"]
     run = lambda out, *extra, code=None: subprocess.run(
         [sys.executable, *(["-c", code] if code else ["train.py"]), f"--out_dir={out}", *common, *extra],
-        cwd=HERE, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
     full = run(tmp_path / "full", f"--init_from={path}")
     assert full.returncode == 0, full.stderr
     cut = run(tmp_path / "cut", f"--init_from={path}", code=INTERRUPTED_TRAIN.replace("STOP_AT", "7"))

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-import attach as attach_mod
+from lib import attach as attach_mod
 import sparse_ffn
 from model import GPT, GPTConfig
 
@@ -191,7 +191,7 @@ def e2e_table(ctx, dev, model, label, prompt):
         ctx.rows.append(dict(device=dev, impl=f"e2e {name}", model=label, tokens_per_s=tps, sparsity=s, breakdown=parts))
     ours = engine_rows(ctx, model, label, prompt, n, ref) if dev == "cpu" and linear_ok else {}
     if ctx.llama and dev == "cpu":
-        from bench_llama import llama_table
+        from lib.bench_llama import llama_table
         theirs = llama_table(model, label, prompt, n, ctx.roof_now, getattr(ctx, "origin_gguf", None))
         ctx.rows.extend(theirs)
         pairs = [(f"C engine sparse {str(dt)[6:]}", ours.get(("sparse", dt)), f"llama.cpp {q}",

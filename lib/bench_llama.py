@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-import gguf_io
+from lib import gguf_io
 
 # run in a child process: llama.cpp is third-party C code, and a crash there must not end bench.py
 LLAMA_CHILD = r"""

@@ -1,9 +1,9 @@
 """
-Draws the figures of README.md and RESULTS.md from what experiments.py, train.py and bench.py wrote (results/
+Draws the figures of README.md and RESULTS.md from what experiments/run.py, train.py and bench.py wrote (results/
 by default):
 
     pip install matplotlib      # only this script needs it
-    python plot.py              # -> assets/*.png; --out=results --assets=assets
+    python -m experiments.plot     # -> experiments/assets/*.png; --out=experiments/results --assets=experiments/assets
 
 A figure whose inputs are missing is skipped with a note, so it can be run after any stage.
 """
@@ -13,13 +13,13 @@ import sys
 
 import numpy as np
 
-from configurator import cli, configure, existing_dir, existing_file, new_dir
-import results
-from results import load_json, log_rows
+from lib.configurator import cli, configure, existing_dir, existing_file, new_dir
+from experiments import results
+from experiments.results import load_json, log_rows
 
-out = "results"
-config = "config/sweep.py"  # as experiments.py's --config
-assets = "assets"
+out = "experiments/results"
+config = "config/sweep.py"  # as experiments/run.py's --config
+assets = "experiments/assets"
 TUNED = ("C tuned", "C sparse")  # bench.py's rows of the tuned C kernel (C sparse: its name in older JSON)
 
 
@@ -272,8 +272,8 @@ def main(argv):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        sys.exit("plot.py needs matplotlib (pip install matplotlib); nothing else in this project does")
-    import experiments
+        sys.exit("experiments/plot.py needs matplotlib (pip install matplotlib); nothing else in this project does")
+    from experiments import run as experiments
     experiments.out, experiments.config = out, config
     os.makedirs(assets, exist_ok=True)
     quality_figures(plt, experiments)

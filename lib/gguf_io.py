@@ -1,8 +1,8 @@
 """
 A model someone else trained, in and out: a llama-architecture GGUF file (llama.cpp's format) read into
-model.GPT with its tokenizer as a tiktoken Encoding (gguf_tokenizer.py), and a model.GPT written back as a GGUF that llama.cpp loads.
+model.GPT with its tokenizer as a tiktoken Encoding (lib/gguf_tokenizer.py), and a model.GPT written back as a GGUF that llama.cpp loads.
 
-    import gguf_io
+    from lib import gguf_io
     model, enc = gguf_io.load("SmolLM2-135M-Instruct.Q4_1.gguf")   # fp32 weights, act silu, and the tokenizer
     ids = enc.encode(text, allowed_special="all")
     gguf_io.write(model, "out.gguf", "F16", enc)                    # F32, F16 or Q8_0 matrices
@@ -24,7 +24,7 @@ import os
 import numpy as np
 import torch
 
-from gguf_tokenizer import make_tokenizer, tokenizer, vocab_from_tiktoken  # noqa: F401 (gguf_io.tokenizer)
+from lib.gguf_tokenizer import make_tokenizer, tokenizer, vocab_from_tiktoken  # noqa: F401 (gguf_io.tokenizer)
 from model import GPT, GPTConfig
 
 ACT_KEY = "stochastic_activations.act"  # our own key: the FFN activation (llama.cpp's llama graph always runs silu)
@@ -281,13 +281,13 @@ act = "auto"  # the act written: auto = the checkpoint's inference act (relu aft
 
 
 def main(argv):
-    """python gguf_io.py --ckpt=out/ckpt.pt --out=model.gguf [--qtype=F16]: the checkpoint as a GGUF file with its
+    """python -m lib.gguf_io --ckpt=out/ckpt.pt --out=model.gguf [--qtype=F16]: the checkpoint as a GGUF file with its
     tokenizer, then read back with load() and checked: the same logits on a few hundred tokens (to the export's
     rounding) and the same token ids."""
     import time
-    from checkpoint import load_any
-    from configurator import configure, either, existing_file, new_file, one_of
-    from data import get_tokenizer
+    from lib.checkpoint import load_any
+    from lib.configurator import configure, either, existing_file, new_file, one_of
+    from lib.data import get_tokenizer
     cfg = dict(ckpt=ckpt, out=out, qtype=qtype, act=act)
     configure(cfg, argv, dict(ckpt=either(one_of(*MODELS), existing_file), out=new_file,
                               qtype=one_of("F32", "F16", "Q8_0"), act=one_of("auto", "relu", "silu")))
@@ -318,5 +318,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from configurator import cli
+    from lib.configurator import cli
     cli(main)

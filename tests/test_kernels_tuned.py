@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import build
 import model as model_mod
 import sparse_ffn
-from testutil import (CPU_DTYPES, HALF, HERE, as_stored, check_close, full_only, pytest_kernel, ref_ffn, ref_thresholded,
+from testutil import (CPU_DTYPES, HALF, ROOT, as_stored, check_close, full_only, pytest_kernel, ref_ffn, ref_thresholded,
                       rounded, set_sparsity, threshold_for)
 
 
@@ -216,14 +216,15 @@ def test_c_kernel_is_built_on_first_use_and_rebuilt_when_stale(tmp_path):
     reuses it, and a newer sparse_ffn.c or header triggers a rebuild."""
     import shutil
     for f in ("sparse_ffn.py", "model.py", "build.py") + build.C_SOURCES:
-        shutil.copy(os.path.join(HERE, f), tmp_path / f)
+        (tmp_path / f).parent.mkdir(exist_ok=True)
+        shutil.copy(os.path.join(ROOT, f), tmp_path / f)
     use = lambda: subprocess.run([sys.executable, "-c", "import sparse_ffn; print(sparse_ffn.backends()['c'])"],
                                  cwd=tmp_path, capture_output=True, text=True, timeout=300)
     first = use()
     assert first.stdout.strip() == "True" and "building the C kernel once" in first.stderr, first.stderr
     again = use()
     assert again.stdout.strip() == "True" and again.stderr == ""
-    for i, f in enumerate(("sparse_ffn.c", "sparse_ffn_tuned.h")):
+    for i, f in enumerate(("sparse_ffn.c", "kernels/sparse_ffn_tuned.h")):
         later = time.time() + 5 * (i + 1)
         os.utime(tmp_path / f, (later, later))
         rebuilt = use()
@@ -237,7 +238,8 @@ def test_c_kernel_once_built_is_reused_and_a_newer_source_makes_it_stale(tmp_pat
     newer sparse_ffn.c, header or build.py makes it stale (the rebuild that follows: the test above)."""
     import shutil
     for f in ("sparse_ffn.py", "model.py", "build.py") + build.C_SOURCES:
-        shutil.copy(os.path.join(HERE, f), tmp_path / f)
+        (tmp_path / f).parent.mkdir(exist_ok=True)
+        shutil.copy(os.path.join(ROOT, f), tmp_path / f)
     so = tmp_path / os.path.basename(sparse_ffn._mods["c"].__file__)
     shutil.copy(sparse_ffn._mods["c"].__file__, so)
     r = subprocess.run([sys.executable, "-c", "import build, sparse_ffn; print(sparse_ffn.backends()['c'], build.ensure_c())"],

@@ -1,5 +1,5 @@
 """
-The training tests, on one tiny StochA + Swi+FT run (conftest.py's tiny_run) and a tiny local corpus:
+The training tests, on one tiny StochA + Swi+FT run (tests/conftest.py's tiny_run) and a tiny local corpus:
 the loss falls and the run ends sparse; Swi+FT switches to RELU; Ctrl-C checkpoints and --init_from=resume
 continues exactly (and refuses a changed run); continued pre-training from a checkpoint; torch.compile and
 its fallback to eager; a checkpoint and its tokenized data; DDP with torchrun on the CPU.
@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-import data
+from lib import data
 import sample
 import train
-from configurator import ConfigError
+from lib.configurator import ConfigError
 from model import GPT
-from testutil import HERE, TINY, full_only
+from testutil import ROOT, TINY, full_only
 
 # -----------------------------------------------------------------------------
 # training: the loss, the sparsity, the switch to RELU
@@ -100,7 +100,7 @@ def test_swift_trains_with_relu_after_the_switch(tiny_run, tmp_path, monkeypatch
 INTERRUPTED_TRAIN = """
 import signal, sys
 import train
-from configurator import cli
+from lib.configurator import cli
 get_lr = train.get_lr
 def get_lr_or_interrupt(it, C):
     if it == STOP_AT:
@@ -121,7 +121,7 @@ def test_resume_after_interrupt_gives_the_same_losses(tiny_run, tmp_path, compil
               "--eval_interval=25", "--log_interval=1", "--alpha=0.3"] + TINY + [f"--compile={compiled}"]
     run = lambda out, *extra, code=None: subprocess.run(
         [sys.executable, *(["-c", code] if code else ["train.py"]), f"--out_dir={out}", *common, *extra],
-        cwd=HERE, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
     full = run(tmp_path / "full")
     assert full.returncode == 0, full.stderr
     out = tmp_path / "cut"
@@ -234,7 +234,7 @@ def test_continued_pretraining_from_a_checkpoint(tiny_run, tmp_path):
 def tiny_losses(tiny_run, out, *extra, env=None):
     args = [f"--data={tiny_run['corpus']}", f"--data_root={tiny_run['root'] / 'data'}", f"--out_dir={out}",
             "--max_iters=12", "--eval_interval=6", "--log_interval=1", "--alpha=0.25"] + TINY + list(extra)
-    r = subprocess.run([sys.executable, "train.py", *args], cwd=HERE, capture_output=True, text=True, timeout=300,
+    r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, **(env or {})))
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
@@ -274,7 +274,7 @@ def test_checkpoint_and_data_share_one_tokenizer(tiny_run, tmp_path):
     other = data.prepare(str(tiny_run["corpus"]), str(tiny_run["root"] / "data"), vocab=2048)
     with pytest.raises(ValueError, match="tokenized with 'gpt2-2048'"):
         data.checkpoint_data(state, other)
-    r = subprocess.run([sys.executable, "bench.py", f"--ckpt={ckpt}", f"--data_dir={other}"], cwd=HERE,
+    r = subprocess.run([sys.executable, "bench.py", f"--ckpt={ckpt}", f"--data_dir={other}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "tokenized with" in r.stderr and "Traceback" not in r.stderr, r.stderr
     with pytest.raises(ConfigError, match="--vocab=2048, but the checkpoint's model has vocab 1024"):
@@ -290,7 +290,7 @@ def test_torchrun_ddp_on_cpu(tiny_run, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            f"--data={tiny_run['corpus']}", f"--data_root={tiny_run['root'] / 'data'}", f"--out_dir={tmp_path}",
            "--max_iters=20", "--eval_interval=10"] + TINY
-    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300,
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.load(open(tmp_path / "summary.json"))

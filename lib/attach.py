@@ -1,7 +1,7 @@
 """
 Switching a model onto the sparse kernels, from outside: model.py stays the plain reference.
 
-    from attach import attach, detach
+    from lib.attach import attach, detach
     attach(model)                     # every FeedForward of an eval-mode model runs sparse_ffn's kernel
     attach(model, dtype=torch.int8)   # its weights packed as int8 (per-row scales), bf16, fp16 or fp32
     attach(model, linear=True)        # the attention projections and the output layer through the C GEMV too

@@ -6,7 +6,7 @@ A training run's files in its out_dir, and the state that makes --init_from=resu
     log.jsonl  one strict JSON row per logged step or evaluation; a resume rewrites it to end where
                its checkpoint does, so that the rows after it are not there twice
 
-train.py writes them; experiments.py and plot.py read the log back.
+train.py writes them; experiments/run.py and experiments/plot.py read the log back.
 """
 
 import json
@@ -16,7 +16,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from configurator import ConfigError, strict_json
+from lib.configurator import ConfigError, strict_json
 from model import GPTConfig
 
 
@@ -37,7 +37,7 @@ RUN = ("data", "act", "p", "alpha", "eval_act", "dropout", "max_iters", "lr", "m
 def load_any(path, block_size=None):
     """A checkpoint's dict from train.py's ckpt.pt, or from a GGUF file (gguf_io.as_checkpoint: its model with
     RoPE tables for block_size positions, default its context length, and its tokenizer's path in config)."""
-    import gguf_io
+    from lib import gguf_io
     from model import load_checkpoint
     path = gguf_io.resolve(path)  # a model name such as smollm2: its installed file
     if gguf_io.is_gguf(path):

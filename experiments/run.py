@@ -1,14 +1,14 @@
 """
 The paper's claims in miniature: every training run, evaluation and timing behind RESULTS.md.
 
-    python experiments.py long quality psweep stress alpha --jobs=2   # every training run, 2 at a time (~4 h on 2 cores)
-    python experiments.py frontier health int8  # thresholds, unit health of the stress runs, int8 weights
-    python experiments.py diversity          # StochA sampling vs temperature and top-p, from one checkpoint (3 min)
-    python experiments.py speed              # bench.py --full with the checkpoint, and at the frontier's sparsities
-    python experiments.py decode             # bench.py with the checkpoint and llama.cpp: the C decode engine
-    python experiments.py results            # rewrites RESULTS.md's tables from what the stages wrote (results.py)
-    python experiments.py tables             # the same tables, printed as markdown
-    python plot.py                           # the figures (needs matplotlib), from the same files
+    python -m experiments.run long quality psweep stress alpha --jobs=2   # every training run, 2 at a time (~4 h on 2 cores)
+    python -m experiments.run frontier health int8  # thresholds, unit health of the stress runs, int8 weights
+    python -m experiments.run diversity          # StochA sampling vs temperature and top-p, from one checkpoint (3 min)
+    python -m experiments.run speed              # bench.py --full with the checkpoint, and at the frontier's sparsities
+    python -m experiments.run decode             # bench.py with the checkpoint and llama.cpp: the C decode engine
+    python -m experiments.run results            # rewrites RESULTS.md's tables from what the stages wrote (experiments/results.py)
+    python -m experiments.run tables             # the same tables, printed as markdown
+    python -m experiments.plot                           # the figures (needs matplotlib), from the same files
 
 Training stages: long (one 10M-token run), quality (the matched-compute rows, 3 seeds, then continued
 pre-training), psweep (p), stress (the dying-RELU learning-rate sweep), alpha; those named share one pool.
@@ -30,13 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from configurator import (ConfigError, cli, configure, either, existing_dir, existing_file, int_list, new_dir, new_file,
+from lib.configurator import (ConfigError, cli, configure, either, existing_dir, existing_file, int_list, new_dir, new_file,
                           one_of, positive_int, strict_json)
-import results
-from results import at_least, load_json, log_rows, pm  # noqa: F401  (the tables' helpers, and the JSON readers)
+from experiments import results
+from experiments.results import at_least, load_json, log_rows, pm  # noqa: F401  (the tables' helpers, and the JSON readers)
 
 # -----------------------------------------------------------------------------
-out = "results"  # summaries and logs are committed; checkpoints (*.pt) are not
+out = "experiments/results"  # summaries and logs are committed; checkpoints (*.pt) are not
 config = "config/sweep.py"  # every run's base; on a GPU e.g. config/gpu.py (and --out=results-gpu)
 jobs = 1
 seeds = "1337,1338,1339"  # the quality rows use all of them, the other sweeps the first two
@@ -167,7 +167,7 @@ def _eval_setup(state):
     """The checkpoint's model, its val/train paths, the eval settings and the token byte lengths."""
     from types import SimpleNamespace
 
-    from data import checkpoint_data, token_bytes, tokenizer
+    from lib.data import checkpoint_data, token_bytes, tokenizer
     from model import GPT
     model = GPT.from_checkpoint(state).eval()
     folder = checkpoint_data(state, "")
@@ -238,7 +238,7 @@ def int8():
     """Val loss and relu sparsity of each relu-sparse model as trained (fp32), with int8 FFN weights, and with
     every linear layer int8 (FFN, attention projections, output layer): per-row symmetric, as the C kernel
     stores them (attach.int8_twin). Writes out/int8.json, after every point."""
-    import attach
+    from lib import attach
     from model import load_checkpoint
     path = os.path.join(out, "int8.json")
     points = load_json(path)["points"] if os.path.exists(path) else []
@@ -294,8 +294,8 @@ def health():
 
 
 def diversity():
-    from checkpoint import load_any
-    from data import checkpoint_data
+    from lib.checkpoint import load_any
+    from lib.data import checkpoint_data
     from model import GPT
     from sample import distinct_n, mean_log_likelihood, self_bleu
     state = load_any(ckpt)
@@ -334,7 +334,7 @@ def diversity():
 
 
 # -----------------------------------------------------------------------------
-# speed: bench.py's own tables, kept as JSON for RESULTS.md and plot.py
+# speed: bench.py's own tables, kept as JSON for RESULTS.md and experiments/plot.py
 
 
 def speed():
@@ -360,11 +360,11 @@ def decode():
 
 
 # -----------------------------------------------------------------------------
-# the tables (results.py prints them from what the stages above wrote)
+# the tables (experiments/results.py prints them from what the stages above wrote)
 
 
 def configured():
-    """This module as configured (run as a script it is __main__): results.py reads its settings from it."""
+    """This module as configured (run as a script it is __main__): experiments/results.py reads its settings from it."""
     return sys.modules[__name__]
 
 
@@ -382,7 +382,7 @@ def frontier_table():
 def write_results():
     """Rewrite the marked tables of RESULTS.md (results_md) from `out`, keeping the prose around them."""
     if not os.path.isfile(results_md):
-        raise ConfigError(f"no {results_md}: its prose and table markers are written by hand (see results.py)")
+        raise ConfigError(f"no {results_md}: its prose and table markers are written by hand (see experiments/results.py)")
     with open(results_md) as f:
         text = f.read()
     new = results.fill(text, configured())
@@ -408,12 +408,12 @@ def main(argv):
     known = dict(frontier=frontier, health=health, int8=int8, diversity=diversity, speed=speed, decode=decode, tables=tables,
                  results=write_results)
     if not stages or set(stages) - set(known) - set(TRAIN_STAGES):
-        raise ConfigError(f"usage: python experiments.py {{{'|'.join([*TRAIN_STAGES, *known])}}} [--key=value ...]; got {stages}")
+        raise ConfigError(f"usage: python -m experiments.run {{{'|'.join([*TRAIN_STAGES, *known])}}} [--key=value ...]; got {stages}")
     configure(globals(), [a for a in argv if a.startswith("--")], RULES)
     SEEDS = [int(s) for s in seeds.split(",")]
     if {"diversity", "speed", "decode"} & set(stages):  # their checkpoint and its data, before any stage runs
-        from checkpoint import load_any
-        from data import checkpoint_data
+        from lib.checkpoint import load_any
+        from lib.data import checkpoint_data
         checkpoint_data(load_any(ckpt), data_dir)
     # the training stages named share one pool, in the order named (e.g. `long` first keeps a slot busy)
     groups = [g for stage in stages for g in TRAIN_STAGES.get(stage, ())]

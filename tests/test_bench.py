@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from testutil import HERE, pytest_kernel
+from testutil import ROOT, pytest_kernel
 
 
 @pytest_kernel
@@ -21,7 +21,7 @@ def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "bench.py", "--sizes=40x72,24x50", "--batches=1,3", "--sparsities=0,90",
                         "--dtypes=float32,int8", "--min_time=0.001", "--min_reps=2", "--rotate_mb=1", "--roof_mb=16",
-                        "--e2e=False", "--gather=True", f"--json={out}"], cwd=HERE, capture_output=True, text=True, timeout=300)
+                        "--e2e=False", "--gather=True", f"--json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     import json
     def no_constant(c):
@@ -50,7 +50,7 @@ def test_engine_rows(capsys, monkeypatch):
     """bench_e2e's C engine rows on a small model: dense and sparse per dtype, each with its breakdown."""
     from types import SimpleNamespace
 
-    import bench_e2e
+    from lib import bench_e2e
     from model import GPT
     from testutil import tiny_config
     monkeypatch.setattr(bench_e2e, "E2E_SECONDS", 0.05)

@@ -1,22 +1,22 @@
 """
-RESULTS.md's tables for SmolLM2-135M (smollm.py's stages), printed from their JSON in results/ (results.py
-registers them). Each takes `ex`, experiments.py as configured, and returns markdown, or None when its stage has
+RESULTS.md's tables for SmolLM2-135M (experiments/smollm.py's stages), printed from their JSON in experiments/results/ (experiments/results.py
+registers them). Each takes `ex`, experiments/run.py as configured, and returns markdown, or None when its stage has
 not run.
 """
 
 import math
 import os
 
-from results_speed import _bench as _load  # a JSON file in ex.out, or None
+from experiments.results_speed import _bench as _load  # a JSON file in ex.out, or None
 
-RUN_SLUGS = ("swift", "stocha", "silu")  # smollm.py's RUNS, as results/smol/<slug>/summary.json
+RUN_SLUGS = ("swift", "stocha", "silu")  # experiments/smollm.py's RUNS, as experiments/results/smol/<slug>/summary.json
 
 
 def parity_table(ex):
     p = _load(ex, "smol_parity.json")
     if p is None:
         return None
-    return (f"`python smollm.py parity`: {p['file']} read by gguf_io.py (dequantized to fp32, model.py) and by llama.cpp "
+    return (f"`python -m experiments.smollm parity`: {p['file']} read by lib/gguf_io.py (dequantized to fp32, model.py) and by llama.cpp "
             f"(llama-cpp-python), {p['threads']} threads.\n\n"
             "| what | ours | llama.cpp | agreement |\n|---|---|---|---|\n"
             f"| token ids of {p['texts']} texts (prose, code, digits, whitespace runs, 5 scripts, emoji, special tokens; "
@@ -53,7 +53,7 @@ def cpt_table(ex):
     t = _load(ex, "smol_throughput.json")
     if t:
         lines.append(f"\nA training step of {t['tokens_per_step']:,} tokens (eager fp32, AdamW, {t['threads']} threads), "
-                     f"measured alone by `python smollm.py throughput`: {t['tok_per_s']['silu']:.0f} tokens/s with silu, "
+                     f"measured alone by `python -m experiments.smollm throughput`: {t['tok_per_s']['silu']:.0f} tokens/s with silu, "
                      f"{t['tok_per_s']['relu']:.0f} with relu; MFU {100 * t['mfu']['silu']:.0f}% / {100 * t['mfu']['relu']:.0f}% "
                      f"of the {t['matmul_GFLOPs']:.0f} GFLOP/s torch's own fp32 GEMM reaches here "
                      f"({t['flops_per_token'] / 1e9:.2f} GFLOP per token).")
@@ -70,7 +70,7 @@ def decode_table(ex):
     if not runs:
         return None
     b0 = runs[0][1]
-    lines = [f"`python smollm.py decode` (bench.py): torch {b0['torch']}, {b0['threads']} threads, {b0['cpu']}; a 1 GiB read "
+    lines = [f"`python -m experiments.smollm decode` (bench.py): torch {b0['torch']}, {b0['threads']} threads, {b0['cpu']}; a 1 GiB read "
              f"{b0['roof_cpu']['read_GBps']:.1f} GB/s. Batch 1, greedy, a 16-token prompt of Shakespeare + 32 new tokens; "
              "tokens/s over the whole generate() call (median of >= 1 s of runs). Bytes: what one step must read (the "
              "weights of every part, the FFN's at its sparsity; the KV cache), and the GB/s that time reached. "
@@ -131,7 +131,7 @@ def diversity_table(ex):
         if d is None:
             continue
         if not lines:
-            lines = [f"`python smollm.py diversity` (experiments.py diversity): {d['n_prompts']} prompts of "
+            lines = [f"`python -m experiments.smollm diversity` (experiments/run.py diversity): {d['n_prompts']} prompts of "
                      f"{d['prompt_tokens']} tokens of Shakespeare (val), {d['num_samples']} samples of {d['new_tokens']} "
                      "tokens each; every sample scored by the deterministic model (its inference act). Higher log-likelihood "
                      "is better quality; higher distinct-n and lower self-BLEU are more diverse. Compare rows at equal "

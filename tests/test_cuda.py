@@ -17,7 +17,7 @@ import torch
 import build
 import model as model_mod
 import sparse_ffn
-from testutil import DTYPES, HERE, check_close, full_only, ref_ffn, ref_thresholded, rounded, set_sparsity, threshold_for
+from testutil import DTYPES, ROOT, check_close, full_only, ref_ffn, ref_thresholded, rounded, set_sparsity, threshold_for
 
 
 # -----------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_cuda_threshold_matches_reference(cuda_ext, gate, dtype):
 @pytest.mark.full  # ~65 s on 2 cores; on a GPU machine cuda_ext above builds it anyway
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="no nvcc")
 def test_cuda_source_compiles(tmp_path):
-    """sparse_ffn.cu (with sparse_ffn_kernels.cuh) compiles with nvcc against this (CPU) torch's headers, so an interface change
+    """sparse_ffn.cu (with kernels/sparse_ffn_kernels.cuh) compiles with nvcc against this (CPU) torch's headers, so an interface change
     that breaks it fails here even on machines without a GPU. The one header a CPU torch lacks,
     c10/cuda/impl/cuda_cmake_macros.h (generated at torch's build), is stubbed."""
     from torch.utils import cpp_extension
@@ -177,7 +177,7 @@ def test_cuda_source_compiles(tmp_path):
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     import sysconfig
-    cmd = ["nvcc", "-c", os.path.join(HERE, "sparse_ffn.cu"), "-o", str(tmp_path / "sffn.o"), "-std=c++20",
+    cmd = ["nvcc", "-c", os.path.join(ROOT, "sparse_ffn.cu"), "-o", str(tmp_path / "sffn.o"), "-std=c++20",
            f"-I{tmp_path}", *[f"-I{p}" for p in cpp_extension.include_paths()], f"-I{sysconfig.get_paths()['include']}",
            "-DTORCH_EXTENSION_NAME=_sparse_ffn_cuda", "-gencode", "arch=compute_90,code=sm_90", "-Xcompiler", "-fPIC"]
     r = subprocess.run(cmd, capture_output=True, text=True)

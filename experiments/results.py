@@ -1,13 +1,13 @@
 """
-RESULTS.md's tables, printed from what experiments.py's stages wrote into results/:
+RESULTS.md's tables, printed from what experiments/run.py's stages wrote into experiments/results/:
 
-    python experiments.py results     # rewrites every table of RESULTS.md in place, from results/
-    python experiments.py tables      # prints every table, as markdown, to stdout
+    python -m experiments.run results     # rewrites every table of RESULTS.md in place, from experiments/results/
+    python -m experiments.run tables      # prints every table, as markdown, to stdout
 
 RESULTS.md is prose written by hand around tables written by this file: each table sits between
 `<!-- table: NAME -->` and `<!-- /table -->` lines, and `fill()` replaces what is between them with
 TABLES[NAME]'s markdown, so a table cannot drift from the data it was printed from. Each table function
-takes `ex`, experiments.py as configured (its out folder, config, SEEDS and run lists), and returns
+takes `ex`, experiments/run.py as configured (its out folder, config, SEEDS and run lists), and returns
 markdown, or None when its stage has not run. The JSON readers (load_json, log_rows) live here too.
 """
 
@@ -18,8 +18,8 @@ import re
 
 import numpy as np
 
-import results_smol
-from results_speed import decode_table, e2e_table, gates_table, layers_table, plain_table, speed_table
+from experiments import results_smol
+from experiments.results_speed import decode_table, e2e_table, gates_table, layers_table, plain_table, speed_table
 from train import read_log
 
 # numbers a run can leave undefined (a diverged run's losses; self-BLEU of a single sample): written as null
@@ -264,7 +264,7 @@ def int8_table(ex):
     if not os.path.exists(path):
         return None
     pts = load_json(path)["points"]
-    lines = ["`experiments.py int8`: each relu-sparse model as trained (fp32), with int8 FFN weights, and with every "
+    lines = ["`experiments/run.py int8`: each relu-sparse model as trained (fp32), with int8 FFN weights, and with every "
              "linear layer int8 (per-row symmetric, as the C kernel stores them); RELU at inference; seeds "
              f"{seeds_text(sorted({p['seed'] for p in pts}))}; mean ± half the range; 'vs fp32' paired by seed.\n",
              "| recipe | weights | val loss, nats | bits/byte | vs fp32, nats | FFN sparsity |\n" + "|---" * 6 + "|"]
@@ -327,29 +327,30 @@ def diversity_table(ex):
 # -----------------------------------------------------------------------------
 # RESULTS.md
 
-# name -> (the heading `python experiments.py tables` prints, the table, the stage that writes its data)
+# name -> (the heading `python -m experiments.run tables` prints, the table, the stage that writes its data:
+# `python -m experiments.<stage>`)
 TABLES = {
-    "quality": ("Quality at matched compute", quality_table, "quality"),
-    "alpha": ("The switch: alpha", alpha_table, "alpha"),
-    "cpt": ("Continued pre-training", cpt_table, "quality"),
-    "p": ("Sparsity against p", p_table, "psweep"),
-    "stress": ("The dying-RELU stress test", stress_table, "stress health"),
-    "long": ("Sparsity along one long run", long_table, "long"),
-    "frontier": ("Quality against sparsity: retrain, or threshold?", frontier_table, "frontier"),
-    "int8": ("int8 weights", int8_table, "int8"),
-    "diversity": ("Diversity", diversity_table, "diversity"),
-    "speed": ("Speed: the FFN kernels", speed_table, "speed"),
-    "plain": ("Speed: the plain kernel against the tuned one", plain_table, "speed"),
-    "gates": ("Speed: the kernel at the frontier's sparsities, relu and silu gates", gates_table, "speed"),
-    "e2e": ("Speed: end to end", e2e_table, "speed"),
-    "layers": ("Speed: the checkpoint's layers", layers_table, "speed"),
-    "decode": ("Speed: decoding in C, against llama.cpp", decode_table, "decode"),
-    "smol-parity": ("SmolLM2-135M: our import against llama.cpp", results_smol.parity_table, "smollm.py parity"),
-    "smol-cpt": ("SmolLM2-135M: continued pre-training", results_smol.cpt_table, "smollm.py quality"),
-    "smol-decode": ("SmolLM2-135M: decoding in C, against llama.cpp", results_smol.decode_table, "smollm.py decode"),
-    "smol-parts": ("SmolLM2-135M: a decode step part by part", results_smol.parts_table, "smollm.py decode"),
+    "quality": ("Quality at matched compute", quality_table, "run quality"),
+    "alpha": ("The switch: alpha", alpha_table, "run alpha"),
+    "cpt": ("Continued pre-training", cpt_table, "run quality"),
+    "p": ("Sparsity against p", p_table, "run psweep"),
+    "stress": ("The dying-RELU stress test", stress_table, "run stress health"),
+    "long": ("Sparsity along one long run", long_table, "run long"),
+    "frontier": ("Quality against sparsity: retrain, or threshold?", frontier_table, "run frontier"),
+    "int8": ("int8 weights", int8_table, "run int8"),
+    "diversity": ("Diversity", diversity_table, "run diversity"),
+    "speed": ("Speed: the FFN kernels", speed_table, "run speed"),
+    "plain": ("Speed: the plain kernel against the tuned one", plain_table, "run speed"),
+    "gates": ("Speed: the kernel at the frontier's sparsities, relu and silu gates", gates_table, "run speed"),
+    "e2e": ("Speed: end to end", e2e_table, "run speed"),
+    "layers": ("Speed: the checkpoint's layers", layers_table, "run speed"),
+    "decode": ("Speed: decoding in C, against llama.cpp", decode_table, "run decode"),
+    "smol-parity": ("SmolLM2-135M: our import against llama.cpp", results_smol.parity_table, "smollm parity"),
+    "smol-cpt": ("SmolLM2-135M: continued pre-training", results_smol.cpt_table, "smollm quality"),
+    "smol-decode": ("SmolLM2-135M: decoding in C, against llama.cpp", results_smol.decode_table, "smollm decode"),
+    "smol-parts": ("SmolLM2-135M: a decode step part by part", results_smol.parts_table, "smollm decode"),
     "smol-diversity": ("SmolLM2-135M: StochA sampling against temperature and top-p", results_smol.diversity_table,
-                       "smollm.py diversity"),
+                       "smollm diversity"),
 }
 MARK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
@@ -369,9 +370,8 @@ def fill(text, ex):
     def table(m):
         name = m.group(2)
         if name not in TABLES:
-            raise ValueError(f"RESULTS.md names a table '{name}' that results.py does not print (known: {', '.join(TABLES)})")
+            raise ValueError(f"RESULTS.md names a table '{name}' that experiments/results.py does not print (known: {', '.join(TABLES)})")
         stage = TABLES[name][2]
-        how = stage if stage.endswith(".py") or " " in stage else f"experiments.py {stage}"
-        body = TABLES[name][1](ex) or f"(no data yet: run `python {how}`)"
+        body = TABLES[name][1](ex) or f"(no data yet: run `python -m experiments.{stage}`)"
         return f"{m.group(1)}{body}\n{m.group(4)}"
     return MARK.sub(table, text)

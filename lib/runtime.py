@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import rng_state, set_rng_state
+from lib.checkpoint import rng_state, set_rng_state
 
 # bf16 dense tensor-core peaks (FLOP/s) for MFU; an unknown GPU gets no MFU rather than a wrong one
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,

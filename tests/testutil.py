@@ -1,5 +1,5 @@
 """
-The helpers the test files share (their fixtures are in conftest.py): a tiny model and corpus for the
+The helpers the test files share (their fixtures are in tests/conftest.py): a tiny model and corpus for the
 model and training tests, the reference FFN and its comparisons for the kernel tests, and full_only(),
 which marks parametrize cases as part of the full grid (run with --full).
 """
@@ -13,7 +13,7 @@ import torch
 import sparse_ffn
 from model import FeedForward, GPTConfig
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 def full_only(*cases):
@@ -52,7 +52,7 @@ HALF = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32,) + HALF
 CPU_DTYPES = DTYPES + (torch.int8,)  # int8 weights: the CPU kernel only
 CPU_BACKENDS = ["c", "plain", "torch"]  # plain: the C backend's plain kernel (sffn_forward_plain)
-pytest_kernel = pytest.mark.usefixtures("c_kernel")  # conftest.py's: the C kernel built, or the test fails
+pytest_kernel = pytest.mark.usefixtures("c_kernel")  # tests/conftest.py's: the C kernel built, or the test fails
 
 
 def packed(ffn, backend, **kw):

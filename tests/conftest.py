@@ -7,14 +7,18 @@ FULL_TESTS=1) adds the tests and parametrize cases marked `full` (the large grid
 sparsities x batches, every SIMD build, builds from scratch, the subprocess sweeps, DDP, ...). CI runs --full.
 
 The fixtures shared by several files are here (a tiny training run, the built C kernel); the helpers are
-in testutil.py."""
+in tests/testutil.py."""
 import os
 import random
+import sys
 import zlib
 
 import numpy as np
 import pytest
 import torch
+
+# the tests import the project's modules (model.py, lib/, experiments/) from the repository root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TEST_SEED = int(os.environ.get("TEST_SEED", "0"))
 FULL_REASON = "part of the full grid: run with --full (or FULL_TESTS=1)"

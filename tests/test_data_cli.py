@@ -1,7 +1,7 @@
 """
-The tests of the data and the command lines: configurator.py (--key=value, config files, the rules);
+The tests of the data and the command lines: lib/configurator.py (--key=value, config files, the rules);
 every script's bad input as one clear line (the fast run takes one or two per script, --full all of
-them); the tokenizers (GPT-2's and the compact vocabularies); data.py's preparation and its refusal of
+them); the tokenizers (GPT-2's and the compact vocabularies); lib/data.py's preparation and its refusal of
 text that is not UTF-8; the README's train.py and sample.py commands, run as written.
 
 Run: python -m pytest -q test_data_cli.py   (the whole suite: python -m pytest -q; with the full grid: --full)
@@ -19,13 +19,13 @@ import sys
 import numpy as np
 import pytest
 
-import data
-import gguf_io
+from lib import data
+from lib import gguf_io
 import sample
 import train
-from configurator import ConfigError, configure
+from lib.configurator import ConfigError, configure
 from model import GPT, GPTConfig
-from testutil import HERE, TINY, write_corpus
+from testutil import ROOT, TINY, write_corpus
 
 # -----------------------------------------------------------------------------
 # configuration and command-line errors
@@ -51,7 +51,7 @@ def test_configurator(tmp_path):
 
 
 def test_config_rules():
-    from configurator import between, check_rules, either, int_list, new_dir, one_of, optional, positive_int
+    from lib.configurator import between, check_rules, either, int_list, new_dir, one_of, optional, positive_int
     ok = {between(0, 1): [0, 1, 0.5], between(0, 1, lo_open=True, hi_open=True): [0.5],
           between(1, integer=True): [1, 10**9], positive_int: [3], one_of("a", None): ["a", None],
           one_of(True, False): [True, False], optional(positive_int): [None, 2], int_list(0, 100): ["0,50,100", "7"],
@@ -69,7 +69,7 @@ def test_config_rules():
         check_rules(dict(a=-1, b=0.5), dict(a=positive_int, b=positive_int), first={"b": 0.5})
 
 
-A_FILE = os.path.join(HERE, "README.md")  # a regular file, for paths that put a folder under one
+A_FILE = os.path.join(ROOT, "README.md")  # a regular file, for paths that put a folder under one
 BAD_INPUTS = [  # (script, args, what the one line must say); every script, every class of setting
     ("train.py", ["--p=2"], "p must be a number in [0, 1]"), ("train.py", ["--p=nan"], "p must be float"),
     ("train.py", ["--bogus=1"], "unknown key 'bogus'"), ("train.py", ["--act=gelu"], "act must be one of"),
@@ -85,28 +85,28 @@ BAD_INPUTS = [  # (script, args, what the one line must say); every script, ever
     ("sample.py", ["--top_p=nan"], "top_p must be"), ("sample.py", ["--top_p=0"], "top_p must be"),
     ("sample.py", ["--temperature=-1"], "temperature must be"), ("sample.py", ["--score_act=stoch"], "score_act must be"),
     ("sample.py", ["--device=cuda:3"], "device must be"), ("sample.py", ["--ckpt=missing.pt"], "ckpt must be one of 'smollm2' or an existing file"),
-    ("sample.py", ["--prompt=FILE:missing.txt"], "prompt must be"), ("sample.py", [f"--json={HERE}"], "json must be one of '' or a file path"),
+    ("sample.py", ["--prompt=FILE:missing.txt"], "prompt must be"), ("sample.py", [f"--json={ROOT}"], "json must be one of '' or a file path"),
     ("bench.py", ["--ckpt=missing.pt"], "ckpt must be one of '', 'smollm2' or an existing file"),
     ("bench.py", ["--cats=50"], "--cats needs --ckpt"), ("train.py", ["--vocab=60000"], "for GPT-2's tokenizer"),
-    ("gguf_io.py", ["--qtype=Q4_0"], "qtype must be"), ("sample.py", ["--chat=maybe"], "chat must be"), ("bench.py", ["--sizes=abc"], "sizes must be"),
+    ("lib/gguf_io.py", ["--qtype=Q4_0"], "qtype must be"), ("sample.py", ["--chat=maybe"], "chat must be"), ("bench.py", ["--sizes=abc"], "sizes must be"),
     ("bench.py", ["--batches=0"], "batches must be"), ("bench.py", ["--sparsities=101"], "sparsities must be"),
     ("bench.py", ["--devices=cuda"], "devices must be"), ("bench.py", ["--dtypes=float64"], "dtypes must be"),
     ("bench.py", [f"--json={A_FILE}/rows.json"], "json must be"), ("bench.py", ["--min_time=0"], "min_time must be"),
     ("bench.py", ["--gate=gelu"], "gate must be"),
-    ("experiments.py", [], "usage: python experiments.py"), ("experiments.py", ["bogus"], "usage"),
-    ("experiments.py", ["tables", "--jobs=0"], "jobs must be"), ("experiments.py", ["tables", f"--out={A_FILE}/x"], "out must be"),
-    ("experiments.py", ["diversity", "--ckpt=missing.pt"], "no checkpoint at missing.pt"),
-    ("plot.py", ["--out=no/such/dir"], "out must be an existing folder"),
+    ("experiments/run.py", [], "usage: python -m experiments.run"), ("experiments/run.py", ["bogus"], "usage"),
+    ("experiments/run.py", ["tables", "--jobs=0"], "jobs must be"), ("experiments/run.py", ["tables", f"--out={A_FILE}/x"], "out must be"),
+    ("experiments/run.py", ["diversity", "--ckpt=missing.pt"], "no checkpoint at missing.pt"),
+    ("experiments/plot.py", ["--out=no/such/dir"], "out must be an existing folder"),
     ("build.py", ["--bogus"], "usage: python build.py"),
-    ("data.py", ["--vocab=5"], "vocab must be"), ("data.py", ["--data=no/such/texts"], "data must be"),
-    ("data.py", ["--foo=1"], "unknown key 'foo'"), ("data.py", [f"--data_root={A_FILE}/d"], "data_root must be"),
+    ("lib/data.py", ["--vocab=5"], "vocab must be"), ("lib/data.py", ["--data=no/such/texts"], "data must be"),
+    ("lib/data.py", ["--foo=1"], "unknown key 'foo'"), ("lib/data.py", [f"--data_root={A_FILE}/d"], "data_root must be"),
 ]
 
 
 # each is a subprocess (~1.5-2.5 s on 2 cores): the fast run takes one or two per script, --full every case
 FAST_BAD_INPUTS = {("train.py", "--p=2"), ("train.py", "--init_from=resume", "--out_dir=/nonexistent/x"),
-                   ("sample.py", "--ckpt=missing.pt"), ("bench.py", "--sizes=abc"), ("experiments.py",),
-                   ("plot.py", "--out=no/such/dir"), ("build.py", "--bogus"), ("data.py", "--vocab=5")}
+                   ("sample.py", "--ckpt=missing.pt"), ("bench.py", "--sizes=abc"), ("experiments/run.py",),
+                   ("experiments/plot.py", "--out=no/such/dir"), ("build.py", "--bogus"), ("lib/data.py", "--vocab=5")}
 
 
 @pytest.mark.parametrize("script,args,message", [
@@ -114,7 +114,8 @@ FAST_BAD_INPUTS = {("train.py", "--p=2"), ("train.py", "--init_from=resume", "--
     for s, a, m in BAD_INPUTS])
 def test_bad_input_is_one_clear_line(script, args, message):
     """Checked before any work (nothing printed before the error), one line, exit 1, no traceback."""
-    r = subprocess.run([sys.executable, script] + args, cwd=HERE, capture_output=True, text=True, timeout=120)
+    run = ["-m", script[:-3].replace("/", ".")] if "/" in script else [script]  # lib/ and experiments/ run as modules
+    r = subprocess.run([sys.executable, *run, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == "", (r.stdout, r.stderr)
 
@@ -246,7 +247,7 @@ def test_text_that_is_not_utf8_is_refused(tmp_path):
                 call()
             assert "\n" not in str(e.value)
         assert not root.exists() and not (tmp_path / "out").exists()  # nothing half-written
-    r = subprocess.run([sys.executable, "train.py", f"--data={folder}", f"--data_root={root}"], cwd=HERE,
+    r = subprocess.run([sys.executable, "train.py", f"--data={folder}", f"--data_root={root}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, (r.stdout, r.stderr)
     assert f"error: {elf}: not UTF-8 text" in r.stderr and not root.exists()
@@ -286,20 +287,20 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
     folder holding the scripts as a fresh clone does, each with tiny settings appended (a tiny model, a few
     steps, a small corpus for the default one, which needs the network): each must finish, and each run
     writes into its own out_dir, so that no baseline overwrites the main job's out/ that sample.py reads.
-    The rest (the venv and pip, pytest, build.py, bench.py, experiments.py, plot.py, gguf_io.py) are not run here;
+    The rest (the venv and pip, pytest, build.py, bench.py, experiments/run.py, experiments/plot.py, lib/gguf_io.py) are not run here;
     train.py's docstring lists the same commands. A command naming the smollm2 model runs on a tiny GGUF file the
     test writes in its place (test_gguf.py covers the import itself), with the model's shape taken from it."""
     clone = tmp_path / "clone"
     clone.mkdir()
-    for name in os.listdir(HERE):
-        if name.endswith(".py") or name == "config":
-            os.symlink(os.path.join(HERE, name), clone / name)
+    for name in os.listdir(ROOT):
+        if name.endswith(".py") or name in ("config", "lib"):
+            os.symlink(os.path.join(ROOT, name), clone / name)
     corpus = write_corpus(tmp_path / "texts", n_docs=12)
     write_corpus(clone / "my_texts", n_docs=12, seed=1)  # the README's stand-in for your own texts
     tiny_train = TINY + ["--max_iters=4", "--eval_interval=4", "--log_interval=2", "--final_eval_iters=1"]
     tiny_sample = ["--num_samples=2", "--max_new_tokens=4", "--quiet=True"]
     monkeypatch.chdir(clone)
-    commands = shell_commands(open(os.path.join(HERE, "README.md")).read())
+    commands = shell_commands(open(os.path.join(ROOT, "README.md")).read())
     tiny_gguf = str(tmp_path / "tiny.gguf")
     gguf_io.write(GPT(GPTConfig(vocab_size=1024, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, act="silu")),
                   tiny_gguf, "F32", data.tokenizer(1024))
