@@ -382,7 +382,6 @@ def ckpt_table(dev):
 
 # -----------------------------------------------------------------------------
 
-here = sys.modules[__name__]  # this script's settings and timers, for bench_e2e
 busy0, t_self0 = cpu_busy(), time.process_time()
 meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=cpu_name(), argv=sys.argv[1:])
 print(f"bench.py: torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu_name()} "
@@ -405,14 +404,16 @@ for dev in device_list:
           "ideal = dense bytes / these bytes (the speedup at equal GB/s).\nRows whose weights fit in cache (small d, h) "
           "can beat the roof.")
     kernel_table(dev)
+    ctx = bench_e2e.Settings(e2e_tokens, dev_dtypes, full, compiled, llama, origin_gguf if ckpt else None, bench, sync,
+                             roof_now, rows)
     if ckpt:
         e2e_model = ckpt_table(dev)
         if e2e:
             val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
-            bench_e2e.e2e_table(here, dev, e2e_model, f"checkpoint {ckpt}", torch.from_numpy(val[:16].astype(np.int64))[None].to(dev))
+            bench_e2e.e2e_table(ctx, dev, e2e_model, f"checkpoint {ckpt}", torch.from_numpy(val[:16].astype(np.int64))[None].to(dev))
     if e2e and synthetic:
         prompt = torch.randint(512, (1, 16), device=dev)
-        bench_e2e.e2e_table(here, dev, bench_e2e.sparse_model(dev, prompt, e2e_tokens), "random d=2048 h=8192, 2 layers, "
+        bench_e2e.e2e_table(ctx, dev, bench_e2e.sparse_model(dev, prompt, e2e_tokens), "random d=2048 h=8192, 2 layers, "
                             "vocab 512, W1 biased to ~90% sparsity", prompt)
 if busy0:
     busy1, ncpu = cpu_busy(), os.cpu_count()

@@ -55,7 +55,8 @@ def gated(u, gate, t=0.0):
     return a if t == 0 and gate == "relu" else torch.where(a.abs() <= t, 0.0, a)
 
 
-def activation(x, act, p=0.0, generator=None):
+def act_fn(x, act, p=0.0, generator=None):
+    """act(x) for act = "silu", "relu" or "stoch" (StochA with probability p)."""
     if act == "stoch":
         return stoch_act(x, p, generator)  # which checks p
     check_act(act, p)  # a bad p is refused whatever the act
@@ -131,8 +132,8 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     """The gated FFN w2(act(w1 x) * w3 x), act in {silu, relu, stoch}: the method's one line of math, and
-    the plain PyTorch reference that the C and CUDA kernels are tested against. attach.attach() switches
-    a model onto the sparse kernels from outside (self.kernel and its own forward)."""
+    the plain PyTorch reference that the C and CUDA kernels are tested against. lib/attach.py switches
+    a model onto the sparse kernels from outside (it packs the weights and gives the module its own forward)."""
 
     def __init__(self, config):
         super().__init__()
@@ -143,17 +144,16 @@ class FeedForward(nn.Module):
         self.act, self.p = config.act, config.p
         self.generator = None  # torch.Generator for StochA's draws; None = the global RNG
         self.threshold = 0.0  # t: units with |act(W1 x)| <= t count as zero (GPT.calibrate_thresholds)
-        self.kernel = None  # the packed sparse FFN, set by attach.attach()
         self.stats = None  # a dict while GPT.ffn_stats() counts zeros
 
     def forward(self, x):
-        return F.dropout(self.w2(self.activate(self.w1(x)) * self.w3(x)), self.dropout, self.training)
+        return F.dropout(self.w2(self.act_fn(self.w1(x)) * self.w3(x)), self.dropout, self.training)
 
-    def activate(self, u):
-        """act(u); with a threshold t > 0, units with |act(u)| <= t are zero (act relu or silu)."""
+    def act_fn(self, u):
+        """This layer's act(u); with a threshold t > 0, units with |act(u)| <= t are zero (act relu or silu)."""
         if self.threshold and self.act not in ("relu", "silu"):
             raise ValueError(f"a threshold needs act relu or silu, not {self.act!r}")
-        a = gated(u, self.act, self.threshold) if self.threshold else activation(u, self.act, self.p, self.generator)
+        a = gated(u, self.act, self.threshold) if self.threshold else act_fn(u, self.act, self.p, self.generator)
         if self.stats is not None:  # GPT.ffn_stats() is counting
             zero = (a == 0).reshape(-1, a.shape[-1])
             self.stats["zeros"] += zero.sum().item()

@@ -9,7 +9,7 @@ plain relu) or silu (CATS-style thresholding of a SILU model, Lee et al. 2024); 
     y = ffn(x)                                         # x: (B, d) fp32 on CPU, or the weight dtype on CUDA
     y = ffn(x, gate="silu", t=0.05)                    # CATS: units with |silu(W1 x)| <= 0.05 are skipped
     plain = sparse_ffn.SparseFFN(ffn_module, variant="plain")  # the plain C kernel, beside the tuned one
-    sparse_ffn.attach(model)                           # every FFN of an eval-mode model uses its kernel
+    from lib.attach import attach; attach(model)       # every FFN of an eval-mode model through its kernel
     sparse_ffn.backends()                              # {"c": True or why not, "cuda": ..., "torch": True}
 
 Backends: the C kernel (_sparse_ffn_c: sparse_ffn.c, its plain and tuned kernels) on CPU, built with cffi on

@@ -66,7 +66,7 @@ def attach(model, enable=True, dtype=None, backend=None, linear=False, variant="
                 m.kernel = SparseFFN(m, dtype=dtype, backend=backend, variant=variant)
                 m.forward = types.MethodType(_ffn_forward, m)  # a bound method: deepcopy rebinds it to the copy
             else:
-                m.kernel = None
+                m.__dict__.pop("kernel", None)
                 m.__dict__.pop("forward", None)
             n += 1
     heads = [l for a in model.modules() if isinstance(a, Attention) for l in (a.wq, a.wk, a.wv, a.wo)]

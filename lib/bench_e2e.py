@@ -1,10 +1,12 @@
 """
 bench.py's end-to-end rows: decoding tokens/s through model.generate, dense and with the sparse kernels attached,
 each step timed part by part against the bytes it must read; and the random d=2048 model they run on. `ctx` is
-bench.py itself (its settings, its timers and the rows it writes).
+a Settings: what bench.py hands over (its settings, its timers and the list its rows go to).
 """
 
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -14,6 +16,18 @@ import sparse_ffn
 from model import GPT, GPTConfig
 
 
+@dataclass
+class Settings:
+    tokens: int  # new tokens per generate() call
+    dev_dtypes: Callable  # dev -> the weight dtypes to time there
+    full: bool  # every dtype and +linear row, not only the first dtype
+    compiled: bool  # also model.generate(compile=True)
+    llama: bool  # also llama.cpp on the same weights
+    origin_gguf: Optional[str]  # the GGUF file the checkpoint came from, timed by llama.cpp as it is
+    bench: Callable  # bench.py's timer: median seconds of a list of calls on dev
+    sync: Callable  # dev -> None, waits for the device
+    roof_now: Callable  # dev -> the read GB/s measured now
+    rows: list  # where the rows go (bench.py writes them to its --json)
 
 
 def sparse_model(dev, prompt, n_new, d=2048, h=8192, n_layer=2, target=0.9):
@@ -150,7 +164,7 @@ def engine_rows(ctx, model, label, prompt, n, ref):
 
 
 def e2e_table(ctx, dev, model, label, prompt):
-    n = min(ctx.e2e_tokens, model.config.block_size - prompt.shape[1])
+    n = min(ctx.tokens, model.config.block_size - prompt.shape[1])
     with torch.no_grad(), model.ffn_stats() as stats:
         model(model.generate(prompt, n, temperature=0.0))
     s = 100 * sum(st["sparsity"] for st in stats) / len(stats)
@@ -192,7 +206,7 @@ def e2e_table(ctx, dev, model, label, prompt):
     ours = engine_rows(ctx, model, label, prompt, n, ref) if dev == "cpu" and linear_ok else {}
     if ctx.llama and dev == "cpu":
         from lib.bench_llama import llama_table
-        theirs = llama_table(model, label, prompt, n, ctx.roof_now, getattr(ctx, "origin_gguf", None))
+        theirs = llama_table(model, label, prompt, n, ctx.roof_now, ctx.origin_gguf)
         ctx.rows.extend(theirs)
         pairs = [(f"C engine sparse {str(dt)[6:]}", ours.get(("sparse", dt)), f"llama.cpp {q}",
                   next((r for r in theirs if r["impl"] == f"e2e llama.cpp {q}" and "tokens_per_s" in r), None))
