@@ -20,8 +20,8 @@ import sysconfig
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILD_DIR = os.path.join(HERE, "build")
 
-C_SOURCES = ("sparse_ffn.c", "sparse_ffn.h", "kernels/sparse_ffn_tuned.h", "kernels/sparse_ffn_simd.h",
-             "kernels/sparse_ffn_x86.h", "decode.c", "decode.h")  # two units, sparse_ffn.c and decode.c; the .h files are included
+C_SOURCES = ("sparse_ffn.c", "sparse_ffn.h", "kernels/sparse_ffn_tuned.c", "kernels/sparse_ffn_simd.h",
+             "kernels/sparse_ffn_x86.h", "decode.c", "decode.h")  # three units, the .c files; the .h files are included
 
 
 def c_api():

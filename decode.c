@@ -8,8 +8,9 @@ decode.c: the decode step of model.GPT in C, one call per step: the whole forwar
     logits = Wemb n(x)                                                               tied output layer
 
 It computes what model.py's GPT.forward(idx, start_pos=pos) computes, in fp32 (weights fp32, fp16, bf16 or
-int8 with per-row scales, as attach() packs them). The matrix-vector products are sparse_ffn.c's kernels:
-sffn_gemv (dense) and sffn_forward (the sparse FFN, which reads W3 and W2 only for the active units). What
+int8 with per-row scales, as attach() packs them). The matrix-vector products are the tuned kernels of
+kernels/sparse_ffn_tuned.c (declared in sparse_ffn.h): sffn_gemv (dense) and sffn_forward (the sparse FFN,
+which reads W3 and W2 only for the active units; sffn_forward_plain of sparse_ffn.c with plain_ffn). What
 this file adds is the step around them, written plainly: a step is a few hundred small loops around ~25
 kernel calls, and in Python each loop was a dispatched op; in C they cost next to nothing.
 

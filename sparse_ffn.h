@@ -1,10 +1,13 @@
 /*
-sparse_ffn.h: what sparse_ffn.c and decode.c share: the weight dtypes, the gate g_t, and the kernels' API
-(build.py hands the API block to cffi).
+sparse_ffn.h: what the plain kernel (sparse_ffn.c), the tuned kernel (kernels/sparse_ffn_tuned.c) and decode.c
+share: the weight dtypes, loading one weight as fp32, the gate g_t, the arguments the kernels refuse, and
+the kernels' API (build.py hands the API block to cffi).
 */
 #ifndef SPARSE_FFN_H
 #define SPARSE_FFN_H
 #include <stddef.h>
+#include <stdint.h>
+#include <string.h>
 #include <math.h>
 
 #define SFFN_MAX_B 16  // rows per call; sparse_ffn.py and decode.c split larger batches
@@ -21,6 +24,37 @@ INLINE float gate_value(float u, int gate) {
     return u / (1.0f + expf(-u));
 }
 INLINE int is_on(float v, float t) { return !(fabsf(v) <= t); }  // nan is active: it must propagate
+
+static inline float f16_to_f32(uint16_t v) {  // portable IEEE half -> float, subnormals, inf and nan too
+    uint32_t s = (uint32_t)(v & 0x8000) << 16, e = (v >> 10) & 0x1f, m = v & 0x3ff, f;
+    if (e == 0x1f) f = s | 0x7f800000u | (m << 13);
+    else if (e) f = s | ((e + 112) << 23) | (m << 13);
+    else if (m) {  // subnormal: shift the mantissa up until it is normal
+        e = 113;
+        while (!(m & 0x400)) { m <<= 1; e--; }
+        f = s | (e << 23) | ((m & 0x3ff) << 13);
+    } else f = s;
+    float r; memcpy(&r, &f, 4); return r;
+}
+
+// weight i of a row of dtype dt, as fp32 (int8: unscaled; its row's scale is applied to the sums)
+INLINE float ld1(const void* w, size_t i, int dt) {
+    if (dt == F32) return ((const float*)w)[i];
+    if (dt == I8) return (float)((const int8_t*)w)[i];
+    uint16_t v = ((const uint16_t*)w)[i];
+#ifdef __FLT16_MAX__
+    if (dt == F16) return (float)((const _Float16*)w)[i];  // exact, and vectorized (F16C on x86)
+#else
+    if (dt == F16) return f16_to_f32(v);
+#endif
+    uint32_t f = (uint32_t)v << 16; float r; memcpy(&r, &f, 4); return r;  // bf16: top half of fp32
+}
+
+// the arguments both kernels refuse (sparse_ffn.py checks them first, with messages)
+static inline int bad_args(int B, int d, int h, int nthreads, int dtype, const float* scales, int gate, float t) {
+    return B < 1 || B > SFFN_MAX_B || d < 1 || h < 1 || nthreads < 1 || dtype < F32 || dtype > I8
+        || (dtype == I8) != (scales != NULL) || (gate != RELU && gate != SILU) || !(t >= 0.0f) || isinf(t);
+}
 
 // API begin (build.py gives cffi these lines)
 int sffn_max_batch(void);

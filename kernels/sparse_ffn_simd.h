@@ -1,13 +1,26 @@
 /*
 sparse_ffn_simd.h: the tuned kernel's vectors and micro-kernels (dot products of a few weight rows against
-a few x rows, axpys), AVX-512 or AVX2+FMA+F16C where the compiler targets them, portable loops otherwise.
-Included by sparse_ffn_tuned.h.
+a few x rows, axpys), AVX-512 or AVX2+FMA+F16C where the compiler targets them, portable loops otherwise;
+SFFN_AVX2 and VW say which. All static inline: included by kernels/sparse_ffn_tuned.c (and by
+sparse_ffn_x86.h, whose paths use max_abs and prefetch_lines).
 */
+#ifndef SPARSE_FFN_SIMD_H
+#define SPARSE_FFN_SIMD_H
+#include <stddef.h>
+#include <math.h>
+#include "sparse_ffn.h"  // INLINE, the dtypes, ES, ld1, SFFN_MAX_B
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define SFFN_AVX2 1
 #else
 #define SFFN_AVX2 0
+#endif
+
+#ifndef PF_HINT
+// the software prefetches' target: L2, not L1 (T0), whose few KB the rows prefetched ahead would take
+// from x, y and the rows being read
+#define PF_HINT _MM_HINT_T1
 #endif
 
 #if SFFN_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__)
@@ -66,10 +79,8 @@ INLINE void prefetch_lines(const char* pf, size_t i, int es, const int NR) {
 }
 
 // x vector v stays in a register: otherwise gcc folds its load into each of the 4 FMAs that use it,
-// and a 4 x 4 block issues 17 loads per 16 FMAs instead of 8. Used by the batched dot (B > 4), fp32.
-// Measured on a 2-core AMD EPYC (Zen 4): its W1 pass at batch 16 in cache 0.91 -> 0.69 ms (63% -> 85%
-// of the FMA peak); d=2048 batch 16 at 50% 6.9 -> 6.1 ms, batch 8 5.4 -> 5.2. Batches of 4 and 16-bit
-// weights (whose conversions bind first) gain nothing
+// and a 4 x 4 block issues 17 loads per 16 FMAs instead of 8. Used by the batched dot (B > 4), fp32
+// only: with 16-bit and int8 weights the conversions bind before the loads do
 #define IN_REG(v) __asm__("" : "+v"(v))
 
 // ----------------------------------------------------------------------------
@@ -161,13 +172,6 @@ INLINE void axpy_k(const void* w, const float* g, float* const* y, int d, int dt
     case 9: K(2, 1); break; case 10: K(2, 2); break; case 11: K(2, 3); break; case 12: K(2, 4); break; \
     case 13: K(3, 1); break; case 14: K(3, 2); break; case 15: K(3, 3); break; case 16: K(3, 4); break; \
     case 17: K(4, 1); break; case 18: K(4, 2); break; case 19: K(4, 3); break; case 20: K(4, 4); break; }
-// W1 rows per step of the W1 pass and of the GEMV: each x vector loaded serves NRW rows. 4 rows x 4
-// inputs = 16 accumulators, which AVX-512's 32 registers hold and AVX2's 16 do not. Measured on a
-// 2-core AVX-512 Xeon: 4 rows make fp32 batches of 4 15-20% faster; 16-bit and int8 weights, whose
-// loads convert, gain nothing or lose, so they keep 2
-#ifndef NRW
-#define NRW(dt) (VW == 16 && ((dt) == F32 || ((dt) == I8 && SFFN_VNNI)) ? 4 : 2)  // VNNI int8: 4 (below)
-#endif
 
 INLINE void dot(const void* const* w, int nr, const float* const* x, int nb, int d, int dt,
                 const char* pf, float* out) {
@@ -232,9 +236,8 @@ INLINE void axpy_block(const void* const* w, int nr, const float* g, float* cons
 
 #if SFFN_AVX2
 // the batched dot's blocks, rows x inputs of accumulators: with AVX-512's 32 registers 4 x 4 (4 weight
-// and 4 x loads per 16 FMAs) over 512-element slices; AVX2's 16 hold 2 x 4. Measured on the 2-core
-// Xeon, in L2, batch 16: fp32 in 2 x 8 blocks reached 3.5 G FMA/s per core of its 7.3, in 4 x 4 5.3;
-// from memory, with the prefetch below, d=2048 batch 16 at 90%: fp32 4.26 -> 3.61 ms, int8 3.01 -> 2.47
+// and 4 x loads per 16 FMAs, where 2 x 8 needs 10) over 512-element slices; AVX2's 16 hold 2 x 4. The
+// prefetch below keeps the next rows coming from memory while the FMAs run
 // acc[r * SFFN_MAX_B + b] += w[r] . x[b] over elements [i0, i1), a multiple of VW long, prefetching
 // the npf lines from pf spread evenly over the steps
 INLINE void dot_acc_k(const void* const* w, const float* const* x, int i0, int i1, int dt,
@@ -276,7 +279,7 @@ INLINE void dot_blocks(const void* const* w, int nr, const float* const* x, int 
         for (int i0 = 0; i0 < dv; i0 += IB) {
             const int i1 = i0 + IB < dv ? i0 + IB : dv;
             // the nr2 rows at pf (adjacent) are prefetched in step with this slice, spread over the input
-            // blocks rather than all in the first (fp32 W1 pass at batch 16, d=2048: 3.3 -> 3.0 ms)
+            // blocks rather than all in the first, so that the memory is kept busy through the whole slice
             const size_t rb = (size_t)nr2 * ES(dt);
             const char* p = pf ? pf + (size_t)r0 * d * ES(dt) + rb * i0 : NULL;
             const int lines = p ? (int)((rb * (i1 - i0) + 63) / 64) : 0, ng = (nb + BI - 1) / BI;
@@ -336,3 +339,4 @@ INLINE float max_abs(const float* x, int d) {
     }
     return m;
 }
+#endif

@@ -1,8 +1,18 @@
 /*
 sparse_ffn_x86.h: paths for one CPU family (x86 with AVX-512 VNNI, and with AMX), each exact as fp32 x is
 and tested like the rest; elsewhere they compile to nothing and the micro-kernels of sparse_ffn_simd.h run.
-Included by sparse_ffn_tuned.h.
+SFFN_VNNI, SFFN_AMX and SFFN_AMX_I8 say which were built. Included by kernels/sparse_ffn_tuned.c only: its
+static functions (quantize_x, amx_granted, ...) are that unit's.
 */
+#ifndef SPARSE_FFN_X86_H
+#define SPARSE_FFN_X86_H
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include "sparse_ffn.h"  // INLINE, the dtypes, SFFN_MAX_B
+#include "sparse_ffn_simd.h"  // SFFN_AVX2, VW, PF_HINT, max_abs, prefetch_lines
+
 // batch 1, int8 weights: x as a 24-bit integer, AVX-512 VNNI (vpdpbusd: 64 u8 x s8 products a step)
 //
 // Widening int8 weights to fp32 costs two conversions per 16 weights. With VNNI the weights stay
@@ -11,8 +21,8 @@ Included by sparse_ffn_tuned.h.
 // vpdpbusd wants one operand unsigned: w + 128 (a xor), whose extra 128 * sum(part) is subtracted at
 // the end. x is then as exact as fp32 holds it (2^-24 of its largest |x|), so results match the fp32
 // path to fp32's own rounding. x with nan or inf takes the fp32 path (nan must propagate). Batch 1
-// only: 3 integer dots per batch row on the one VNNI port lose to fp32 FMAs on two ports from B = 4
-// (B = 2 ties), measured on the 2-core Xeon; at B = 1 it is 5-10% faster.
+// only: each batch row costs 3 integer dots, all on the one port that runs vpdpbusd, where fp32 FMAs
+// have two ports and convert each weight once for all the rows.
 #if SFFN_AVX2 && VW == 16 && defined(__AVX512VNNI__)
 #define SFFN_VNNI 1
 #define QMAX 8355711  // 127 * (65536 + 256 + 1): the largest q whose three balanced bytes are <= 127
@@ -101,14 +111,12 @@ static size_t q_floats(int d) { (void)d; return 0; }
 #include <unistd.h>
 #define SFFN_AMX 1
 #ifndef AMX_MIN_B
-#define AMX_MIN_B 8  // measured on the 2-core Xeon: AMX loses at B = 4, ties at 8, wins from 12
+#define AMX_MIN_B 8  // a tile multiply does 16 batch rows' work (3 times: x in 3 parts) whatever B is
 #endif
 #ifndef AMX_PF_MAX
 // the W1 pass prefetches the next block of rows (16 per tile) as it reads one, where a block is at most
-// this many bytes; further ahead the prefetches only crowd the hardware prefetcher's. Measured on the
-// 2-core Xeon, bf16 batch 16 at 90% (blocks of 48 rows), prefetching against not: d=1024 (96 KB) 0.58
-// against 0.64 ms, d=1536 (144 KB) 1.17 against 1.09, d=2048 2.18 against 1.79, d=4096 5.5 against 3.8;
-// int8 d=2048 (16 rows, 32 KB), W1 pass alone: 0.79 against 0.90
+// this many bytes; further ahead the prefetches only crowd the hardware prefetcher's, which follows
+// the rows of a large block on its own
 #define AMX_PF_MAX (128 << 10)
 #endif
 typedef struct { uint8_t palette, start_row, rsv[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileCfg;
@@ -124,8 +132,8 @@ static size_t amx_floats(int d) { return (size_t)d * 24 + 16; }
 // x (B finite rows, d % 32 == 0) -> xt: for each 32-element block kb and part p, one 16 x 64-byte tile
 // whose row r holds, for each batch row b, that part of x[b][32 kb + 2r] and x[b][32 kb + 2r + 1].
 // Returns 0 (use the AVX-512 path) where x has nan or inf.
-// Vectorized, bf16 rounded to nearest even in every lane: at batch 16, d=2048 a scalar loop took ~90 us, with
-// the other thread waiting (the W1 pass is ~1.2 ms)
+// Vectorized, bf16 rounded to nearest even in every lane: it runs on one thread before the parallel region,
+// the others waiting, on every call
 INLINE __m512i bf16_rne_v(__m512 v) {  // 16 lanes of bf16 bits, one in each 32-bit lane
     const __m512i b = _mm512_castps_si512(v);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
@@ -207,7 +215,7 @@ INLINE void amx_block(const char* w, size_t rowb, int nkb, const uint16_t* xt, f
 #if SFFN_VNNI && defined(__AMX_INT8__)
 #define SFFN_AMX_I8 1
 #ifndef AMX_MIN_B_I8
-#define AMX_MIN_B_I8 5  // measured on the 2-core Xeon, d=2048 at 90%: ties at 4, from 5 1.03 -> 0.78 ms, 16 2.38 -> 0.89
+#define AMX_MIN_B_I8 5  // fewer rows than bf16's: the vector path it replaces widens every int8 weight to fp32
 #endif
 // x (B finite rows, d % 64 == 0) -> for each 64-element block kb and part p, one 16 x 64-byte tile whose
 // row r holds, for each batch row b, that part of x[b][64 kb + 4r .. 64 kb + 4r + 3]; s[b]: the scale of
@@ -277,4 +285,5 @@ INLINE void amx_block_i8(const char* w, size_t rowb, int nkb, const int8_t* xt, 
 #define SFFN_AMX 0
 #define SFFN_AMX_I8 0
 static size_t amx_floats(int d) { (void)d; return 0; }
+#endif
 #endif

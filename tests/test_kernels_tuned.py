@@ -2,7 +2,8 @@
 The tuned C kernel's own paths, each against the reference: int8 weights with x at every scale (the VNNI /
 AMX-INT8 input path where built), batches whose units fire on few or most rows (pass 2 row by row, unit by
 unit, blocked), the W1 pass on AMX tiles; the same source built for every SIMD path (AVX-512 without VNNI /
-AMX, AVX2, portable: --full, a build each); the build on first use and the rebuild when stale.
+AMX, AVX2, portable: --full, a build each); the build on first use and the rebuild when stale; each C header
+compiling on its own.
 
 Run: python -m pytest -q test_kernels_tuned.py   (the whole suite: python -m pytest -q; with the full grid: --full)
 CPU only, no network. Behaviour only: no timing is asserted anywhere; bench.py prints the numbers.
@@ -224,7 +225,7 @@ def test_c_kernel_is_built_on_first_use_and_rebuilt_when_stale(tmp_path):
     assert first.stdout.strip() == "True" and "building the C kernel once" in first.stderr, first.stderr
     again = use()
     assert again.stdout.strip() == "True" and again.stderr == ""
-    for i, f in enumerate(("sparse_ffn.c", "kernels/sparse_ffn_tuned.h")):
+    for i, f in enumerate(("sparse_ffn.c", "kernels/sparse_ffn_simd.h")):
         later = time.time() + 5 * (i + 1)
         os.utime(tmp_path / f, (later, later))
         rebuilt = use()
@@ -255,6 +256,34 @@ def test_c_kernel_once_built_is_reused_and_a_newer_source_makes_it_stale(tmp_pat
         os.utime(tmp_path / f, (built + 5, built + 5))
         assert build.c_is_stale(), f
         os.utime(tmp_path / f, (built - 1, built - 1))
+
+
+def test_every_c_header_compiles_on_its_own():
+    """Each C header has an include guard and includes what it uses: included twice and alone, it compiles
+    under every flag set build.py may fall back to (with and without -march=native, -fopenmp). A header that
+    leans on names its includer happened to define first breaks as soon as someone reorders the includes."""
+    import glob
+    import shlex
+    from concurrent.futures import ThreadPoolExecutor
+    cc = build.find_c_compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    headers = sorted(glob.glob(os.path.join(ROOT, "*.h")) + glob.glob(os.path.join(ROOT, "kernels", "*.h")))
+    assert len(headers) >= 4, headers
+
+    def cc_run(flags, header=None):  # the header included twice, from stdin; None: an empty file
+        src = f'#include "{header}"\n#include "{header}"\n' if header else ""
+        dirs = ["-I" + os.path.dirname(header)] if header else []
+        return subprocess.run(shlex.split(cc) + ["-fsyntax-only", "-x", "c", *flags, *dirs, "-I" + ROOT, "-"],
+                              input=src, capture_output=True, text=True, timeout=60)
+
+    sets = [[f for f in cflags if f != "-O3"] for cflags, _, _ in build.C_FLAG_SETS]
+    sets = [s for s in sets if cc_run(s).returncode == 0]  # e.g. -march=native where the compiler rejects it
+    assert [] in sets
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        runs = list(pool.map(lambda c: (c, cc_run(*c)), [(s, h) for s in sets for h in headers]))
+    failed = [f"{os.path.relpath(h, ROOT)} {' '.join(s)}:\n{r.stderr[:600]}" for (s, h), r in runs if r.returncode]
+    assert not failed, "\n".join(failed)
 
 
 @pytest_kernel

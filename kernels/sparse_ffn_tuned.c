@@ -1,6 +1,7 @@
 /*
-sparse_ffn_tuned.h: the tuned kernel, included by sparse_ffn.c after the plain kernel. Same arguments, same
-results (to fp32 rounding); read the plain kernel first. What it adds, each measured by bench.py's rows:
+sparse_ffn_tuned.c: the tuned kernel, sffn_forward, and the dense GEMV, sffn_gemv. Same arguments and results
+as the plain kernel sffn_forward_plain in sparse_ffn.c (to fp32 rounding): read that one first. bench.py's
+"C tuned" rows against its "C plain" rows show what the tuning, described here, buys on a given machine.
 
 How: the hidden units are cut into chunks (about 4 per thread, up to 256 units) dealt round-robin to T OpenMP
 threads. For each of its chunks a thread
@@ -27,13 +28,31 @@ loaded serves every row of the batch; in pass 2 a unit's rows are read once for 
 it fires; from 8 rows with 16-bit or int8 weights, where units fire on few rows each (real text),
 pass 2 goes batch row by batch row instead, x_b and y_b staying in L1; where they fire on at least
 half the rows (dense text, 0% sparsity), UB units at a time, so that each y vector is loaded and
+stored once per UB units and each weight converted once for all the rows (fp32 weights, which need
+no conversion, from 8 rows only).
+
+Files: this one holds the tuning constants, work() (one thread's share of sffn_forward), gemv_rows() (the
+GEMV's) and the entry points sffn_forward, sffn_gemv, sffn_scratch_floats, sffn_simd and sffn_amx;
+sparse_ffn_simd.h the vectors and micro-kernels (AVX2 / AVX-512, portable loops otherwise);
+sparse_ffn_x86.h the AVX-512 VNNI int8 and AMX paths; sparse_ffn.h (the root) the dtypes, ld1, the gate,
+the argument checks and the API's prototypes. build.py compiles it beside sparse_ffn.c and decode.c.
 */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "sparse_ffn.h"  // dtypes, ld1, the gate, bad_args, the API
+#include "sparse_ffn_simd.h"  // vectors, the micro-kernels (AVX2 / AVX-512, portable loops otherwise)
+#include "sparse_ffn_x86.h"  // one CPU family's paths: AVX-512 VNNI int8 dots, AMX tiles
+
 #define SFFN_MAX_CHUNK 256  // hidden units a thread takes at a time
 #ifndef PF_BYTES
 #define PF_BYTES 16384  // how far ahead to prefetch W1, at least (work() also keeps it a whole step ahead)
 #endif
 #ifndef PF2_BYTES
-#define PF2_BYTES 4096  // pass 2 prefetches the active row at least this far ahead (d=192: 10% faster than 1 row)
+#define PF2_BYTES 4096  // pass 2 prefetches at least this far ahead: several active rows ahead where rows are short
 #endif
 #ifndef WARM_BYTES
 #define WARM_BYTES 65536  // the blocked pass 2 prefetches its first block up to this far (d=192: h=512 has 2 blocks a chunk)
@@ -41,12 +60,13 @@ half the rows (dense text, 0% sparsity), UB units at a time, so that each y vect
 #ifndef P2_BY_ROW_MIN_B
 #define P2_BY_ROW_MIN_B 8  // batches from which pass 2 goes row by row for 16-bit and int8 weights (work())
 #endif
-#ifndef PF_HINT
-#define PF_HINT _MM_HINT_T1  // into L2: 5-20% faster than L1 (T0) on the 2-core Xeon, every dtype and batch
+// W1 rows per step of the W1 pass and of the GEMV: each x vector loaded serves NRW rows. 4 rows x 4
+// inputs = 16 accumulators, which AVX-512's 32 registers hold and AVX2's 16 do not. fp32 and VNNI int8
+// (integer dots, no conversion) take 4; 16-bit and int8 weights widened to fp32 keep 2: their
+// conversions, not the x loads, bind
+#ifndef NRW
+#define NRW(dt) (VW == 16 && ((dt) == F32 || ((dt) == I8 && SFFN_VNNI)) ? 4 : 2)
 #endif
-
-#include "sparse_ffn_simd.h"  // vectors, the micro-kernels (AVX2 / AVX-512, portable loops otherwise)
-#include "sparse_ffn_x86.h"  // one CPU family's paths: AVX-512 VNNI int8 dots, AMX tiles
 
 // the W rows . x[b]: for int8 at batch 1 with x quantized (q != NULL), VNNI integer dots; else fp32
 INLINE void dot_rows(const void* const* w, int nr, const float* const* x, const QRow* q, int nb, int d,
@@ -108,8 +128,7 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
     const int es = ES(dt);
     const size_t rowb = (size_t)d * es;  // bytes of one weight row
     // W1 rows ahead, even, and at least one whole step (NRW rows) past the step being read: fp32 d=2048
-    // steps 4 rows of 8 KB, so PF_BYTES alone (2 rows) prefetched half of the current step. Measured on
-    // a 2-core AMD EPYC (Zen 4), its W1 pass at batch 16: 3.37 -> 3.12 ms; d=1024 (already 4 rows) the same
+    // steps 4 rows of 8 KB, so PF_BYTES alone (2 rows) would prefetch only half of the current step
     const int pf_rows = (int)((PF_BYTES + rowb - 1) / rowb + 1) & ~1;
     const int PF = pf_rows > 2 * NRW(dt) ? pf_rows : 2 * NRW(dt);
     const int ahead = (int)((PF2_BYTES + 2 * rowb - 1) / (2 * rowb));  // pass 2: active rows ahead, >= PF2_BYTES
@@ -169,15 +188,14 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
         // 16-bit and int8 batches whose units fire on few rows each (real text: ~2 of 16): row by row, so
         // that x_b and y_b stay in L1 and the unit rows (a quarter to half the bytes) come from L2. Units
         // that fire on many rows (more than 4 on average) keep the unit-by-unit loop below, which converts
-        // each weight once for all its rows. Measured on the 2-core Xeon: bf16 batch 16 5-12% faster;
-        // fp32 rows do not fit L2
+        // each weight once for all its rows; so do fp32 rows, too large to stay in L2 until the next row
         int acts = 0;  // (unit, batch row) pairs that fire
         for (int k = 0; B > 1 && k < n; k++)
             for (int b = 0; b < B; b++) acts += is_on(u[(list[k] - j0) * B + b], a->t);
         if (B >= P2_BY_ROW_MIN_B && es <= 2 && acts <= 4 * n) {
             // the (row, unit) pairs that fire, row by row, so that the prefetch runs `ahead` pairs ahead
-            // across rows too (a unit fires on ~1 row of 16 at 90%: most rows have 1-2 per chunk). As fast
-            // as stopping at each row's end on the 2-core Xeon, as were prefetch distances of 4-32 KB
+            // across rows too (a unit fires on ~1 row of 16 at 90%: most rows have 1-2 per chunk, too few
+            // to restart the prefetch at each row)
             int nv = 0;
             for (int b = 0; b < B; b++)
                 for (int k = 0; k < n; k++)
@@ -201,9 +219,8 @@ INLINE int work(const Args* a, int t, int T, const int dt) {
         // batches whose units fire on at least half the rows (dense text, a low threshold, 0% sparsity): UB
         // units at a time, their W3 dots for every row, then one blocked axpy, so that each y vector is
         // loaded and stored once per UB units and each weight converted once. g is exactly 0 where a unit
-        // does not fire. Measured on the 2-core Xeon at 0% sparsity: d=2048 batch 16 fp32 18.8 -> 12.0 ms, bf16
-        // 15.8 -> 8.9 ms, int8 17.0 -> 9.2 ms; bf16 batch 4 5.5 -> 4.3 ms. fp32 batches of 4 gain nothing
-        // (d=512: 12% slower), so fp32 takes it from 8 rows
+        // does not fire. fp32 takes it from 8 rows only: its weights need no conversion, so at fewer rows
+        // the y loads and stores it saves do not pay for its FMAs with g = 0
         if (B > 1 && (es <= 2 || B >= 8) && 2 * acts >= n * B) {
             float* ys[SFFN_MAX_B];
             for (int b = 0; b < B; b++) ys[b] = part + (size_t)b * a->ld;
@@ -275,7 +292,7 @@ static int work_i8(const Args* a, int t, int T) { return work(a, t, T, I8); }
 INLINE void gemv_rows(const float* const* xb, const QRow* q, int B, int d, int n, const char* w,
                       const float* sc, float* y, int t, int T, const int dt) {
     const size_t rowb = (size_t)d * ES(dt);
-    // not floored at a whole step as work()'s W1 prefetch is: unmeasured here, so left as it was
+    // PF_BYTES ahead in whole rows, plus one (work()'s W1 pass also floors its distance at a whole step)
     const int PF = (int)((PF_BYTES + rowb - 1) / rowb + 1);
     const int j0 = (int)((long long)n * t / T) & ~1, j1 = t + 1 == T ? n : (int)((long long)n * (t + 1) / T) & ~1;
     float o[4 * SFFN_MAX_B];
@@ -291,3 +308,123 @@ INLINE void gemv_rows(const float* const* xb, const QRow* q, int B, int d, int n
 #define GEMV(name, DT) static void name(const float* const* x, const QRow* q, int B, int d, int n, \
     const char* w, const float* sc, float* y, int t, int T) { gemv_rows(x, q, B, d, n, w, sc, y, t, T, DT); }
 GEMV(gemv_f32, F32) GEMV(gemv_f16, F16) GEMV(gemv_bf16, BF16) GEMV(gemv_i8, I8)
+
+// ----------------------------------------------------------------------------
+// the entry points (declared in sparse_ffn.h's API block)
+
+// 3: AVX-512 with VNNI int8 dots, 2: AVX-512, 1: AVX2+FMA+F16C, 0: portable loops
+int sffn_simd(void) { return SFFN_AVX2 ? (VW == 16 ? 2 + SFFN_VNNI : 1) : 0; }
+int sffn_amx(void) {  // 1 where bf16 (and int8) batches run their W1 pass on AMX tiles (built for it, and the OS allows it)
+#if SFFN_AMX
+    return amx_granted();
+#else
+    return 0;
+#endif
+}
+
+// the threads to use for `work` bytes of weights x batch rows: a thread per 256 KB at most (waking a
+// thread for less costs more than it saves), and each row of the batch is another dot per weight, so it
+// counts as much work as another pass over the weights: small layers run batches on several threads
+static int threads_for(size_t work, int nthreads) {
+#ifdef _OPENMP
+    return (size_t)nthreads > 1 + work / (256 << 10) ? (int)(1 + work / (256 << 10)) : nthreads;
+#else
+    (void)work; (void)nthreads;
+    return 1;  // one thread without OpenMP
+#endif
+}
+
+// Rows of x and of the partial y's are ld floats apart, not d: at d = 2048 (8 KB) the same element
+// of every row would fall in the same L1 set, and 16 rows thrash its 8 ways
+static size_t row_stride(int d) { return ((size_t)d + 15) / 16 * 16 + 16; }
+
+// floats of scratch a call needs: a padded copy of x, one partial y per thread, and x quantized (VNNI)
+size_t sffn_scratch_floats(int B, int d, int nthreads) {
+    return (size_t)(1 + nthreads) * B * row_stride(d) + q_floats(d) + amx_floats(d);
+}
+
+// y = W x for B <= SFFN_MAX_B rows: W [n, d] fp32 / fp16 / bf16 / int8 (then scales: n floats, else NULL),
+// x [B, d] and y [B, n] fp32. Returns 0, or -1 for arguments it cannot take.
+// scratch: n_scratch floats, at least sffn_scratch_floats(B, d, 0) (the padded x; checked here).
+int sffn_gemv(const float* x, int B, int d, int n, const void* w, int dtype, const float* scales, float* y,
+              float* scratch, size_t n_scratch, int nthreads) {
+    if (bad_args(B, d, n, nthreads, dtype, scales, RELU, 0.0f) || n_scratch < sffn_scratch_floats(B, d, 0)) return -1;
+    nthreads = threads_for((size_t)n * d * ES(dtype) * B, nthreads);
+    const size_t ld = row_stride(d);
+    const float* xb[SFFN_MAX_B];
+    for (int b = 0; b < B; b++) {
+        memcpy(scratch + b * ld, x + (size_t)b * d, (size_t)d * sizeof(float));
+        xb[b] = scratch + b * ld;
+    }
+    const QRow* q = dtype == I8 && B == 1 ? quantize_x(xb[0], d, (QRow*)(scratch + ld)) : NULL;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int t = 0, T = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num(), T = omp_get_num_threads();
+#endif
+        (dtype == F32 ? gemv_f32 : dtype == F16 ? gemv_f16 : dtype == BF16 ? gemv_bf16 : gemv_i8)
+            (xb, q, B, d, n, (const char*)w, scales, y, t, T);  // scales: NULL unless int8 (checked above)
+    }
+    return 0;
+}
+
+// y = W2 (g_t(W1 x) * (W3 x)) for B <= SFFN_MAX_B rows, gate RELU or SILU, threshold t >= 0.
+// int8 weights (dtype I8) take scales: 3h floats, the per-row scales of W1, then W3, then W2^T (the
+// weight is q * scale); NULL for the other dtypes. Returns the number of active units (the union over
+// the batch), or -1 for arguments it cannot take (sparse_ffn.py checks them first).
+// scratch: n_scratch floats, at least sffn_scratch_floats(B, d, nthreads) (checked here).
+int sffn_forward(const float* x, int B, int d, int h, const void* w1, const void* w32, int dtype,
+                 const float* scales, int gate, float t, float* y, float* scratch, size_t n_scratch, int nthreads) {
+    if (bad_args(B, d, h, nthreads, dtype, scales, gate, t) || n_scratch < sffn_scratch_floats(B, d, nthreads))
+        return -1;
+    nthreads = threads_for((size_t)h * d * ES(dtype) * B, nthreads);  // W1's bytes x rows
+    // about 4 chunks per thread (at most SFFN_MAX_CHUNK units each): round-robin chunks balance the threads,
+    // and each chunk costs a start-up (its second pass cannot prefetch before its W1 pass has listed the
+    // active units), so a few chunks a thread balance them without many start-ups
+    int chunk = (h + 4 * nthreads - 1) / (4 * nthreads);
+    chunk = chunk < 2 ? 2 : chunk > SFFN_MAX_CHUNK ? SFFN_MAX_CHUNK : (chunk + 1) & ~1;
+    const size_t ld = row_stride(d), N = (size_t)B * ld;
+    float* xpad = scratch + (size_t)nthreads * N;
+    for (int b = 0; b < B; b++) memcpy(xpad + b * ld, x + (size_t)b * d, (size_t)d * sizeof(float));
+    float* extra = scratch + (size_t)(nthreads + 1) * N;
+    const QRow* q = dtype == I8 && B == 1 ? quantize_x(xpad, d, (QRow*)extra) : NULL;
+    const void* xt = NULL;
+    const double* xs = NULL;
+#if SFFN_AMX
+    const float* xb[SFFN_MAX_B];
+    for (int b = 0; b < B; b++) xb[b] = xpad + b * ld;
+    if (dtype == BF16 && B >= AMX_MIN_B && d % 32 == 0 && amx_granted()) {
+        uint16_t* tiles = (uint16_t*)(extra + q_floats(d));
+        if (amx_pack_x(xb, B, d, tiles)) xt = tiles;
+    }
+#if SFFN_AMX_I8
+    if (dtype == I8 && B >= AMX_MIN_B_I8 && d % 64 == 0 && d <= QMAX_D && amx_granted()) {
+        // the row scales, then the tiles, 64-byte aligned (amx_floats leaves room for both)
+        double* s = (double*)(((uintptr_t)(extra + q_floats(d)) + 63) & ~(uintptr_t)63);
+        int8_t* tiles = (int8_t*)(s + 16);
+        if (amx_pack_xq(xb, B, d, tiles, s)) xt = tiles, xs = s;
+    }
+#endif
+#endif
+    Args a = {xpad, B, d, (int)ld, h, chunk, (const char*)w1, (const char*)w32, scratch, gate, t, scales, q, xt, xs};
+    int total = 0, T = 1;
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+    {
+        int t = 0, Tn = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num(), Tn = omp_get_num_threads();  // Tn may be fewer than asked
+#endif
+        if (t == 0) T = Tn;
+        total += dtype == F32 ? work_f32(&a, t, Tn) : dtype == F16 ? work_f16(&a, t, Tn)
+               : dtype == BF16 ? work_bf16(&a, t, Tn) : work_i8(&a, t, Tn);
+    }
+    // y = the sum of the partials: B*d floats per thread, small next to the weights
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < d; i++) {
+            float s = scratch[b * ld + i];
+            for (int p = 1; p < T; p++) s += scratch[p * N + b * ld + i];
+            y[(size_t)b * d + i] = s;
+        }
+    return total;
+}
