@@ -43,7 +43,7 @@ from lib.data import checkpoint_data
 from lib.checkpoint import load_any
 from lib.gguf_io import MODELS, is_gguf
 from lib.gguf_io import resolve as gguf_resolve
-from model import GPT, GPTConfig, gated
+from model import GPT, GPTConfig, gate_t
 
 # -----------------------------------------------------------------------------
 devices = ""  # "cpu", "cuda" or "cpu,cuda"; empty: cpu, and cuda when there is one
@@ -361,7 +361,7 @@ def ckpt_table(dev):
           + " ".join(f"{'sparse ' + str(dt)[6:]:>16s}" for dt in dev_dtypes(dev)))
     for l, (block, st, xs) in enumerate(zip(model.blocks, stats, inputs)):
         f = block.ffn
-        u = gated(xs @ f.w1.weight.T, f.act, f.threshold) != 0  # (tokens, h) active
+        u = gate_t(xs @ f.w1.weight.T, f.act, f.threshold) != 0  # (tokens, h) active
         union = lambda B: 100 * (1 - u[: len(u) // B * B].view(-1, B, u.shape[1]).any(1).float().mean().item())
         rows_ = [xs[i:i + 1].contiguous() for i in range(0, len(xs), max(1, len(xs) // 64))]  # 64 real tokens
         w = (block.ffn.w1.weight, block.ffn.w3.weight, block.ffn.w2.weight)

@@ -1,6 +1,7 @@
 """
 Builds the sparse FFN kernels next to this file:
-  _sparse_ffn_c     from sparse_ffn.c and decode.c with cffi (API mode): always tried; -O3 -march=native -fopenmp,
+  _sparse_ffn_c     from sparse_ffn.c, kernels/sparse_ffn_tuned.c and decode.c with cffi (API mode): always tried;
+                    -O3 -march=native -fopenmp,
                     retried without -march=native and/or without -fopenmp, saying so.
   _sparse_ffn_cuda  from sparse_ffn.cu with torch.utils.cpp_extension (setuptools build_ext --inplace):
                     only when torch has CUDA and nvcc is found; otherwise skipped with the reason.
@@ -9,7 +10,7 @@ Builds the sparse FFN kernels next to this file:
     python build.py --c       # only the C kernel (also: build.build_c() / build.ensure_c() from Python)
 
 Nothing is compiled at import time of sparse_ffn.py: run this once after a checkout or after editing
-the kernels (ensure_c() rebuilds when sparse_ffn.c is newer than the built module).
+the kernels (ensure_c() rebuilds when any of C_SOURCES is newer than the built module).
 """
 
 import os

@@ -47,7 +47,7 @@ def stoch_act(x, p, generator=None):
     return torch.where(x < 0, F.silu(x.clamp(-1e4, 0.0)) * use_silu, x)
 
 
-def gated(u, gate, t=0.0):
+def gate_t(u, gate, t=0.0):
     """g_t(u) = g(u) where |g(u)| > t, else 0, with g = relu or silu: the sparse kernels' gate.
     A threshold t > 0 makes a SILU model sparse without retraining (CATS, Lee et al. 2024) and a
     RELU model sparser; t = 0 with relu is relu. nan stays nan."""
@@ -153,7 +153,7 @@ class FeedForward(nn.Module):
         """This layer's act(u); with a threshold t > 0, units with |act(u)| <= t are zero (act relu or silu)."""
         if self.threshold and self.act not in ("relu", "silu"):
             raise ValueError(f"a threshold needs act relu or silu, not {self.act!r}")
-        a = gated(u, self.act, self.threshold) if self.threshold else act_fn(u, self.act, self.p, self.generator)
+        a = gate_t(u, self.act, self.threshold) if self.threshold else act_fn(u, self.act, self.p, self.generator)
         if self.stats is not None:  # GPT.ffn_stats() is counting
             zero = (a == 0).reshape(-1, a.shape[-1])
             self.stats["zeros"] += zero.sum().item()
@@ -365,7 +365,7 @@ class GPT(nn.Module):
                         block(x, *rope(x))
                 finally:
                     hook.remove()
-                a = gated(torch.cat(acts), self.config.act).abs()
+                a = gate_t(torch.cat(acts), self.config.act).abs()
                 k = math.floor(sparsity * a.numel())  # the k smallest |act| fall at or below t
                 block.ffn.threshold = a.kthvalue(k).values.item() if k > 0 else 0.0
                 xs = [block(x, *rope(x)) for x in xs]  # with this block's threshold in place

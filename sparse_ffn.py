@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import check_threshold, gated
+from model import check_threshold, gate_t
 
 _c_lock = threading.Lock()
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}  # as in sparse_ffn.c
@@ -48,7 +48,7 @@ def gather_ffn(x, w1, w3, w2, gate="relu", t=0.0):
     """The sparse FFN as the kernels compute it, in torch: x (B, d); w1, w3 (h, d) and w2 (d, h), as nn.Linear
     holds them. W1 is read in full; of W3 and W2 only the rows / columns of the units active for some row of
     the batch. Returns (y (B, d), the number of active units). Equals FeedForward with act=gate, threshold t."""
-    a = gated(x @ w1.T, gate, t)  # (B, h): g_t(W1 x)
+    a = gate_t(x @ w1.T, gate, t)  # (B, h): g_t(W1 x)
     idx = (a != 0).any(0).nonzero().squeeze(1)  # the union of the active units (nan counts as active)
     g = a[:, idx] * (x @ w3[idx].T)  # (B, n): W3 rows of the active units only
     return g @ w2[:, idx].T, idx.numel()  # W2 columns of the active units only
@@ -354,7 +354,7 @@ class SparseFFN(_Scratch):
         x and the result are rounded to the weights' dtype; int8 weights are dequantized (a copy)."""
         w1, w3, w2t = self._weights()
         xd = x if x.dtype == w1.dtype else x.to(w1.dtype)
-        a = gated(F.linear(xd, w1), gate, t)
+        a = gate_t(F.linear(xd, w1), gate, t)
         self.last_active = int((a != 0).any(0).sum())
         y = torch.matmul(a * F.linear(xd, w3), w2t)
         out.copy_(y)

@@ -274,13 +274,17 @@ def main(argv):
     except ImportError:
         sys.exit("experiments/plot.py needs matplotlib (pip install matplotlib); nothing else in this project does")
     from experiments import run as experiments
+    saved = experiments.out, experiments.config  # run.py's settings, lent to the tables' readers and given back
     experiments.out, experiments.config = out, config
-    os.makedirs(assets, exist_ok=True)
-    quality_figures(plt, experiments)
-    science_figures(plt, experiments)
-    frontier_figure(plt, experiments)
-    diversity_figure(plt)
-    speed_figure(plt)
+    try:
+        os.makedirs(assets, exist_ok=True)
+        quality_figures(plt, experiments)
+        science_figures(plt, experiments)
+        frontier_figure(plt, experiments)
+        diversity_figure(plt)
+        speed_figure(plt)
+    finally:
+        experiments.out, experiments.config = saved
 
 
 if __name__ == "__main__":

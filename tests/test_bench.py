@@ -1,7 +1,7 @@
 """
 bench.py's main path at its smallest: every row it should print is printed and written, as strict JSON.
 
-Run: python -m pytest -q test_bench.py   (the whole suite: python -m pytest -q; with the full grid: --full)
+Run: python -m pytest -q tests/test_bench.py   (the whole suite: python -m pytest -q; with the full grid: --full)
 CPU only, no network. The numbers are checked for sense, never for speed.
 """
 

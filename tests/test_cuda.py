@@ -3,7 +3,7 @@ The CUDA kernel (sparse_ffn.cu) and the torch path on a GPU against the referenc
 Llama-3-8B's FFN, unaligned rows, nan, bad inputs, side streams and CUDA graphs, thresholds. Skipped without
 a GPU. Also: sparse_ffn.cu compiles with nvcc against this torch's headers (--full; skipped without nvcc).
 
-Run: python -m pytest -q test_cuda.py   (the whole suite: python -m pytest -q; with the full grid: --full)
+Run: python -m pytest -q tests/test_cuda.py   (the whole suite: python -m pytest -q; with the full grid: --full)
 No network. Behaviour only: no timing is asserted anywhere; bench.py prints the numbers.
 """
 
@@ -151,7 +151,7 @@ def test_cuda_threshold_matches_reference(cuda_ext, gate, dtype):
                 x = torch.randn(B, d, generator=gen).to(dtype)
                 ref0 = rounded(ffn, dtype)
                 with torch.no_grad():
-                    a = model_mod.gated(x.float() @ ref0.w1.weight.T, gate)
+                    a = model_mod.gate_t(x.float() @ ref0.w1.weight.T, gate)
                     t = 0.0 if gate == "relu" and (a == 0).float().mean() >= s else threshold_for(a, s)
                     want = ref_thresholded(ref0, gate, t)(x.float())
                 kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, device="cuda")

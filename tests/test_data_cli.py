@@ -4,7 +4,7 @@ every script's bad input as one clear line (the fast run takes one or two per sc
 them); the tokenizers (GPT-2's and the compact vocabularies); lib/data.py's preparation and its refusal of
 text that is not UTF-8; the README's train.py and sample.py commands, run as written.
 
-Run: python -m pytest -q test_data_cli.py   (the whole suite: python -m pytest -q; with the full grid: --full)
+Run: python -m pytest -q tests/test_data_cli.py   (the whole suite: python -m pytest -q; with the full grid: --full)
 CPU only, no network (the tokenizer comes from an installed package, the corpora are written here).
 """
 

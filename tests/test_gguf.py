@@ -6,7 +6,7 @@ same logits; bad files are refused in one line before any work; train.py continu
 llama-cpp-python is installed, llama.cpp loads our export and computes our logits; where SmolLM2's package is
 installed too, our import of it matches llama.cpp's on the same file, tokenizer and logits.
 
-Run: python -m pytest -q test_gguf.py   (CPU only, no network; the llama.cpp and SmolLM2 tests skip without them)
+Run: python -m pytest -q tests/test_gguf.py   (CPU only, no network; the llama.cpp and SmolLM2 tests skip without them)
 """
 
 import importlib.util

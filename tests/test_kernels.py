@@ -5,7 +5,7 @@ The sparse FFN kernels against the plain PyTorch FFN of model.py, on the CPU: th
 thresholded gate g_t (relu or silu, CATS); bad inputs; int8 at huge inputs; the dense path and the
 automatic choice; the dense GEMV. The fast run takes a slice of each grid (one odd shape, 0 / 50 / 100%,
 batch 1 and one over 16, every dtype and backend); --full runs the whole grid.
-Run: python -m pytest -q test_kernels.py   (the whole suite: python -m pytest -q; with the full grid: --full)
+Run: python -m pytest -q tests/test_kernels.py   (the whole suite: python -m pytest -q; with the full grid: --full)
 CPU only, no network. Behaviour only: no timing is asserted anywhere; bench.py prints the numbers.
 """
 
@@ -224,15 +224,15 @@ def test_packed_weights_ask_for_huge_pages():
 # thresholds: the gate (relu or silu) and t, in the model, the C kernel and the torch path
 
 
-def test_gated_matches_its_definition():
+def test_gate_t_matches_its_definition():
     u = torch.tensor([-1e30, -3.0, -0.2, -0.0, 0.0, 0.05, 0.3, 2.0, float("inf"), float("-inf"), float("nan")])
     for gate, g in (("relu", F.relu), ("silu", F.silu)):
         for t in (0.0, 0.1, 1.0):
-            got = model_mod.gated(u, gate, t)
+            got = model_mod.gate_t(u, gate, t)
             want = g(u.clamp(min=-1e4)) if gate == "silu" else g(u)
             want = torch.where(want.abs() <= t, 0.0, want)
             assert torch.equal(got[:-1], want[:-1]) and got[-1].isnan(), (gate, t, got, want)
-    assert torch.equal(model_mod.gated(u[:-1], "relu", 0.0), F.relu(u[:-1]))
+    assert torch.equal(model_mod.gate_t(u[:-1], "relu", 0.0), F.relu(u[:-1]))
 
 
 @pytest_kernel
@@ -250,7 +250,7 @@ def test_threshold_matches_reference(d, h, s, B, gate, dtype, backend):
     x = torch.randn(B, d, generator=gen)
     ref0 = rounded(ffn, dtype)
     with torch.no_grad():
-        a = model_mod.gated(x @ ref0.w1.weight.T, gate)
+        a = model_mod.gate_t(x @ ref0.w1.weight.T, gate)
     t = threshold_for(a, s)
     if gate == "relu" and (a == 0).float().mean() >= s:
         t = 0.0
@@ -310,7 +310,7 @@ def test_dense_path_matches_reference(B, dtype, gate, s):
     x = torch.randn(B, 45, generator=gen)
     ref0 = rounded(ffn, dtype)
     with torch.no_grad():
-        a = model_mod.gated(x @ ref0.w1.weight.T, gate)
+        a = model_mod.gate_t(x @ ref0.w1.weight.T, gate)
     t = 0.0 if s == 0 else threshold_for(a, s)
     with torch.no_grad():
         want = ref_thresholded(ref0, gate, t)(x)

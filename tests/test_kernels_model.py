@@ -4,7 +4,7 @@ linear=True the projections and the output layer on the C GEMV; autograd and dee
 (quantize_rows, int8_twin, attach(dtype=int8)), compiled decoding (generate(compile=True) with the C kernels
 as custom ops) and the custom ops' shared scratch.
 
-Run: python -m pytest -q test_kernels_model.py   (the whole suite: python -m pytest -q; with the full grid: --full)
+Run: python -m pytest -q tests/test_kernels_model.py   (the whole suite: python -m pytest -q; with the full grid: --full)
 CPU only, no network. Behaviour only: no timing is asserted anywhere; bench.py prints the numbers.
 """
 

@@ -5,7 +5,7 @@ unit, blocked), the W1 pass on AMX tiles; the same source built for every SIMD p
 AMX, AVX2, portable: --full, a build each); the build on first use and the rebuild when stale; each C header
 compiling on its own.
 
-Run: python -m pytest -q test_kernels_tuned.py   (the whole suite: python -m pytest -q; with the full grid: --full)
+Run: python -m pytest -q tests/test_kernels_tuned.py   (the whole suite: python -m pytest -q; with the full grid: --full)
 CPU only, no network. Behaviour only: no timing is asserted anywhere; bench.py prints the numbers.
 """
 
@@ -138,7 +138,7 @@ def test_batches_on_amx_tiles(d, h, B, gate, dtype):
     ref = rounded(ffn, dtype)
     kernel = sparse_ffn.SparseFFN(ffn, dtype=dtype, backend="c", mode="sparse")
     with torch.no_grad():
-        a = model_mod.gated(x @ ref.w1.weight.T, gate)
+        a = model_mod.gate_t(x @ ref.w1.weight.T, gate)
         t = 0.0 if gate == "relu" else threshold_for(a, 0.8)
         want = ref_thresholded(ref, gate, t)(x)
     check_close(kernel(x, gate=gate, t=t), want, atol=1e-5, rtol=1e-4, note=f"seed {seed}: ")
@@ -203,7 +203,7 @@ def test_simd_variants_match_reference(c_variant, dtype, monkeypatch):
                     check_close(kernel(x), ref(x), atol=1e-5, rtol=1e-4, note=f"seed {seed}, {d}x{h} B={B} s={s}: ")
                     check_close(plain(x), ref(x), atol=1e-5, rtol=1e-4, note=f"plain, seed {seed}, {d}x{h} B={B} s={s}: ")
                     assert kernel.last_active == ((x @ ref.w1.weight.T > 0).any(0).sum() if dtype == torch.int8 else n_on)
-                    a = model_mod.gated(x @ ref.w1.weight.T, "silu")
+                    a = model_mod.gate_t(x @ ref.w1.weight.T, "silu")
                     t = threshold_for(a, s)
                     want = ref_thresholded(ref, "silu", t)(x)
                 check_close(kernel(x, gate="silu", t=t), want, atol=1e-5, rtol=1e-4, note=f"seed {seed}, silu t={t}: ")

@@ -3,7 +3,7 @@ The model's tests: the stochastic activation (StochA) and its gradient, eager an
 with RoPE, GQA and the KV cache; generation and sampling; switching the activation, FFN statistics and
 dead units; thresholds and their calibration (CATS); GPTConfig's checks.
 
-Run: python -m pytest -q test_model.py   (the whole suite: python -m pytest -q; with the full grid: --full)
+Run: python -m pytest -q tests/test_model.py   (the whole suite: python -m pytest -q; with the full grid: --full)
 CPU only, no network. Behaviour only: no timing is asserted anywhere; bench.py prints the numbers.
 """
 

@@ -4,7 +4,7 @@ deterministic ones, the prompt and the JSON report); the diversity metrics (dist
 computes it, self-BLEU); strict JSON (null, never NaN); experiments/run.py's runs, tables, frontier and health
 stages, and experiments/plot.py's figures, on fake summaries and on tests/conftest.py's tiny run.
 
-Run: python -m pytest -q test_sample_results.py   (the whole suite: python -m pytest -q; with the full grid: --full)
+Run: python -m pytest -q tests/test_sample_results.py   (the whole suite: python -m pytest -q; with the full grid: --full)
 CPU only, no network.
 """
 

@@ -4,7 +4,7 @@ the loss falls and the run ends sparse; Swi+FT switches to RELU; Ctrl-C checkpoi
 continues exactly (and refuses a changed run); continued pre-training from a checkpoint; torch.compile and
 its fallback to eager; a checkpoint and its tokenized data; DDP with torchrun on the CPU.
 
-Run: python -m pytest -q test_train.py   (the whole suite: python -m pytest -q; with the full grid: --full)
+Run: python -m pytest -q tests/test_train.py   (the whole suite: python -m pytest -q; with the full grid: --full)
 CPU only, no network.
 """
 
