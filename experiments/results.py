@@ -264,7 +264,7 @@ def int8_table(ex):
     if not os.path.exists(path):
         return None
     pts = load_json(path)["points"]
-    lines = ["`experiments/run.py int8`: each relu-sparse model as trained (fp32), with int8 FFN weights, and with every "
+    lines = ["`python -m experiments.run int8`: each relu-sparse model as trained (fp32), with int8 FFN weights, and with every "
              "linear layer int8 (per-row symmetric, as the C kernel stores them); RELU at inference; seeds "
              f"{seeds_text(sorted({p['seed'] for p in pts}))}; mean ± half the range; 'vs fp32' paired by seed.\n",
              "| recipe | weights | val loss, nats | bits/byte | vs fp32, nats | FFN sparsity |\n" + "|---" * 6 + "|"]

@@ -131,7 +131,7 @@ def diversity_table(ex):
         if d is None:
             continue
         if not lines:
-            lines = [f"`python -m experiments.smollm diversity` (experiments/run.py diversity): {d['n_prompts']} prompts of "
+            lines = [f"`python -m experiments.smollm diversity` (run.py's diversity stage): {d['n_prompts']} prompts of "
                      f"{d['prompt_tokens']} tokens of Shakespeare (val), {d['num_samples']} samples of {d['new_tokens']} "
                      "tokens each; every sample scored by the deterministic model (its inference act). Higher log-likelihood "
                      "is better quality; higher distinct-n and lower self-BLEU are more diverse. Compare rows at equal "
