@@ -1,5 +1,5 @@
 """
-Draws the figures of README.md and RESULTS.md from what experiments/run.py, train.py and bench.py wrote (results/
+Draws the figures of README.md and RESULTS.md from what experiments/run.py, train.py and bench.py wrote (experiments/results/
 by default):
 
     pip install matplotlib      # only this script needs it

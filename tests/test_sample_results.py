@@ -11,6 +11,7 @@ CPU only, no network.
 import json
 import math
 import os
+import re
 from dataclasses import asdict
 
 import numpy as np
@@ -312,3 +313,14 @@ def test_results_md_is_printed_from_results(monkeypatch):
     monkeypatch.chdir(ROOT)
     assert results.fill(text, experiments) == text, \
         "RESULTS.md differs from its data: run `python -m experiments.run results`"
+
+
+def test_every_relative_link_of_the_docs_exists():
+    """README, RESULTS and WALKTHROUGH link files and figures by relative path: a moved file must not leave a
+    link that points nowhere."""
+    for doc in ("README.md", "RESULTS.md", "WALKTHROUGH.md"):
+        text = open(os.path.join(ROOT, doc)).read()
+        targets = [t for t in re.findall(r"\]\(([^)#\s]+)", text) if "://" not in t]
+        assert targets or doc == "WALKTHROUGH.md", doc
+        for target in targets:
+            assert os.path.exists(os.path.join(ROOT, target)), f"{doc} links {target}, which does not exist"
