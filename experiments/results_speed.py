@@ -114,6 +114,14 @@ def gates_table(ex):
     return "\n".join(lines)
 
 
+def _e2e_parts(parts):
+    """ms of FFN, projections, attention, output layer, and the rest, from either breakdown: PyTorch's (its 'rest'
+    holds the Python) or the C engine's (its 'rest' and the Python apart)."""
+    named = ("FFN", "attention projections", "attention (", "output layer")
+    ms = [sum(v["ms"] for k, v in parts.items() if k.startswith(n)) for n in named]
+    return ms + [sum(v["ms"] for k, v in parts.items() if not k.startswith(named))]
+
+
 def e2e_table(ex):
     b = _bench(ex)
     e2e = [r for r in b["rows"] if r.get("impl", "").startswith("e2e")] if b else []
@@ -134,7 +142,7 @@ def e2e_table(ex):
                 lines.append(f"| {r['impl'][4:]} | failed ({r['failed']}) | - | - |")
                 continue
             parts = (r.get("breakdown") or {}).get("parts")
-            cell = " / ".join(f"{v['ms']:.2f}" for v in parts.values()) if parts else (
+            cell = " / ".join(f"{v:.2f}" for v in _e2e_parts(parts)) if parts else (
                 f"llama.cpp {r['llama_cpp']}; {r['same_tokens']}/{r['n_tokens']} greedy tokens as ours with silu" if "llama_cpp" in r else "-")
             lines.append(f"| {r['impl'][4:]} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / dense:.2f}x | {cell} |")
     return "\n".join(lines)
