@@ -20,7 +20,7 @@ from experiments.results import load_json, log_rows
 out = "experiments/results"
 config = "config/sweep.py"  # as experiments/run.py's --config
 assets = "experiments/assets"
-TUNED = ("C tuned", "C sparse")  # bench.py's rows of the tuned C kernel (C sparse: its name in older JSON)
+TUNED = ("C tuned",)  # bench.py's rows of the tuned C kernel
 
 
 def load_log(d):

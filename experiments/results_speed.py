@@ -29,8 +29,8 @@ def bench_conditions(b):
 
 
 def _kernel(r):
-    """a timed implementation of the sparse FFN (torch gather, C plain, C tuned, ...), not auto's choice"""
-    return r.get("dense_ms") is not None and not r.get("impl", "").startswith("C auto") and "s" in r and "d" in r
+    """a timed implementation of the sparse FFN (torch gather, C plain, C tuned)"""
+    return r.get("dense_ms") is not None and "s" in r and "d" in r
 
 
 def kernel_cell(k, b):
@@ -42,8 +42,7 @@ def kernel_cell(k, b):
 KERNEL_NOTE = ("Each cell: ms; the speedup over PyTorch's dense fp32 FFN, whose calls alternate with the cell's, with that "
                "dense median in brackets (speedup = it / ms); and GB/s as % of the read roof measured just before the row "
                "(a 256 MiB read on huge pages, as the kernels' weights are) / as % of the 1 GiB read at the start "
-               "(PyTorch's allocator). 'ideal' = the fp32 speedup at equal GB/s, 3 / (1 + 2(1 - s)); 'auto' = what "
-               "`mode=\"auto\"` ran, and its speedup.")
+               "(PyTorch's allocator). 'ideal' = the fp32 speedup at equal GB/s, 3 / (1 + 2(1 - s)).")
 
 
 def speed_table(ex):
@@ -55,17 +54,15 @@ def speed_table(ex):
     cols = list(dict.fromkeys((r["impl"], r["dtype"]) for r in rows if _kernel(r)))
     cols.sort(key=lambda c: c[0] != "torch gather")  # the torch reference first, then the C kernels as bench.py ran them
     lines = [bench_conditions(b) + "\n", KERNEL_NOTE + "\n",
-             "| d x h | batch | sparsity | " + " | ".join(f"{i} {dt}" for i, dt in cols) + " | ideal | auto (fp32) | "
-             "dense on huge pages |\n" + "|---" * (6 + len(cols)) + "|"]
+             "| d x h | batch | sparsity | " + " | ".join(f"{i} {dt}" for i, dt in cols) + " | ideal | "
+             "dense on huge pages |\n" + "|---" * (5 + len(cols)) + "|"]
     for k in dict.fromkeys(key(r) for r in rows if _kernel(r)):
         d, h, B, s = k
         at = [r for r in rows if "d" in r and "s" in r and key(r) == k]
         cells = [next((kernel_cell(r, b) for r in at if (r["impl"], r["dtype"]) == c), "-") for c in cols]
-        auto = next((r for r in at if r.get("impl", "").startswith("C auto")), None)
         huge = next((r for r in rows if r.get("impl") == "dense hugepg" and (r["d"], r["h"], r["B"]) == (d, h, B)), None)
         ideal = next(r["ideal"] for r in at if "ideal" in r)
         lines.append(f"| {d}x{h} | {B} | {s:.0f}% | " + " | ".join(cells) + f" | {ideal:.2f}x | "
-                     + (f"{auto['impl'][7:]}, {auto['speedup']:.2f}x" if auto else "-") + " | "
                      + (f"{huge['speedup']:.2f}x" if huge else "-") + " |")
     return "\n".join(lines)
 
